@@ -1,0 +1,5 @@
+import sys
+
+from fp4cal.cli import main
+
+sys.exit(main())

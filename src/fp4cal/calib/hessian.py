@@ -1,0 +1,56 @@
+"""Per-block local Hessians H_j = sum_t x_tj x_tj^T / n, one 16x16 matrix per 16 input channels."""
+
+from __future__ import annotations
+
+import torch
+
+from fp4cal.validation import BLOCK, FLOAT_DTYPES, check_finite
+
+
+class HessianAccumulator:
+    """Accumulates sum x x^T per 16-channel block in fp32, and the token count.
+
+    ``add(x)`` takes activations (..., cin) of any float dtype; every leading index is one token.
+    ``sum`` is fp32 [cin/16, 16, 16]; ``normalized()`` returns sum / n (what the search takes).
+    """
+
+    def __init__(self, cin: int, device: torch.device | str | None = None, name: str = "x") -> None:
+        if cin <= 0 or cin % BLOCK:
+            raise ValueError(f"cin of {name} must be a positive multiple of {BLOCK}, got {cin}")
+        self.cin = cin
+        self.name = name
+        self.sum = torch.zeros(cin // BLOCK, BLOCK, BLOCK, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add activations x: (..., cin), float; non-finite values raise."""
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"activations of {self.name} must be a float tensor, got {got}")
+        if x.dim() == 0 or x.shape[-1] != self.cin:
+            raise ValueError(
+                f"activations of {self.name} must have last dimension cin = {self.cin}, got shape {tuple(x.shape)}"
+            )
+        if x.device != self.sum.device:
+            raise ValueError(f"activations of {self.name} are on {x.device}, the accumulator is on {self.sum.device}")
+        xb = x.reshape(-1, self.cin // BLOCK, BLOCK).float()
+        if xb.shape[0] == 0:
+            return
+        check_finite(xb, f"activations of {self.name}")
+        # [nb, T, 16]^T @ [nb, T, 16] -> [nb, 16, 16]; fp32 accumulation (the matmul's own).
+        xt = xb.transpose(0, 1)
+        self.sum += torch.bmm(xt.transpose(1, 2), xt)
+        self.n += xb.shape[0]
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Add another accumulator's sums (e.g. from another data shard)."""
+        if other.sum.shape != self.sum.shape:
+            raise ValueError(f"cannot merge Hessians of shape {tuple(other.sum.shape)} into {tuple(self.sum.shape)}")
+        self.sum += other.sum.to(self.sum.device)
+        self.n += other.n
+
+    def normalized(self) -> torch.Tensor:
+        """H / n, fp32 [cin/16, 16, 16]. Raises when no token was seen."""
+        if self.n == 0:
+            raise ValueError(f"no tokens were accumulated for {self.name}; cannot normalize an empty Hessian")
+        return self.sum / self.n

@@ -1,0 +1,72 @@
+"""Per-block scale search: validation, then dispatch to the fused Triton kernel or the PyTorch reference.
+
+Dispatch rule: a CUDA tensor with Triton importable runs the kernel; anything else runs the reference.
+``FP4CAL_TRITON=0`` forces the reference; ``backend=`` chooses explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fp4cal.search.reference import search_reference
+from fp4cal.validation import check_global_amax, check_hessian, check_weight
+
+METHODS = ("max", "mse", "local_hessian")
+
+
+def triton_available() -> bool:
+    """True when the triton package imports (its kernels still need a CUDA tensor or TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(w: torch.Tensor, method: str) -> str:
+    """'triton' or 'reference' for this call, by the dispatch rule above."""
+    if method == "max":
+        return "reference"
+    if os.environ.get("FP4CAL_TRITON", "1") == "0":
+        return "reference"
+    if w.is_cuda and triton_available():
+        return "triton"
+    return "reference"
+
+
+def search_scales(
+    w: torch.Tensor,
+    method: str,
+    hessian: torch.Tensor | None = None,
+    global_amax: torch.Tensor | float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-block best amax for NVFP4 quantization of w.
+
+    w: [cout, cin] or an expert stack [E, cout, cin], float32|float16|bfloat16, cin % 16 == 0.
+    method: 'max' (each block's own amax), 'mse' (argmin ||w - q(w)||^2 over the 126 FP8 scale
+        candidates) or 'local_hessian' (argmin dw^T H_j dw).
+    hessian: [cin/16, 16, 16] (or [E, cin/16, 16, 16]; an expert stack may share one [cin/16, 16, 16]),
+        required for local_hessian, on w's device.
+    global_amax: scalar or [E]; default max |w| per tensor.
+    backend: None (dispatch rule), 'triton' or 'reference'.
+    Returns fp32 [..., cout, cin/16]: the chosen block amax; fake_quantize(w, it, global_amax) applies it.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_weight(w, "w", allow_stack=True)
+    g = check_global_amax(global_amax, w)
+    h = check_hessian(hessian, w) if method == "local_hessian" else None
+    if backend is None:
+        backend = choose_backend(w, method)
+    if backend == "reference" or method == "max":
+        return search_reference(w, method, g, h)
+    if backend != "triton":
+        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
+    if not triton_available():
+        raise RuntimeError("backend='triton' was asked for but the triton package is not importable")
+    from fp4cal.search.kernels import search_triton
+
+    return search_triton(w, method, g, h)

@@ -1,0 +1,92 @@
+"""Reference scale searches in plain PyTorch (any device): the ground truth the kernels must match.
+
+For every 16-weight block, each objective picks one of the 126 candidates c (candidate amax
+g * v_c / 448, v_c the c-th finite positive FP8-E4M3 value), whose block scale is s_c = fp32(v_c * s_g):
+
+    dw_c = w - q_c(w)                         signed, 16 values, rounding exactly as in fp4cal.numerics
+    mse:           loss_c = sum_k dw_c[k]^2
+    local_hessian: loss_c = dw_c^T H_j dw_c   H_j: the 16x16 Hessian of the block's input channels j
+
+and keeps argmin_c loss_c, ties to the smaller candidate. dw is formed in float32 exactly as a serving
+engine would dequantize; the loss is summed in float64, so the reference is the truth to ~1e-15.
+Rows are processed in chunks with a running best, so extra memory is O(blocks), never 126 x blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp4cal.numerics import (
+    _blocks,
+    e2m1_code,
+    e2m1_value,
+    fp8_e4m3_values,
+    global_scale,
+    scale_candidates,
+)
+from fp4cal.validation import BLOCK
+
+# Rows per chunk: keeps the float64 temporaries of one candidate around 32 MB.
+_CHUNK_ELEMS = 1 << 22
+
+
+def candidate_block_scales(s_g: torch.Tensor) -> torch.Tensor:
+    """s_c = fp32(v_c * s_g) for the 126 candidates; s_g scalar tensor -> fp32 [126]."""
+    return fp8_e4m3_values(s_g.device) * s_g.float()
+
+
+def block_error(wb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Signed fp32 error w - q(w) of blocks wb [..., 16] quantized with block scales s [...]: [..., 16]."""
+    s = s.unsqueeze(-1)
+    a = wb.abs()
+    x = torch.where(s > 0, a / s, torch.zeros_like(a))
+    q = e2m1_value(e2m1_code(x)) * s
+    return torch.where(wb < 0, -(a - q), a - q)
+
+
+def block_loss(dw: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """float64 loss of signed errors dw [R, nb, 16]: sum dw^2, or dw^T H_j dw with hessian [nb, 16, 16]."""
+    d = dw.double()
+    if hessian is None:
+        return (d * d).sum(-1)
+    return torch.einsum("rnk,nkl,rnl->rn", d, hessian.double(), d)
+
+
+def _search_2d(w: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Best candidate index (int64 [cout, nb]) for one weight [cout, cin] with global amax g []."""
+    cout, cin = w.shape
+    nb = cin // BLOCK
+    s_c = candidate_block_scales(global_scale(g))
+    best_idx = torch.zeros(cout, nb, dtype=torch.int64, device=w.device)
+    rows = max(1, _CHUNK_ELEMS // cin)
+    for r0 in range(0, cout, rows):
+        wb = _blocks(w[r0 : r0 + rows])
+        best = torch.full(wb.shape[:2], float("inf"), dtype=torch.float64, device=w.device)
+        idx = best_idx[r0 : r0 + rows]
+        for c in range(s_c.numel()):
+            loss = block_loss(block_error(wb, s_c[c].expand(wb.shape[:2])), hessian)
+            better = loss < best  # strict: ties keep the smaller candidate
+            best = torch.where(better, loss, best)
+            idx.masked_fill_(better, c)
+    return best_idx
+
+
+def search_reference(
+    w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-block best amax, fp32 [..., cout, cin/16], for validated inputs.
+
+    w: [cout, cin] or [E, cout, cin]; g: fp32 [] or [E]; hessian: [nb, 16, 16] or [E, nb, 16, 16]
+    (local_hessian only). method: 'max' | 'mse' | 'local_hessian'.
+    """
+    if method == "max":
+        return _blocks(w).abs().amax(-1)
+    if w.dim() == 3:
+        outs = []
+        for e in range(w.shape[0]):
+            h = None if hessian is None else (hessian[e] if hessian.dim() == 4 else hessian)
+            outs.append(search_reference(w[e], method, g[e], h))
+        return torch.stack(outs)
+    idx = _search_2d(w, g, hessian if method == "local_hessian" else None)
+    return scale_candidates(g)[idx]
+
