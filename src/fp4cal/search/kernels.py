@@ -1,0 +1,181 @@
+"""Fused Triton kernels for the MSE and local-Hessian scale searches.
+
+Same objective as ``reference.py``, for every 16-weight block b of row r and block column j:
+
+    s_c  = fp32(v_c * s_g)                               c = 0..125, v_c the finite positive FP8-E4M3 values
+    x    = fp32(|w| / s_c)                               exact IEEE quotient (see below)
+    q    = fp32(E2M1(x) * s_c),  dw = sign(w) * fp32(|w| - q)
+    mse:            loss_c = sum_k dw_k^2
+    local_hessian:  loss_c = dw^T H_j dw = || F_j^T dw ||^2      with H_j = F_j F_j^T
+    pick            argmin_c loss_c, ties to the smaller c; output g * v_c / 448 (fp32)
+
+How each weight is rounded 126 times without a division. With r_c = fp32(1 / s_c) (one IEEE division per
+candidate, on the host side), the exact quotient comes from Markstein's correction, three FMA-pipe ops:
+
+    x0 = fp32(|w| * r_c);   res = fma(-x0, s_c, |w|)  (exact);   x = fma(res, r_c, x0) = fp32(|w| / s_c)
+
+valid whenever nothing under- or overflows, which the wrapper guarantees by sending tensors with
+s_g outside [2^-60, 2^60] to the reference. E2M1 round-to-nearest-even of x is then one magic-number add:
+the step of the E2M1 grid around x is 2^(E-1) with E = clamp(exponent(x), 0, 2), and
+fp32(fp32(x + 2^(E+22)) - 2^(E+22)) rounds x to that step with ties to even, exactly E2M1's rule; min(., 6)
+saturates. Floating-point contraction is disabled at launch so that q and dw are rounded exactly as in the
+reference.
+
+Where the quadratic form runs: H_j = F_j F_j^T is factored once per block column (float64 eigh on the
+host side, negative round-off eigenvalues clamped to 0), so the loss is a sum of squares
+||dw^T F_j||^2 computed by a [rows x 16] @ [16 x 16] tensor-core product with 3xTF32 error compensation.
+A sum of squares also loses less to cancellation than dw^T (H dw) would.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp4cal.numerics import fp8_e4m3_values, global_scale, scale_candidates
+from fp4cal.validation import BLOCK
+
+N_CAND = 126
+# s_g range where the division-free rounding is provably exact (no subnormal intermediates).
+_SG_MIN = 2.0**-60
+_SG_MAX = 2.0**60
+
+
+@triton.jit
+def _e2m1_times_scale(a, s, r):
+    """q = fp32(E2M1(fp32(a / s)) * s) for a >= 0 (fp32 tensor), s > 0 or s == r == 0 (scalars)."""
+    x0 = a * r
+    res = tl.fma(-x0, s, a)
+    x = tl.fma(res, r, x0)
+    xb = x.to(tl.int32, bitcast=True) & 0x7F800000
+    xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of x clamped to [0, 2]
+    magic = (xb + (22 << 23)).to(tl.float32, bitcast=True)
+    lvl = tl.minimum((x + magic) - magic, 6.0)
+    return lvl * s
+
+
+@triton.jit
+def _sweep_kernel(
+    w_ptr,
+    f_ptr,
+    s_ptr,
+    r_ptr,
+    amax_ptr,
+    out_ptr,
+    cout,
+    nb,
+    stride_we,
+    stride_wr,
+    stride_wc,
+    stride_fe,
+    stride_te,
+    stride_oe,
+    HESSIAN: tl.constexpr,
+    BR: tl.constexpr,
+    NC: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    j = tl.program_id(1).to(tl.int64)
+    e = tl.program_id(2).to(tl.int64)
+    rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+    cols = tl.arange(0, 16)
+    rmask = rows < cout
+    w_off = e * stride_we + rows[:, None] * stride_wr + (j * 16 + cols[None, :]) * stride_wc
+    w = tl.load(w_ptr + w_off, mask=rmask[:, None], other=0.0).to(tl.float32)
+    a = tl.abs(w)
+    neg = w < 0
+    if HESSIAN:
+        f_off = e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :]
+        f = tl.load(f_ptr + f_off)
+    t_base = e * stride_te
+    best = tl.full([BR], float("inf"), tl.float32)
+    best_idx = tl.zeros([BR], tl.int32)
+    for c in range(NC):
+        s = tl.load(s_ptr + t_base + c)
+        r = tl.load(r_ptr + t_base + c)
+        d = a - _e2m1_times_scale(a, s, r)
+        if HESSIAN:
+            d = tl.where(neg, -d, d)
+            z = tl.dot(d, f, input_precision="tf32x3")
+            loss = tl.sum(z * z, axis=1)
+        else:
+            loss = tl.sum(d * d, axis=1)
+        better = loss < best
+        best = tl.where(better, loss, best)
+        best_idx = tl.where(better, c, best_idx)
+    amax = tl.load(amax_ptr + t_base + best_idx)
+    tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
+
+
+def candidate_tables(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor candidate tables for global amax g (fp32 [E]): s_c, r_c = fp32(1/s_c) (0 where s_c == 0),
+    and the candidate amax g * v_c / 448; each fp32 [E, 126] on g's device."""
+    s = fp8_e4m3_values(g.device)[None, :] * global_scale(g)[:, None]
+    r = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    return s.contiguous(), r.contiguous(), scale_candidates(g).reshape(-1, N_CAND).contiguous()
+
+
+def hessian_factor(h: torch.Tensor) -> torch.Tensor:
+    """F with H = F F^T for each 16x16 block: [..., 16, 16] -> fp32 [..., 16, 16].
+
+    float64 eigendecomposition H = V diag(l) V^T, F = V diag(sqrt(max(l, 0))): defined for singular H too.
+    """
+    lam, vec = torch.linalg.eigh(h.double())
+    return (vec * lam.clamp_min(0).sqrt().unsqueeze(-2)).float().contiguous()
+
+
+def exact_range_ok(g: torch.Tensor) -> bool:
+    """True when every s_g = g / 2688 is 0 or inside the range where the kernel's rounding is exact."""
+    sg = global_scale(g)
+    ok = (sg == 0) | ((sg >= _SG_MIN) & (sg <= _SG_MAX))
+    return bool(ok.all())
+
+
+def search_triton(
+    w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None = None, block_rows: int = 64
+) -> torch.Tensor:
+    """Kernel path of search_scales for validated inputs (see search_scales for shapes).
+
+    Falls back to the reference for global amax outside the exact range (documented in the module docstring).
+    """
+    from fp4cal.search.reference import search_reference
+
+    if not exact_range_ok(g):
+        return search_reference(w, method, g, hessian)
+    stack = w.dim() == 3
+    w3 = w if stack else w.unsqueeze(0)
+    n_e, cout, cin = w3.shape
+    nb = cin // BLOCK
+    g1 = g.reshape(-1).expand(n_e).contiguous()
+    s_tab, r_tab, amax_tab = candidate_tables(g1)
+    out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
+    hess = method == "local_hessian"
+    if hess:
+        f = hessian_factor(hessian)
+        stride_fe = 0 if f.dim() == 3 else f.stride(0)
+    else:
+        f = s_tab  # unused placeholder pointer
+        stride_fe = 0
+    grid = (triton.cdiv(cout, block_rows), nb, n_e)
+    _sweep_kernel[grid](
+        w3,
+        f,
+        s_tab,
+        r_tab,
+        amax_tab,
+        out,
+        cout,
+        nb,
+        w3.stride(0),
+        w3.stride(1),
+        w3.stride(2),
+        stride_fe,
+        N_CAND,
+        cout * nb,
+        HESSIAN=hess,
+        BR=block_rows,
+        NC=N_CAND,
+        enable_fp_fusion=False,
+    )
+    return out if stack else out[0]

@@ -1,0 +1,68 @@
+"""Weight and Hessian families shared by the kernel parity tests (CPU interpreter and GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from fp4cal.numerics import E2M1_MIDPOINTS, fp8_e4m3_values
+
+
+def make_weight(kind: str, cout: int, cin: int, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """Returns (w, global_amax or None). Kinds: normal, heavy, outliers, zeros, threshold."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "normal":
+        w = torch.randn(cout, cin, generator=gen) * 0.02
+        g = None
+    elif kind == "heavy":  # Student-t with 2 degrees of freedom: very heavy tails
+        z = torch.randn(cout, cin, generator=gen)
+        chi = torch.randn(cout, cin, 2, generator=gen).pow(2).sum(-1) / 2
+        w = z / chi.sqrt() * 0.01
+        g = None
+    elif kind == "outliers":
+        w = torch.randn(cout, cin, generator=gen) * 0.02
+        w[torch.rand(cout, cin, generator=gen) < 1e-3] *= 8
+        w[:, :16] = 0.0  # a column of all-zero blocks
+        g = None
+    elif kind == "zeros":
+        w = torch.zeros(cout, cin)
+        g = None
+    elif kind == "threshold":
+        # g = 2688 makes s_g = 1 and s_c = v_c exactly, so t * v_c (t an E2M1 midpoint) is exact in every dtype:
+        # every weight sits exactly on a rounding threshold of some candidate, or one ulp beside it.
+        v = fp8_e4m3_values()
+        t = torch.tensor(E2M1_MIDPOINTS)
+        ci = torch.randint(40, 126, (cout, cin), generator=gen)
+        ti = torch.randint(0, len(E2M1_MIDPOINTS), (cout, cin), generator=gen)
+        w = (t[ti] * v[ci]).to(dtype)
+        nudge = torch.randint(-1, 2, (cout, cin), generator=gen)
+        up = torch.nextafter(w, torch.full_like(w, float("inf")))
+        dn = torch.nextafter(w, torch.zeros_like(w))
+        w = torch.where(nudge > 0, up, torch.where(nudge < 0, dn, w))
+        sign = torch.where(torch.rand(cout, cin, generator=gen) < 0.5, -1.0, 1.0).to(dtype)
+        return (w * sign).to(device), torch.tensor(2688.0, device=device)
+    else:
+        raise ValueError(kind)
+    return w.to(dtype).to(device), g
+
+
+def make_hessian(kind: str, cin: int, device="cpu", seed: int = 0, tokens: int = 512) -> torch.Tensor:
+    """[cin/16, 16, 16] fp32. Kinds: psd, diag, lowrank, zero, range (1e6 dynamic range), identity."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    nb = cin // 16
+    if kind == "identity":
+        return torch.eye(16).expand(nb, 16, 16).contiguous().to(device)
+    if kind == "zero":
+        return torch.zeros(nb, 16, 16, device=device)
+    if kind == "diag":
+        return torch.diag_embed(torch.rand(nb, 16, generator=gen) + 0.01).to(device)
+    if kind == "range":
+        chan = torch.logspace(-3, 3, 16)[torch.randperm(16, generator=gen)]  # 1e6 dynamic range of channel scales
+        x = torch.randn(tokens, cin, generator=gen) * chan.repeat(nb)
+    elif kind == "lowrank":
+        x = torch.randn(5, cin, generator=gen)  # rank 5 < 16
+    elif kind == "psd":
+        x = torch.randn(tokens, cin, generator=gen) * torch.exp(torch.randn(cin, generator=gen))
+    else:
+        raise ValueError(kind)
+    xb = x.T.reshape(nb, 16, -1)
+    return (xb @ xb.transpose(-1, -2) / x.shape[0]).float().to(device)

@@ -1,0 +1,158 @@
+"""Kernel vs reference parity (Triton interpreter on CPU, real kernels on a GPU) and dispatch rules."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import fp4cal
+from fp4cal import search as search_mod
+from fp4cal.search.parity import compare_picks
+from fp4cal.search.reference import search_reference
+from fp4cal.validation import check_global_amax
+from kernel_cases import make_hessian, make_weight
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+WEIGHTS = ["normal", "heavy", "outliers", "zeros", "threshold"]
+HESSIANS = ["psd", "diag", "lowrank", "zero", "range"]
+
+
+def _kernel_search(w, method, g, h):
+    from fp4cal.search.kernels import search_triton
+
+    return search_triton(w, method, g, h)
+
+
+def _assert_parity(w, g_arg, method, h, label):
+    g = check_global_amax(g_arg, w)
+    got = _kernel_search(w, method, g, h)
+    ref = search_reference(w, method, g, h)
+    rep = compare_picks(w, g, got, ref, h if method == "local_hessian" else None)
+    print(f"{label}: {rep.differing} differing of {rep.blocks} blocks, {rep.ties} float64 ties")
+    assert rep.bad == 0, f"{label}: {rep.bad} blocks differ beyond a 1e-6 tie (worst gap {rep.worst_rel_gap:.3e})"
+    return rep
+
+
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1 (CI does)")
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def device_for_kernels():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", WEIGHTS)
+def test_mse_parity_small(kind, dtype, device_for_kernels):
+    w, g = make_weight(kind, 40, 64, dtype, device_for_kernels, seed=hash((kind, str(dtype))) % 1000)
+    _assert_parity(w, g, "mse", None, f"mse {kind} {dtype}")
+
+
+@pytest.mark.parametrize("hkind", HESSIANS)
+@pytest.mark.parametrize("wkind", ["normal", "threshold"])
+def test_hessian_parity_small(hkind, wkind, device_for_kernels):
+    dtype = torch.bfloat16 if wkind == "normal" else torch.float32
+    w, g = make_weight(wkind, 40, 64, dtype, device_for_kernels, seed=3)
+    h = make_hessian(hkind, 64, device_for_kernels, seed=4)
+    _assert_parity(w, g, "local_hessian", h, f"hessian {hkind} {wkind}")
+
+
+def test_identity_hessian_equals_mse(device_for_kernels):
+    w, g = make_weight("outliers", 40, 64, torch.bfloat16, device_for_kernels, seed=5)
+    gg = check_global_amax(g, w)
+    h = make_hessian("identity", 64, device_for_kernels)
+    assert torch.equal(_kernel_search(w, "local_hessian", gg, h), _kernel_search(w, "mse", gg, None))
+
+
+def test_expert_stack_and_strides(device_for_kernels):
+    dev = device_for_kernels
+    w = torch.randn(3, 24, 48, device=dev) * 0.02
+    wt = torch.randn(48, 24, device=dev).T * 0.02  # non-contiguous [24, 48]
+    g = w.abs().amax(dim=(1, 2))
+    h = torch.stack([make_hessian("psd", 48, dev, seed=s) for s in range(3)])
+    got = _kernel_search(w, "local_hessian", g, h)
+    ref = torch.stack([search_reference(w[e], "local_hessian", g[e], h[e]) for e in range(3)])
+    assert got.shape == (3, 24, 3)
+    for e in range(3):
+        assert compare_picks(w[e], g[e], got[e], ref[e], h[e]).bad == 0
+    shared = _kernel_search(w, "local_hessian", g, h[0])  # one Hessian shared by all experts
+    for e in range(3):
+        assert compare_picks(w[e], g[e], shared[e], search_reference(w[e], "local_hessian", g[e], h[0]), h[0]).bad == 0
+    gt = wt.abs().amax()
+    assert compare_picks(wt, gt, _kernel_search(wt, "mse", gt, None), search_reference(wt, "mse", gt)).bad == 0
+
+
+def test_global_amax_zero_and_out_of_range(device_for_kernels):
+    dev = device_for_kernels
+    w = torch.zeros(8, 32, device=dev)
+    out = _kernel_search(w, "mse", torch.tensor(0.0, device=dev), None)
+    assert torch.equal(out, torch.zeros_like(out))
+    tiny = torch.randn(8, 32, device=dev) * 1e-20  # s_g below the exact range: must still be right (reference)
+    gt = tiny.abs().amax()
+    assert torch.equal(_kernel_search(tiny, "mse", gt, None), search_reference(tiny, "mse", gt))
+
+
+# ---- dispatch rules ------------------------------------------------------------------------------------------
+
+
+def test_dispatch_cpu_goes_to_reference(monkeypatch):
+    monkeypatch.delenv("FP4CAL_TRITON", raising=False)
+    assert search_mod.choose_backend(torch.zeros(2, 16), "mse") == "reference"
+
+
+def test_dispatch_env_switch(monkeypatch):
+    w = torch.zeros(2, 16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(search_mod, "triton_available", lambda: True)
+    monkeypatch.setenv("FP4CAL_TRITON", "0")
+    assert search_mod.choose_backend(w, "local_hessian") == "reference"
+    monkeypatch.setenv("FP4CAL_TRITON", "1")
+    assert search_mod.choose_backend(w, "local_hessian") == "triton"
+    assert search_mod.choose_backend(w, "max") == "reference"
+    monkeypatch.setattr(search_mod, "triton_available", lambda: False)
+    assert search_mod.choose_backend(w, "mse") == "reference"
+
+
+def test_triton_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(search_mod, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="triton"):
+        fp4cal.search_scales(torch.randn(4, 16), "mse", backend="triton")
+
+
+def test_triton_available_reflects_import(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "triton":
+            raise ImportError("no triton")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    assert importlib.reload(search_mod).triton_available() is False
+    monkeypatch.setattr(builtins, "__import__", real)
+    importlib.reload(search_mod)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: fp4cal.search_scales(torch.randn(4, 20), "mse", backend="triton"), "divisible by the NVFP4 block"),
+        (lambda: fp4cal.search_scales(torch.full((4, 16), float("nan")), "mse", backend="triton"), "non-finite"),
+        (lambda: fp4cal.search_scales(torch.randn(4, 32), "local_hessian", torch.eye(16)[None], backend="triton"),
+         "hessian must have shape"),
+        (lambda: fp4cal.search_scales(torch.ones(4, 16, dtype=torch.int32), "mse", backend="triton"), "dtype"),
+    ],
+)
+def test_kernel_path_validation(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
