@@ -72,6 +72,7 @@ def _sweep_kernel(
     stride_te,
     stride_oe,
     HESSIAN: tl.constexpr,
+    QUAD: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
 ):
@@ -97,7 +98,10 @@ def _sweep_kernel(
         d = a - _e2m1_times_scale(a, s, r)
         if HESSIAN:
             d = tl.where(neg, -d, d)
-            z = tl.dot(d, f, input_precision="tf32x3")
+            if QUAD == "fma":  # CUDA-core fp32 product, for comparison
+                z = tl.sum(d[:, :, None] * f[None, :, :], axis=1)
+            else:
+                z = tl.dot(d, f, input_precision=QUAD)
             loss = tl.sum(z * z, axis=1)
         else:
             loss = tl.sum(d * d, axis=1)
@@ -133,7 +137,13 @@ def exact_range_ok(g: torch.Tensor) -> bool:
 
 
 def search_triton(
-    w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None = None, block_rows: int = 64
+    w: torch.Tensor,
+    method: str,
+    g: torch.Tensor,
+    hessian: torch.Tensor | None = None,
+    block_rows: int = 64,
+    num_warps: int = 4,
+    quad: str = "tf32x3",
 ) -> torch.Tensor:
     """Kernel path of search_scales for validated inputs (see search_scales for shapes).
 
@@ -174,8 +184,10 @@ def search_triton(
         N_CAND,
         cout * nb,
         HESSIAN=hess,
+        QUAD=quad,
         BR=block_rows,
         NC=N_CAND,
+        num_warps=num_warps,
         enable_fp_fusion=False,
     )
     return out if stack else out[0]

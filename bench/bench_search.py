@@ -1,0 +1,214 @@
+"""Scale-search speed and parity on Qwen3-8B linear shapes and a 128-expert MoE stack (run on a CUDA GPU).
+
+For each shape and objective: reference time (one run), fp4cal public-call time (median of do_bench, host-side
+preparation included, as the ModelOpt anchor is timed), ModelOpt 0.47 kernel time when importable, the ratios,
+weights per second, the counted floor, and parity counts (fp4cal vs reference; fp4cal vs ModelOpt).
+
+    python bench/bench_search.py [--json OUT.json] [--variants] [--no-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+
+from fp4cal import search_scales
+from fp4cal.search import kernels
+from fp4cal.search.parity import compare_picks
+from fp4cal.search.reference import search_reference
+
+SHAPES = [("q_proj/o_proj", 4096, 4096, 2), ("k_proj/v_proj", 1024, 4096, 2), ("gate/up_proj", 12288, 4096, 2),
+          ("down_proj", 4096, 12288, 1)]
+LAYERS = 36
+N_CAND = 126
+# Counted per weight x candidate (see BENCHMARKS.md): rounding + error + loss, FP32-pipe instructions.
+OPS_MSE = 14
+OPS_HESS = 16  # plus the 16x16 product on tensor cores (3 tf32 passes)
+
+
+def make_case(cout, cin, tokens=4096, seed=0, dev="cuda"):
+    """The anchor's set-up: bf16 N(0, 0.02^2) weights with 0.1 % outliers x8; Hessians from log-normal channels."""
+    torch.manual_seed(seed)
+    w = torch.randn(cout, cin, device=dev) * 0.02
+    w[torch.rand_like(w) < 1e-3] *= 8
+    w = w.to(torch.bfloat16)
+    chan = torch.exp(torch.randn(cin, device=dev))
+    x = torch.randn(tokens, cin, device=dev) * chan
+    xb = x.T.reshape(cin // 16, 16, tokens)
+    return w, (xb @ xb.transpose(-1, -2)) / tokens
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def load_modelopt():
+    try:
+        from modelopt.torch.kernels.quantization.gemm import nvfp4_fp8_sweep as mo
+
+        return mo
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available", reported below
+        print(f"ModelOpt not importable ({type(exc).__name__}: {exc}); anchor columns left empty")
+        return None
+
+
+def lane_rate():
+    p = torch.cuda.get_device_properties(0)
+    clock_hz = 1.98e9 if "H100" in p.name or "H200" in p.name else 1.5e9
+    return p.multi_processor_count * 128 * clock_hz  # fp32 lanes x clock
+
+
+def run_shape(name, cout, cin, mo, do_ref, rows):
+    w, h = make_case(cout, cin)
+    g = w.float().abs().amax()
+    res = {"shape": name, "cout": cout, "cin": cin}
+    for method in ("mse", "local_hessian"):
+        hh = h if method == "local_hessian" else None
+        ours = search_scales(w, method, hh, g)
+        t_ours = bench(lambda: search_scales(w, method, hh, g))  # noqa: B023
+        r = {"fp4cal_ms": t_ours}
+        if do_ref:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ref = search_reference(w, method, g, hh)
+            torch.cuda.synchronize()
+            r["ref_ms"] = (time.perf_counter() - t0) * 1e3
+            rep = compare_picks(w, g, ours, ref, hh)
+            r["parity_ref"] = f"{rep.bad} bad / {rep.ties} ties / {rep.blocks}"
+            r["parity_bad"] = rep.bad
+        if mo is not None:
+            xb = w.reshape(-1, 16)
+            if method == "mse":
+                fn = lambda xb=xb: mo.nvfp4_fp8_scale_sweep(xb, g, block_size=16)  # noqa: E731
+            else:
+                fn = lambda xb=xb: mo.nvfp4_fp8_scale_sweep_hessian(xb, g, h, block_size=16)  # noqa: E731
+            theirs = fn().float().reshape(cout, cin // 16)
+            r["modelopt_ms"] = bench(fn)
+            rep = compare_picks(w, g, ours, theirs, hh)
+            r["parity_modelopt"] = f"{rep.differing} differ ({rep.ties} ties)"
+        ops = OPS_MSE if method == "mse" else OPS_HESS
+        r["floor_ms"] = cout * cin * N_CAND * ops / lane_rate() * 1e3
+        r["gw_per_s"] = cout * cin / t_ours / 1e6
+        res[method] = r
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    kernels.hessian_factor(h)
+    torch.cuda.synchronize()
+    res["factor_ms"] = (time.perf_counter() - t0) * 1e3
+    rows.append(res)
+    return w, h, g
+
+
+def run_variants(w, h, g):
+    """Kernel-only timings of tile / quadratic-form variants on one shape (what the tuning is based on)."""
+    out = []
+    s, r, a = kernels.candidate_tables(g.reshape(1))
+    for quad in ("tf32x3", "ieee", "fma"):
+        for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
+            try:
+                t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, br, nw, quad))  # noqa: B023
+            except Exception as exc:  # noqa: BLE001
+                t = float("nan")
+                print(f"variant {quad} BR={br} warps={nw} failed: {exc}")
+            out.append((f"hess {quad}", br, nw, t))
+    for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8)):
+        t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw))  # noqa: B023
+        out.append(("mse", br, nw, t))
+    return out
+
+
+def run_moe(mo, rows):
+    n_e, cout, cin = 128, 1536, 2048  # Qwen3-30B-A3B experts' gate_up_proj
+    torch.manual_seed(1)
+    w = (torch.randn(n_e, cout, cin, device="cuda") * 0.02).to(torch.bfloat16)
+    g = w.float().abs().amax(dim=(1, 2))
+    chan = torch.exp(torch.randn(n_e, 1, cin, device="cuda"))
+    x = torch.randn(n_e, 512, cin, device="cuda") * chan
+    xb = x.transpose(1, 2).reshape(n_e, cin // 16, 16, 512)
+    h = xb @ xb.transpose(-1, -2) / 512
+    res = {"shape": f"MoE {n_e}x{cout}x{cin}", "cout": cout, "cin": cin, "experts": n_e}
+    for method in ("mse", "local_hessian"):
+        hh = h if method == "local_hessian" else None
+        ours = search_scales(w, method, hh, g)
+        r = {"fp4cal_ms": bench(lambda: search_scales(w, method, hh, g))}  # noqa: B023
+        bad = ties = 0
+        for e in (0, n_e - 1):
+            ref = search_reference(w[e], method, g[e], None if hh is None else hh[e])
+            rep = compare_picks(w[e], g[e], ours[e], ref, None if hh is None else hh[e])
+            bad, ties = bad + rep.bad, ties + rep.ties
+        r["parity_ref"] = f"{bad} bad / {ties} ties (2 experts)"
+        r["parity_bad"] = bad
+        if mo is not None:
+            def loop(method=method):
+                for e in range(n_e):
+                    xe = w[e].reshape(-1, 16)
+                    if method == "mse":
+                        mo.nvfp4_fp8_scale_sweep(xe, g[e], block_size=16)
+                    else:
+                        mo.nvfp4_fp8_scale_sweep_hessian(xe, g[e], h[e], block_size=16)
+            r["modelopt_ms"] = bench(loop)
+        r["gw_per_s"] = w.numel() / r["fp4cal_ms"] / 1e6
+        r["floor_ms"] = w.numel() * N_CAND * (OPS_MSE if method == "mse" else OPS_HESS) / lane_rate() * 1e3
+        res[method] = r
+    rows.append(res)
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--no-reference", action="store_true")
+    args = ap.parse_args()
+    dev_name = torch.cuda.get_device_name()
+    print(dev_name, "torch", torch.__version__, "triton", triton.__version__)
+    mo = load_modelopt()
+    if mo is not None:  # warm up (first use may compile)
+        w, h = make_case(256, 256)
+        mo.nvfp4_fp8_scale_sweep_hessian(w.reshape(-1, 16), w.float().abs().amax(), h, block_size=16)
+    rows, variants = [], []
+    for i, (name, cout, cin, _) in enumerate(SHAPES):
+        w, h, g = run_shape(name, cout, cin, mo, not args.no_reference, rows)
+        if args.variants and i == 0:
+            variants = run_variants(w, h, g)
+    run_moe(mo, rows)
+    totals = {}
+    for method in ("mse", "local_hessian"):
+        for key in ("fp4cal_ms", "modelopt_ms"):
+            vals = [r[method].get(key) for r in rows[: len(SHAPES)]]
+            if all(v is not None for v in vals):
+                totals[f"{method}_{key}"] = sum(v * c * LAYERS for v, (_, _, _, c) in zip(vals, SHAPES, strict=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev_name, "rows": rows, "variants": variants, "totals_ms": totals}, f, indent=1)
+    if variants:
+        print("\nvariants (kernel + host prep, 4096x4096):")
+        for name, br, nw, t in variants:
+            print(f"  {name:12s} BR={br:4d} warps={nw}  {t:7.3f} ms")
+    print(f"\n{'shape':22s} {'method':6s} {'ref ms':>8s} {'fp4cal':>8s} {'ModelOpt':>9s} {'MO/ours':>8s} "
+          f"{'ref/ours':>8s} {'Gw/s':>6s} {'floor':>7s}  parity(ref)              parity(ModelOpt)")
+    for r in rows:
+        for method, tag in (("mse", "mse"), ("local_hessian", "hess")):
+            m = r[method]
+            mo_ms, ours = m.get("modelopt_ms"), m["fp4cal_ms"]
+            print(f"{r['shape']:22s} {tag:6s} {fmt(m.get('ref_ms'), '8.1f'):>8s} {ours:8.3f} "
+                  f"{fmt(mo_ms, '9.3f'):>9s} {fmt(mo_ms / ours if mo_ms else None, '8.2f'):>8s} "
+                  f"{fmt(m['ref_ms'] / ours if 'ref_ms' in m else None, '8.0f'):>8s} {m['gw_per_s']:6.1f} "
+                  f"{m['floor_ms']:7.3f}  {m.get('parity_ref', '-'):24s} {m.get('parity_modelopt', '-')}")
+    for k, v in totals.items():
+        print(f"whole Qwen3-8B ({LAYERS} layers) {k}: {v / 1e3:.3f} s")
+    for method in ("mse", "local_hessian"):
+        a, b = totals.get(f"{method}_modelopt_ms"), totals.get(f"{method}_fp4cal_ms")
+        if a and b:
+            print(f"whole Qwen3-8B {method}: ModelOpt / fp4cal = {a / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

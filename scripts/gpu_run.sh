@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device-machine call: GPU tests and benchmarks, logs and JSON under $OUT, short tables printed last.
+#   bash scripts/gpu_run.sh [bench|tests|calib|all] ...     (ModelOpt wheels in .anchor/ are installed if present)
+set -uo pipefail
+OUT=${OUT:-/tmp/fp4cal-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .anchor ] && ls .anchor/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/anchor .anchor/*.whl \
+    && export PYTHONPATH=/tmp/anchor:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:$PWD/tests:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv | tee "$OUT/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+for what in "${@:-all}"; do
+  case "$what" in
+    tests|all)
+      timeout 400 python3 -m pytest -q -s -rs tests/test_kernels.py tests/test_kernels_gpu.py 2>&1 \
+        | tee "$OUT/gpu_tests.log" | grep -E "PARITY|passed|failed|Error|error" | tail -60 ;;&
+    bench|all)
+      timeout 400 python3 bench/bench_search.py --json "$OUT/bench_search.json" ${BENCH_ARGS:-} 2>&1 \
+        | tee "$OUT/bench_search.log" ;;&
+    calib|all)
+      if [ -f bench/bench_calibrate.py ]; then
+        timeout 400 python3 bench/bench_calibrate.py --json "$OUT/bench_calibrate.json" ${CALIB_ARGS:-} 2>&1 \
+          | tee "$OUT/bench_calibrate.log"
+      fi ;;
+  esac
+done

@@ -1,0 +1,64 @@
+"""Kernel parity on real GPUs at the Qwen3-8B linear shapes (run on the device machine: pytest -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp4cal.search.kernels import search_triton
+from fp4cal.search.parity import compare_picks
+from fp4cal.search.reference import search_reference
+from fp4cal.validation import check_global_amax
+from kernel_cases import make_hessian, make_weight
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+QWEN3_8B = [(4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288)]
+
+
+def _check(w, g_arg, method, h, label):
+    g = check_global_amax(g_arg, w)
+    got = search_triton(w, method, g, h)
+    ref = search_reference(w, method, g, h)
+    rep = compare_picks(w, g, got, ref, h if method == "local_hessian" else None)
+    print(f"PARITY {label}: {rep.differing} differing of {rep.blocks}, {rep.ties} float64 ties")
+    assert rep.bad == 0, f"{label}: {rep.bad} picks differ beyond ties (worst {rep.worst_rel_gap:.3e})"
+
+
+@pytest.mark.parametrize("shape", QWEN3_8B)
+@pytest.mark.parametrize("method", ["mse", "local_hessian"])
+def test_qwen3_shapes_bf16(shape, method):
+    cout, cin = shape
+    w, g = make_weight("outliers", cout, cin, torch.bfloat16, "cuda", seed=cout + cin)
+    h = make_hessian("psd", cin, "cuda", seed=1, tokens=2048) if method == "local_hessian" else None
+    _check(w, g, method, h, f"{method} {cout}x{cin} bf16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "heavy", "threshold", "zeros"])
+def test_weight_kinds(kind, dtype):
+    w, g = make_weight(kind, 1024, 4096, dtype, "cuda", seed=7)
+    _check(w, g, "mse", None, f"mse {kind} {dtype}")
+    h = make_hessian("psd", 4096, "cuda", seed=8)
+    _check(w, g, "local_hessian", h, f"hessian {kind} {dtype}")
+
+
+@pytest.mark.parametrize("hkind", ["diag", "lowrank", "zero", "range"])
+def test_hessian_kinds(hkind):
+    w, g = make_weight("outliers", 1024, 4096, torch.bfloat16, "cuda", seed=9)
+    _check(w, g, "local_hessian", make_hessian(hkind, 4096, "cuda", seed=10), f"hessian {hkind}")
+
+
+def test_moe_stack_beyond_int32_offsets():
+    # 128 experts x 1536 x 12288 = 2.4e9 elements > 2^31: the last expert's last rows exercise 64-bit offsets.
+    n_e, cout, cin = 128, 1536, 12288
+    w = torch.empty(n_e, cout, cin, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+    g = w.abs().amax(dim=(1, 2)).float()
+    h = make_hessian("psd", cin, "cuda", seed=11, tokens=1024)
+    out = search_triton(w, "local_hessian", g, h)
+    for e in (0, n_e - 1):
+        rows = slice(cout - 64, cout)
+        ref = search_reference(w[e, rows], "local_hessian", g[e], h)
+        rep = compare_picks(w[e, rows], g[e], out[e, rows], ref, h)
+        print(f"PARITY moe expert {e}: {rep.differing} differing of {rep.blocks}, {rep.ties} ties")
+        assert rep.bad == 0
