@@ -29,6 +29,8 @@ A sum of squares also loses less to cancellation than dw^T (H dw) would.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -56,12 +58,35 @@ def _e2m1_times_scale(a, s, r):
 
 
 @triton.jit
+def _first_at_or_below(m, s_ptr, r_ptr, t_base, T: tl.constexpr, NC: tl.constexpr):
+    """Per block: the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32.
+
+    fp32(m / s_c) falls as c rises (s_c ascending), so a 7-step binary search over the 126 candidates finds it.
+    """
+    lo = tl.zeros(m.shape, tl.int32)
+    hi = tl.full(m.shape, NC, tl.int32)
+    for _ in range(7):
+        mid = (lo + hi) // 2
+        ok = mid < NC
+        s = tl.load(s_ptr + t_base + mid, mask=ok, other=1.0)
+        r = tl.load(r_ptr + t_base + mid, mask=ok, other=1.0)
+        x0 = m * r
+        x = tl.fma(tl.fma(-x0, s, m), r, x0)
+        below = (x <= T) & ok
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below | ~ok, lo, mid + 1)
+    return lo
+
+
+@triton.jit
 def _sweep_kernel(
     w_ptr,
     f_ptr,
+    mu_ptr,
     s_ptr,
     r_ptr,
     amax_ptr,
+    nohalf_ptr,
     out_ptr,
     cout,
     nb,
@@ -72,6 +97,7 @@ def _sweep_kernel(
     stride_te,
     stride_oe,
     HESSIAN: tl.constexpr,
+    PRUNE: tl.constexpr,
     QUAD: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
@@ -86,28 +112,58 @@ def _sweep_kernel(
     w = tl.load(w_ptr + w_off, mask=rmask[:, None], other=0.0).to(tl.float32)
     a = tl.abs(w)
     neg = w < 0
+    m = tl.max(a, axis=1)
+    t_base = e * stride_te
     if HESSIAN:
         f_off = e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :]
         f = tl.load(f_ptr + f_off)
-    t_base = e * stride_te
-    best = tl.full([BR], float("inf"), tl.float32)
-    best_idx = tl.zeros([BR], tl.int32)
-    for c in range(NC):
-        s = tl.load(s_ptr + t_base + c)
-        r = tl.load(r_ptr + t_base + c)
-        d = a - _e2m1_times_scale(a, s, r)
+        # mu_i = min over dw with dw_i = 1 of dw^T H dw: the max element's error alone bounds the loss below.
+        mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + tl.argmax(a, axis=1))
+    else:
+        mu = tl.full(m.shape, 1.0, tl.float32)
+    # Window top. Hessian: from the first all-zero candidate (x_max <= 0.25) on, every loss equals sum w^T H w,
+    # so that one is the only one worth trying. MSE: a candidate with x_max <= 3 whose half v/2 is also a
+    # candidate is dominated by it (its grid on [0, 3 s] is a subset of the half's), see BENCHMARKS.md.
+    if PRUNE:
+        if HESSIAN:
+            top = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, t_base, 0.25, NC), NC - 1)
+        else:
+            first = _first_at_or_below(m, s_ptr, r_ptr, t_base, 3.0, NC)
+            nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
+            top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
+    else:
+        top = tl.full(m.shape, NC - 1, tl.int32)
+    best = tl.full(m.shape, float("inf"), tl.float32)
+    best_idx = tl.zeros(m.shape, tl.int32)
+    c = top
+    active = c >= 0
+    n_active = tl.sum(active.to(tl.int32))
+    while n_active > 0:
+        cc = tl.maximum(c, 0)
+        s = tl.load(s_ptr + t_base + cc)
+        r = tl.load(r_ptr + t_base + cc)
+        if PRUNE:
+            # Bottom of the window: once 6 s_c <= m (the max element clips), its error m - 6 s_c only grows
+            # for smaller candidates; when mu * error^2 already exceeds the best loss, stop this block.
+            dm = m - _e2m1_times_scale(m, s, r)
+            stop = (m >= 6.0 * s) & (dm * dm * mu > best * 1.0001)
+            active = active & ~stop
+        d = a - _e2m1_times_scale(a, s[:, None], r[:, None])
         if HESSIAN:
             d = tl.where(neg, -d, d)
-            if QUAD == "fma":  # CUDA-core fp32 product, for comparison
+            if QUAD == "fma":
                 z = tl.sum(d[:, :, None] * f[None, :, :], axis=1)
             else:
                 z = tl.dot(d, f, input_precision=QUAD)
             loss = tl.sum(z * z, axis=1)
         else:
             loss = tl.sum(d * d, axis=1)
-        better = loss < best
+        better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
         best = tl.where(better, loss, best)
-        best_idx = tl.where(better, c, best_idx)
+        best_idx = tl.where(better, cc, best_idx)
+        c = c - 1
+        active = active & (c >= 0)
+        n_active = tl.sum(active.to(tl.int32))
     amax = tl.load(amax_ptr + t_base + best_idx)
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
 
@@ -120,13 +176,40 @@ def candidate_tables(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return s.contiguous(), r.contiguous(), scale_candidates(g).reshape(-1, N_CAND).contiguous()
 
 
-def hessian_factor(h: torch.Tensor) -> torch.Tensor:
-    """F with H = F F^T for each 16x16 block: [..., 16, 16] -> fp32 [..., 16, 16].
+def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor each 16x16 block: returns (F, mu), fp32 [..., 16, 16] and [..., 16].
 
-    float64 eigendecomposition H = V diag(l) V^T, F = V diag(sqrt(max(l, 0))): defined for singular H too.
+    F satisfies H = F F^T, so dw^T H dw = ||F^T dw||^2: the float64 Cholesky factor where H is positive
+    definite, else V diag(sqrt(max(l, 0))) from the float64 eigendecomposition (singular or zero H).
+    mu_i = min over dw with dw_i = 1 of dw^T H dw = 1 / (H^-1)_ii (0 where H is singular): a lower bound
+    on the loss from one element's error, used to end a block's sweep early. Shrunk by 1e-6 for safety.
     """
-    lam, vec = torch.linalg.eigh(h.double())
-    return (vec * lam.clamp_min(0).sqrt().unsqueeze(-2)).float().contiguous()
+    h64 = h.double()
+    chol, info = torch.linalg.cholesky_ex(h64)
+    eye = torch.eye(16, dtype=torch.float64, device=h.device).expand_as(h64)
+    inv_chol = torch.linalg.solve_triangular(chol, eye, upper=False)
+    mu = 1.0 / inv_chol.pow(2).sum(-2)
+    bad = info != 0
+    good = bad.logical_not() & torch.isfinite(mu).all(-1) & torch.isfinite(chol).all(-1).all(-1)
+    f, mu = chol.clone(), mu.clone()
+    if not bool(good.all()):
+        lam, vec = torch.linalg.eigh(h64[~good])
+        f[~good] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
+        mu[~good] = 0.0
+    return f.float().contiguous(), (mu * (1 - 1e-6)).float().contiguous()
+
+
+@functools.cache
+def _nohalf_above(device: str) -> torch.Tensor:
+    """int32 [126]: the largest c' >= c whose FP8 value has no half among the candidates (-1 if none)."""
+    v = fp8_e4m3_values().tolist()
+    vals = set(v)
+    out, last = [0] * N_CAND, -1
+    for c in range(N_CAND - 1, -1, -1):
+        if v[c] / 2 not in vals and last < c:
+            last = max(last, c)
+        out[c] = last
+    return torch.tensor(out, dtype=torch.int32, device=device)
 
 
 def exact_range_ok(g: torch.Tensor) -> bool:
@@ -141,13 +224,16 @@ def search_triton(
     method: str,
     g: torch.Tensor,
     hessian: torch.Tensor | None = None,
-    block_rows: int = 64,
+    block_rows: int = 128,
     num_warps: int = 4,
-    quad: str = "tf32x3",
+    quad: str = "fma",
+    prune: bool = True,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Kernel path of search_scales for validated inputs (see search_scales for shapes).
 
-    Falls back to the reference for global amax outside the exact range (documented in the module docstring).
+    factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
+    Falls back to the reference for global amax outside the exact range (see the module docstring).
     """
     from fp4cal.search.reference import search_reference
 
@@ -162,18 +248,20 @@ def search_triton(
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
     hess = method == "local_hessian"
     if hess:
-        f = hessian_factor(hessian)
+        f, mu = factor if factor is not None else hessian_factor(hessian)
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
-        f = s_tab  # unused placeholder pointer
+        f = mu = s_tab  # unused placeholder pointers
         stride_fe = 0
     grid = (triton.cdiv(cout, block_rows), nb, n_e)
     _sweep_kernel[grid](
         w3,
         f,
+        mu,
         s_tab,
         r_tab,
         amax_tab,
+        _nohalf_above(str(w.device)),
         out,
         cout,
         nb,
@@ -184,6 +272,7 @@ def search_triton(
         N_CAND,
         cout * nb,
         HESSIAN=hess,
+        PRUNE=prune,
         QUAD=quad,
         BR=block_rows,
         NC=N_CAND,
