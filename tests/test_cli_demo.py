@@ -97,7 +97,7 @@ def test_demo_limit_2_matches_oracle(nv, capsys):
 
 
 def test_demo_methods_max_only(nv, capsys):
-    assert main(["demo", "--limit", "1", "--methods", "max"]) == 0
+    assert main(["demo", "--limit", "1", "--methods", "max", "--device", "cpu"]) == 0
     rows = _parse(capsys.readouterr().out, ["max"])
     with safe_open(str(_model_file()), framework="pt") as f:
         name = _linear_names(f)[0]
@@ -144,6 +144,11 @@ def test_demo_bad_arguments(tmp_path, capsys):
         main(["demo", "--methods", "local_hessian"])
     assert main(["demo", "--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["demo", "--limit", "1", "--device", "tpu9"]) == 2
+    assert "--device 'tpu9' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["demo", "--limit", "1", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     assert main(["demo", "--weights", str(bad)]) == 2

@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scale-search methods to compare (default: max mse)",
     )
     parser.add_argument(
+        "--device",
+        default="auto",
+        help="where to run the search: 'auto' (CUDA when available, which uses the Triton kernels), 'cpu', 'cuda'",
+    )
+    parser.add_argument(
         "--weights",
         type=Path,
         default=None,
@@ -115,16 +120,29 @@ def _run(args: argparse.Namespace) -> int:
     path = bundled_weights() if args.weights is None else Path(args.weights)
     if not path.is_file():
         raise DemoError(f"--weights {path}: no such file")
+    device = _device(args.device)
     methods = list(dict.fromkeys(args.methods))  # keep order, drop repeats
     try:
         f = safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise DemoError(f"cannot read {path} as safetensors: {e}") from e
     with f:
-        return _table(f, path, methods, args.limit)
+        return _table(f, path, methods, args.limit, device)
 
 
-def _table(f, path: Path, methods: list[str], limit: int | None) -> int:
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise DemoError(f"--device {name!r} is not a torch device ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def _table(f, path: Path, methods: list[str], limit: int | None, device: torch.device) -> int:
     shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     names = linear_weight_names(shapes)
     if not names:
@@ -136,7 +154,10 @@ def _table(f, path: Path, methods: list[str], limit: int | None) -> int:
     header = f"{'layer':<{width}}  {'shape':>10}" + "".join(f"  {m:>9}" for m in methods)
     if "max" in methods and "mse" in methods:
         header += f"  {'mse/max':>8}"
-    print(f"NVFP4 relative weight error ||w - q(w)|| / ||w||, {len(names)} of {total} Linear weights in {path.name}")
+    print(
+        f"NVFP4 relative weight error ||w - q(w)|| / ||w||, {len(names)} of {total} Linear weights in "
+        f"{path.name} (search on {device.type})"
+    )
     print(header)
     print("-" * len(header))
 
@@ -145,7 +166,7 @@ def _table(f, path: Path, methods: list[str], limit: int | None) -> int:
     sum_norm = 0.0
     n_weights = 0
     for name in names:
-        w = f.get_tensor(name)
+        w = f.get_tensor(name).to(device)
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             w = w.float()
         norm_sq = float((w.double() ** 2).sum())
