@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4cal.validation import BLOCK, check_block_amax, check_global_amax, check_weight
+from fp4cal.validation import (
+    BLOCK,
+    FLOAT_DTYPES,
+    check_block_amax,
+    check_finite,
+    check_global_amax,
+    check_same_device,
+    check_weight,
+)
 
 E2M1_MAX = 6.0
 FP8_MAX = 448.0
@@ -71,9 +79,19 @@ def fp8_e4m3_values(device: torch.device | str | None = None) -> torch.Tensor:
     return codes.view(torch.float8_e4m3fn).to(torch.float32)
 
 
+def _true_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d as one IEEE division on every device.
+
+    On CUDA, torch turns division by a Python (or other CPU) scalar into a multiplication by its
+    reciprocal, which can differ from x / d in the last bit; a divisor tensor on x's own device keeps the
+    true division, so CPU and GPU give the same bits.
+    """
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 def global_scale(global_amax: torch.Tensor) -> torch.Tensor:
     """Per-tensor scale s_g = fp32(g / 2688), fp32, same shape as g."""
-    return global_amax.float() / GLOBAL_DIVISOR
+    return _true_div(global_amax.float(), GLOBAL_DIVISOR)
 
 
 def block_scale_code(block_amax: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
@@ -81,7 +99,7 @@ def block_scale_code(block_amax: torch.Tensor, s_g: torch.Tensor) -> torch.Tenso
 
     block_amax: [..., nb] fp32; s_g: broadcastable to block_amax ([] or [..., 1]).
     """
-    ratio = (block_amax.float() / E2M1_MAX) / s_g
+    ratio = _true_div(block_amax.float(), E2M1_MAX) / s_g
     ratio = torch.where(s_g > 0, ratio, torch.zeros_like(ratio))
     return fp8_e4m3_round(ratio)
 
@@ -98,7 +116,8 @@ def scale_candidates(global_amax: torch.Tensor | float) -> torch.Tensor:
     if not bool(torch.isfinite(g).all()) or bool((g < 0).any()):
         raise ValueError(f"global_amax must be finite and >= 0, got {g.tolist()}")
     v = fp8_e4m3_values(g.device).double()
-    return (g.double().unsqueeze(-1) * v / FP8_MAX).float()
+    # g.float() first: quantize and the search use the fp32 global amax, so the candidates must too.
+    return _true_div(g.float().double().unsqueeze(-1) * v, FP8_MAX).float()
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -211,17 +230,33 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 
     value = sign * fp32(E2M1 * s_b), s_b = fp32(v * s_g): bit-identical to fake_quantize.
     """
+    if not isinstance(q, NVFP4Tensor):
+        raise TypeError(f"q must be an NVFP4Tensor, got {type(q).__name__}")
     if q.codes.dtype != torch.uint8:
         raise TypeError(f"q.codes must be uint8, got dtype {q.codes.dtype}")
     if q.block_scale.dtype != torch.float8_e4m3fn:
         raise TypeError(f"q.block_scale must be float8_e4m3fn, got dtype {q.block_scale.dtype}")
+    if q.global_scale.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"q.global_scale must be a float tensor, got dtype {q.global_scale.dtype}")
+    if q.codes.dim() not in (2, 3) or q.codes.numel() == 0:
+        raise ValueError(f"q.codes must be a non-empty [cout, cin/2] or [E, cout, cin/2], got {tuple(q.codes.shape)}")
+    check_same_device(q.codes, q.block_scale, "q.codes", "q.block_scale")
+    check_same_device(q.codes, q.global_scale, "q.codes", "q.global_scale")
     codes = unpack_codes(q.codes).to(torch.int32)
     shape = codes.shape
-    if shape[-1] // BLOCK != q.block_scale.shape[-1] or shape[:-1] != q.block_scale.shape[:-1]:
+    if shape[-1] % BLOCK or shape[-1] // BLOCK != q.block_scale.shape[-1] or shape[:-1] != q.block_scale.shape[:-1]:
         raise ValueError(
             f"q.block_scale has shape {tuple(q.block_scale.shape)}, expected "
             f"{tuple(shape[:-1]) + (shape[-1] // BLOCK,)} for codes of {tuple(shape)} weights"
         )
+    if tuple(q.global_scale.shape) != tuple(shape[:-2]):
+        raise ValueError(
+            f"q.global_scale must have shape {tuple(shape[:-2])} (one per tensor), got {tuple(q.global_scale.shape)}"
+        )
+    for name, t in (("q.block_scale", q.block_scale.float()), ("q.global_scale", q.global_scale)):
+        check_finite(t, name)
+        if bool((t < 0).any()):
+            raise ValueError(f"{name} must be >= 0, got min {t.min().item()}")
     s_g = q.global_scale.float()
     s_b = q.block_scale.float() * s_g.reshape(*s_g.shape, 1, 1)
     cb = codes.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)

@@ -51,8 +51,8 @@ def check_global_amax(g: torch.Tensor | float | None, w: torch.Tensor, name: str
         return w.abs().amax(dim=(-2, -1)).float()
     if not isinstance(g, torch.Tensor):
         g = torch.tensor(float(g), dtype=torch.float32, device=w.device)
-    if g.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float, got dtype {g.dtype}")
+    if g.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{name} must be a float tensor, got dtype {g.dtype}")
     check_same_device(w, g, "w", name)
     if g.numel() == 1 and len(lead) == 0:
         g = g.reshape(())
@@ -70,7 +70,7 @@ def check_block_amax(a: torch.Tensor, w: torch.Tensor, name: str = "block_amax")
     want = tuple(w.shape[:-1]) + (w.shape[-1] // BLOCK,)
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
-    if a.dtype not in FLOAT_DTYPES:
+    if a.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"{name} must be a float tensor, got dtype {a.dtype}")
     if tuple(a.shape) != want:
         raise ValueError(f"{name} must have shape {want} (one amax per 16-block of w), got {tuple(a.shape)}")

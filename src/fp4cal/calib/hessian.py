@@ -15,7 +15,7 @@ class HessianAccumulator:
     """
 
     def __init__(self, cin: int, device: torch.device | str | None = None, name: str = "x") -> None:
-        if cin <= 0 or cin % BLOCK:
+        if not isinstance(cin, int) or isinstance(cin, bool) or cin <= 0 or cin % BLOCK:
             raise ValueError(f"cin of {name} must be a positive multiple of {BLOCK}, got {cin}")
         self.cin = cin
         self.name = name
@@ -44,6 +44,8 @@ class HessianAccumulator:
 
     def merge(self, other: HessianAccumulator) -> None:
         """Add another accumulator's sums (e.g. from another data shard)."""
+        if not isinstance(other, HessianAccumulator):
+            raise TypeError(f"can only merge a HessianAccumulator into {self.name}, got {type(other).__name__}")
         if other.sum.shape != self.sum.shape:
             raise ValueError(f"cannot merge Hessians of shape {tuple(other.sum.shape)} into {tuple(self.sum.shape)}")
         self.sum += other.sum.to(self.sum.device)

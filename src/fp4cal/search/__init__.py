@@ -56,6 +56,8 @@ def search_scales(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
     check_weight(w, "w", allow_stack=True)
     g = check_global_amax(global_amax, w)
     h = check_hessian(hessian, w) if method == "local_hessian" else None
@@ -63,8 +65,6 @@ def search_scales(
         backend = choose_backend(w, method)
     if backend == "reference" or method == "max":
         return search_reference(w, method, g, h)
-    if backend != "triton":
-        raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
     if not triton_available():
         raise RuntimeError("backend='triton' was asked for but the triton package is not importable")
     from fp4cal.search.kernels import search_triton
