@@ -25,6 +25,15 @@ def tiny_qwen3_moe(seed: int = 0):
     return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
 
+def tiny_mixtral(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=96, num_local_experts=4, num_experts_per_tok=TOPK, max_position_embeddings=64,
+    )
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
 def tiny_gpt_oss(seed: int = 0):
     """Experts stored transposed [E, cin, cout], with biases and a custom gate: the wrapper's other flags."""
     torch.manual_seed(seed)
@@ -81,7 +90,9 @@ def test_expert_targets_and_router_exclusion():
     assert not any(".mlp.gate" in t.name for t in targets)
 
 
-@pytest.mark.parametrize("build", [tiny_qwen3_moe, tiny_gpt_oss], ids=["qwen3_moe", "gpt_oss_transposed"])
+@pytest.mark.parametrize(
+    "build", [tiny_qwen3_moe, tiny_mixtral, tiny_gpt_oss], ids=["qwen3_moe", "mixtral", "gpt_oss_transposed"]
+)
 def test_capture_wrapper_computes_the_same_outputs(build):
     model = build()
     targets, _ = find_targets(model)

