@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fp4cal import search_scales  # noqa: E402
+from fp4cal import dequantize, quantize, search_scales  # noqa: E402
 from fp4cal.calib.calibrate import CalibrationWarning, calibrate  # noqa: E402
 from fp4cal.calib.capture import ActivationCapture, capture_statistics  # noqa: E402
 from fp4cal.calib.targets import find_targets  # noqa: E402
@@ -185,10 +185,31 @@ def test_expert_stack_search_uses_each_experts_hessian():
 
 def test_transposed_experts_are_searched_in_cout_cin_layout():
     model = tiny_gpt_oss()
-    result = calibrate(model, batches(n=1), "mse", fake_quantize=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = calibrate(model, batches(n=1), "local_hessian", fake_quantize=True, min_expert_tokens=1)
     wr = result.weights["model.layers.0.mlp.experts.down_proj"]
     p = model.get_parameter(wr.name)
     assert wr.transposed and tuple(p.shape) == (4, 32, 64) and wr.shape == (4, 64, 32)
     assert wr.block_amax.shape == (4, 64, 2)
+    w = before[wr.name].transpose(-1, -2)
+    q = quantize(w, wr.block_amax, wr.global_amax)
+    assert torch.equal(p.detach(), dequantize(q, dtype=w.dtype).transpose(-1, -2))
     # gpt-oss's router is its own module class, not nn.Linear: never a target
     assert not any("router" in n for n in result.weights)
+
+
+def test_wrapper_accepts_batched_leading_dims():
+    model = tiny_qwen3_moe()
+    targets, _ = find_targets(model)
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 5, 64, generator=g)
+    idx = torch.randint(0, E, (2, 5, TOPK), generator=g)
+    wts = torch.rand(2, 5, TOPK, generator=g)
+    with torch.no_grad():
+        ref = experts(hs.reshape(10, 64), idx.reshape(10, TOPK), wts.reshape(10, TOPK))
+        with ActivationCapture(model, targets) as cap:
+            out = experts(hs, idx, wts)
+    assert out.shape == (2, 5, 64)
+    torch.testing.assert_close(out.reshape(10, 64), ref, rtol=1e-5, atol=1e-6)
+    assert int(cap.stats.experts["model.layers.0.mlp.experts"].counts.sum()) == 10 * TOPK

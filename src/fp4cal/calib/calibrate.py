@@ -72,7 +72,7 @@ def _linear_plan(t: Target, stats: CaptureStats, method: str) -> dict:
     slot = stats.inputs.get(t.module_name)
     tokens = slot.tokens if slot is not None else 0
     plan = {"method": method, "hessian": None, "fallback": None, "tokens": tokens, "expert_fallback": {}}
-    plan["input_amax"] = slot.amax.float() if slot is not None and tokens > 0 else None
+    plan["input_amax"] = slot.amax.float().clone() if slot is not None and tokens > 0 else None
     if method == "local_hessian":
         if tokens == 0 or slot.hessian is None or slot.hessian.n == 0:
             plan["method"] = "mse"
@@ -145,7 +145,9 @@ def solve(
         it = tqdm(targets, desc=f"{method} scale search", unit="weight")
     for t in it:
         w = t.weight()
-        g = amax[t.name]
+        if t.transposed:
+            w = w.contiguous()  # searched as [E, cout, cin]; kernels expect rows contiguous along cin
+        g = amax[t.name].clone()  # members of a fused group get equal values, not one aliased tensor
         if t.kind == "linear":
             plan = _linear_plan(t, stats, method)
         else:

@@ -210,7 +210,12 @@ class ActivationCapture:
     def _experts_forward(
         self, m: nn.Module, st: ExpertStats, hs: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor
     ) -> torch.Tensor:
-        """Eager experts forward (hs [T, H], idx [T, K] int, wts [T, K]) with per-expert capture."""
+        """Eager experts forward (hs [T, H], idx [T, K] int, wts [T, K]) with per-expert capture.
+
+        Leading dimensions beyond one token axis are flattened and restored."""
+        lead = hs.shape[:-1]
+        if hs.dim() != 2:
+            hs, idx, wts = hs.reshape(-1, hs.shape[-1]), idx.reshape(-1, idx.shape[-1]), wts.reshape(-1, wts.shape[-1])
         E = st.num_experts
         K = idx.shape[-1]
         first = m.gate_up_proj if m.has_gate else m.up_proj
@@ -247,7 +252,7 @@ class ActivationCapture:
                 y = m.post_expert_norm(y)
             y = y * wts[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return out.reshape(*lead, out.shape[-1])
 
     @staticmethod
     def _expert_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
