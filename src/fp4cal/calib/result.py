@@ -25,6 +25,8 @@ class WeightResult:
     fused_group: name shared by weights a serving engine fuses (q/k/v, gate/up), else None.
     fallback: why this weight did not get the requested method (None if it did); per-expert reasons
         for expert stacks are listed in expert_fallback.
+    transposed: the parameter is stored [E, cin, cout] in the model (e.g. gpt-oss experts); shape, block_amax
+        and block_scale above are still in [..., cout, cin] layout, so writers must transpose the parameter.
     """
 
     name: str
@@ -42,6 +44,7 @@ class WeightResult:
     fused_group: str | None = None
     fallback: str | None = None
     expert_fallback: dict[int, str] = field(default_factory=dict)
+    transposed: bool = False
 
 
 @dataclass

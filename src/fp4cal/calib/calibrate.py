@@ -1,0 +1,274 @@
+"""calibrate(): find the weights, capture their inputs in one forward pass, search their block scales.
+
+    targets = find_targets(model)                       which weights, which are skipped and why
+    stats   = capture_statistics(model, batches, ...)   ONE pass: Hessians, input amax, routed tokens
+    result  = solve(targets, stats, method)             global amax per fused group, search, losses
+
+Each step is public so that a caller (or a test) can inspect or replace what flows between them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
+from fp4cal.calib.objective import block_scales, objective
+from fp4cal.calib.result import CalibrationResult, WeightResult
+from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
+from fp4cal.numerics import fake_quantize
+from fp4cal.search import METHODS, search_scales
+from fp4cal.validation import BLOCK
+
+DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singular: its argmin is not trustworthy
+
+
+class CalibrationWarning(UserWarning):
+    """A weight did not get what was asked for (fallback, skipped); the message names it."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[str, object]:
+    """logits_to_keep=1 for a Hugging Face causal LM whose output head is not quantized: calibration needs
+    no logits, and the full [batch, seq, vocab] logits are often the largest tensor of the forward."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if "logits_to_keep" not in params or head is None:
+        return {}
+    if any(t.module is head for t in targets):
+        return {}
+    return {"logits_to_keep": 1}
+
+
+def _group_amax(targets: list[Target]) -> dict[str, torch.Tensor]:
+    """Global amax per target name: its own max |w| ([] or [E]), or the max over its fused group."""
+    own = {t.name: t.weight().abs().amax(dim=(-2, -1)).float() for t in targets}
+    groups: dict[str, torch.Tensor] = {}
+    for t in targets:
+        if t.fused_group is not None:
+            g = own[t.name]
+            groups[t.fused_group] = g if t.fused_group not in groups else torch.maximum(groups[t.fused_group], g)
+    return {t.name: groups[t.fused_group] if t.fused_group else own[t.name] for t in targets}
+
+
+def _identity_hessian(cin: int, device: torch.device) -> torch.Tensor:
+    """[cin/16, 16, 16] identity blocks: local_hessian with it is exactly the MSE objective."""
+    return torch.eye(BLOCK, device=device).expand(cin // BLOCK, BLOCK, BLOCK).contiguous()
+
+
+def _linear_plan(t: Target, stats: CaptureStats, method: str) -> dict:
+    slot = stats.inputs.get(t.module_name)
+    tokens = slot.tokens if slot is not None else 0
+    plan = {"method": method, "hessian": None, "fallback": None, "tokens": tokens, "expert_fallback": {}}
+    plan["input_amax"] = slot.amax.float().clone() if slot is not None and tokens > 0 else None
+    if method == "local_hessian":
+        if tokens == 0 or slot.hessian is None or slot.hessian.n == 0:
+            plan["method"] = "mse"
+            plan["fallback"] = "no calibration tokens reached this layer; used mse"
+        else:
+            plan["hessian"] = slot.hessian.normalized()
+    return plan
+
+
+def _experts_plan(t: Target, stats: CaptureStats, method: str, min_tokens: int) -> dict:
+    st = stats.experts.get(t.module_name)
+    E = int(t.weight().shape[0])
+    counts = st.counts.clone() if st is not None else torch.zeros(E, dtype=torch.int64)
+    plan = {"method": method, "hessian": None, "fallback": None, "tokens": counts, "expert_fallback": {}}
+    amax = None if st is None else (st.in_amax if t.role == "in" else st.mid_amax)
+    if amax is not None and bool((counts > 0).any()):
+        # An expert that saw no token gets the stack's max, so per-expert input scales never divide by zero.
+        seen_max = amax[counts.to(amax.device) > 0].max()
+        plan["input_amax"] = torch.where(counts.to(amax.device) > 0, amax, seen_max).float()
+    else:
+        plan["input_amax"] = None
+    if method != "local_hessian":
+        return plan
+    accs = None if st is None else (st.in_hessians if t.role == "in" else st.mid_hessians)
+    device = t.param.device
+    hs = []
+    for e in range(E):
+        n = int(counts[e])
+        if accs is None or n == 0:
+            plan["expert_fallback"][e] = "no routed tokens; used mse"
+        elif n < min_tokens:
+            plan["expert_fallback"][e] = f"{n} routed tokens < min_expert_tokens = {min_tokens}; used mse"
+        else:
+            hs.append(accs[e].normalized().to(device))
+            continue
+        hs.append(_identity_hessian(t.cin, device))
+    if len(plan["expert_fallback"]) == E:
+        plan["method"] = "mse"
+        plan["fallback"] = f"no expert had >= min_expert_tokens = {min_tokens} routed tokens; used mse"
+        plan["expert_fallback"] = {}
+    else:
+        plan["hessian"] = torch.stack(hs)
+    return plan
+
+
+def solve(
+    targets: list[Target],
+    stats: CaptureStats,
+    method: str = "local_hessian",
+    min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+    progress: bool = False,
+    backend: str | None = None,
+) -> CalibrationResult:
+    """Search the block scales of every target from captured statistics.
+
+    Fused groups share one global amax (max over members). Expert stacks search as [E, cout, cin] with
+    [E, cin/16, 16, 16] Hessians; an expert with fewer than ``min_expert_tokens`` routed tokens gets identity
+    Hessian blocks, i.e. the MSE objective. loss_max / loss_chosen use the objective that was searched
+    (Hessian-weighted for local_hessian, squared error for mse and max; a stack's sum mixes both when some
+    experts fell back).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    result = CalibrationResult(method=method, forward_calls=stats.forward_calls)
+    amax = _group_amax(targets)
+    it: Iterable[Target] = targets
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(targets, desc=f"{method} scale search", unit="weight")
+    for t in it:
+        w = t.weight()
+        if t.transposed:
+            w = w.contiguous()  # searched as [E, cout, cin]; kernels expect rows contiguous along cin
+        g = amax[t.name].clone()  # members of a fused group get equal values, not one aliased tensor
+        if t.kind == "linear":
+            plan = _linear_plan(t, stats, method)
+        else:
+            plan = _experts_plan(t, stats, method, min_expert_tokens)
+        if plan["fallback"]:
+            warnings.warn(f"{t.name}: {plan['fallback']}", CalibrationWarning, stacklevel=3)
+        if plan["expert_fallback"]:
+            listed = ", ".join(f"{e} ({int(plan['tokens'][e])} tokens)" for e in sorted(plan["expert_fallback"]))
+            warnings.warn(
+                f"{t.name}: experts {listed} had fewer than min_expert_tokens = {min_expert_tokens} routed "
+                "tokens and fall back to mse",
+                CalibrationWarning,
+                stacklevel=3,
+            )
+        h = plan["hessian"]
+        if h is not None:
+            h = h.to(w.device)
+        block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
+        scale, _ = block_scales(block_amax, g)
+        max_amax = search_scales(w, "max", global_amax=g)
+        result.weights[t.name] = WeightResult(
+            name=t.name,
+            module_name=t.module_name,
+            kind=t.kind,
+            shape=tuple(w.shape),
+            method=plan["method"],
+            global_amax=g,
+            block_amax=block_amax,
+            block_scale=scale,
+            input_amax=plan["input_amax"],
+            loss_max=objective(w, max_amax, g, h),
+            loss_chosen=objective(w, block_amax, g, h),
+            tokens=plan["tokens"],
+            fused_group=t.fused_group,
+            fallback=plan["fallback"],
+            expert_fallback=plan["expert_fallback"],
+            transposed=t.transposed,
+        )
+    return result
+
+
+def fake_quantize_model(model: nn.Module, result: CalibrationResult) -> None:
+    """Replace every calibrated weight of ``model`` in place by dequantize(quantize(w)) with the chosen scales
+    (in the weight's own dtype). Weights listed in result.skipped are left untouched."""
+    with torch.no_grad():
+        for name, wr in result.weights.items():
+            try:
+                p = model.get_parameter(name)
+            except AttributeError:
+                raise ValueError(f"result weight {name!r} is not a parameter of the model") from None
+            w = p.transpose(-1, -2) if wr.transposed else p
+            if tuple(w.shape) != tuple(wr.shape):
+                raise ValueError(f"{name} has shape {tuple(w.shape)} but was calibrated as {wr.shape}")
+            q = fake_quantize(
+                w.detach(), wr.block_amax.to(p.device), wr.global_amax.to(p.device), dtype=p.dtype
+            )
+            w.copy_(q)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    method: str = "local_hessian",
+    *,
+    exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
+    include: Sequence[str] | str | None = None,
+    min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+    fake_quantize: bool = False,
+    progress: bool = False,
+    backend: str | None = None,
+) -> CalibrationResult:
+    """Calibrate NVFP4 block scales of every nn.Linear and HF expert stack of ``model``.
+
+    model: any nn.Module (kept on its device; put in eval mode during the pass, then restored).
+    batches: iterable of model inputs: tensors (e.g. input_ids [B, T]), tuples, or dicts of keyword arguments;
+        iterated exactly once (result.forward_calls counts the model forwards).
+    method: 'local_hessian' | 'mse' | 'max'. Activation amax (for W4A4 export) is collected in the same pass
+        whatever the method; Hessians only for local_hessian.
+    exclude / include: module-name regular expressions (see find_targets); lm_head and routers are excluded
+        by default. min_expert_tokens: experts with fewer routed tokens fall back to mse.
+    fake_quantize: also replace the weights in place by their quantized values (fake_quantize_model).
+    progress: tqdm bars over batches and weights. backend: passed to search_scales.
+    Returns a CalibrationResult; weights left in high precision are in result.skipped with the reason.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
+        raise ValueError(f"min_expert_tokens must be a positive int, got {min_expert_tokens!r}")
+    device = model_device(model)
+    t0 = time.perf_counter()
+    targets, skipped = find_targets(model, exclude, include)
+    for name, reason in skipped.items():
+        if not reason.startswith("excluded by pattern"):
+            warnings.warn(f"{name}: {reason}", CalibrationWarning, stacklevel=2)
+    if not targets:
+        raise ValueError(f"model has no quantizable weight (skipped: {skipped or 'none found'})")
+    was_training = model.training
+    model.eval()
+    try:
+        stats = capture_statistics(
+            model,
+            batches,
+            targets,
+            hessians=method == "local_hessian",
+            extra_kwargs=calibration_forward_kwargs(model, targets),
+            progress=progress,
+        )
+    finally:
+        model.train(was_training)
+    if stats.forward_calls == 0:
+        raise ValueError("batches was empty: calibration needs at least one batch")
+    _sync(device)
+    t1 = time.perf_counter()
+    result = solve(targets, stats, method, min_expert_tokens, progress, backend)
+    _sync(device)
+    t2 = time.perf_counter()
+    result.skipped = skipped
+    result.timings = {"capture": t1 - t0, "search": t2 - t1}
+    if fake_quantize:
+        fake_quantize_model(model, result)
+        _sync(device)
+        result.timings["fake_quantize"] = time.perf_counter() - t2
+    result.timings["total"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,48 @@
+"""The search objective of a whole weight, for reporting: sum over blocks of dw^T H_j dw (or sum dw^2).
+
+dw = w - q(w) is formed exactly as fp4cal.numerics dequantizes; the sum is float64, in row chunks so that
+extra memory stays O(chunk), whatever the weight's size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fp4cal.numerics import _blocks, block_scale_code, global_scale
+from fp4cal.search.reference import block_error, block_loss
+
+# Weights per chunk: ~16 MB of float32 temporaries on the CPU; larger on a GPU, where per-op launch overhead
+# would otherwise dominate (64 MB per temporary).
+_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
+
+
+def block_scales(block_amax: torch.Tensor, global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 code v as float8_e4m3fn, fp32 block scale s_b = v * s_g), both [..., cout, cin/16].
+
+    block_amax: fp32 [..., cout, cin/16]; global_amax: fp32 [] or [E].
+    """
+    s_g = global_scale(global_amax).reshape(*global_amax.shape, 1, 1)
+    v = block_scale_code(block_amax, s_g)
+    return v.to(torch.float8_e4m3fn), v * s_g
+
+
+def objective(
+    w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor | None
+) -> float:
+    """Summed loss of quantizing w [cout, cin] or [E, cout, cin] with these scales.
+
+    hessian: None (squared error), [cin/16, 16, 16], or [E, cin/16, 16, 16] for a stack.
+    """
+    if w.dim() == 3:
+        total = 0.0
+        for e in range(w.shape[0]):
+            h = None if hessian is None else (hessian[e] if hessian.dim() == 4 else hessian)
+            total += objective(w[e], block_amax[e], global_amax[e], h)
+        return total
+    _, s_b = block_scales(block_amax, global_amax)
+    rows = max(1, _CHUNK_ELEMS.get(w.device.type, 1 << 22) // w.shape[-1])
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for r0 in range(0, w.shape[0], rows):
+        dw = block_error(_blocks(w[r0 : r0 + rows]), s_b[r0 : r0 + rows])
+        total += block_loss(dw, hessian).sum()
+    return float(total)
