@@ -1,9 +1,11 @@
 """fp4cal: NVFP4 weight quantization with the most accurate block scales.
 
-Public API: fake_quantize, quantize, dequantize, scale_candidates, search_scales, HessianAccumulator.
+Public API: fake_quantize, quantize, dequantize, scale_candidates, search_scales, HessianAccumulator,
+export, load.
 """
 
 from fp4cal.calib.hessian import HessianAccumulator
+from fp4cal.export import export, load
 from fp4cal.numerics import NVFP4Tensor, dequantize, fake_quantize, quantize, scale_candidates
 from fp4cal.search import search_scales
 
@@ -13,7 +15,9 @@ __all__ = [
     "HessianAccumulator",
     "NVFP4Tensor",
     "dequantize",
+    "export",
     "fake_quantize",
+    "load",
     "quantize",
     "scale_candidates",
     "search_scales",
