@@ -210,6 +210,22 @@ def test_transformers_loads_dense_checkpoint(tmp_path, dequantize):
     assert torch.equal(got, want)
 
 
+def test_transformers_loads_w4a4_checkpoint(tmp_path):
+    """The W4A4 preset loads too: weights exact, our input_global_scale in place (transformers then
+    fake-quantizes activations with it, which is why its logits differ from the weight-only model)."""
+    model, result, out = _export(tmp_path, "llama", w4a4=True)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = loaded(torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))).logits
+    assert bool(torch.isfinite(logits).all())
+    fq = fake_quantized_state(model, result, dtype=torch.bfloat16)
+    for name, wr in result.weights.items():
+        module = loaded.get_submodule(wr.module_name)
+        assert torch.equal(bits(module.weight.detach()), bits(fq[name])), name
+        want = reciprocal_scale(wr.input_amax / GLOBAL_DIVISOR).reshape(1)
+        assert torch.equal(bits(module.input_global_scale.detach()), bits(want)), name
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="transformers 5.24 dequantizes per-expert NVFP4 weights without weight_global_scale "

@@ -200,7 +200,7 @@ def _dense_pieces(entry: _Entry) -> dict[str, torch.Tensor]:
     return {p.name: flat.index_select(0, p.rows.to(t.device)).reshape(p.shape) for p in entry.pieces}
 
 
-def _ignore_list(model: nn.Module, tensors: dict[str, torch.Tensor], entries: list[_Entry]) -> list[str]:
+def _ignore_list(model: nn.Module, entries: list[_Entry]) -> list[str]:
     """Checkpoint names of Linear-type modules left unquantized (lm_head, routers, skipped layers) and of
     the experts of unquantized expert stacks, as compressed-tensors' config lists them."""
     by_name = {e.name: e for e in entries}
@@ -212,7 +212,7 @@ def _ignore_list(model: nn.Module, tensors: dict[str, torch.Tensor], entries: li
     for e in entries:
         if e.weight is None and e.tensor.dim() == 3 and len(e.pieces) > 1:
             ignore.extend(module_of(p.name, e.name) for p in e.pieces if p.name.endswith(".weight"))
-    return sorted(set(ignore), key=ignore.index)
+    return list(dict.fromkeys(ignore))  # unique, in model order
 
 
 def _source_dir(model: nn.Module, source_dir: str | os.PathLike | None) -> Path | None:
@@ -288,7 +288,7 @@ def export(
         _Entry(name, t, checkpoint_pieces(model, name, tuple(t.shape)), result.weights.get(name))
         for name, t in tensors.items()
     ]
-    ignore = _ignore_list(model, tensors, entries)
+    ignore = _ignore_list(model, entries)
 
     with staged_directory(out_dir, overwrite) as tmp:
         writer = ShardedWriter(tmp, shard_bytes)
