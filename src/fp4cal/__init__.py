@@ -1,12 +1,13 @@
 """fp4cal: NVFP4 weight quantization with the most accurate block scales.
 
 Public API: fake_quantize, quantize, dequantize, scale_candidates, search_scales, HessianAccumulator,
-calibrate, fake_quantize_model, CalibrationResult, WeightResult.
+calibrate, fake_quantize_model, CalibrationResult, WeightResult, export, load.
 """
 
 from fp4cal.calib.calibrate import calibrate, fake_quantize_model
 from fp4cal.calib.hessian import HessianAccumulator
 from fp4cal.calib.result import CalibrationResult, WeightResult
+from fp4cal.export import export, load
 from fp4cal.numerics import NVFP4Tensor, dequantize, fake_quantize, quantize, scale_candidates
 from fp4cal.search import search_scales
 
@@ -20,7 +21,9 @@ __all__ = [
     "fake_quantize_model",
     "NVFP4Tensor",
     "dequantize",
+    "export",
     "fake_quantize",
+    "load",
     "quantize",
     "scale_candidates",
     "search_scales",

@@ -1,0 +1,312 @@
+"""export(): a CalibrationResult and its model -> an NVFP4 checkpoint directory that serving engines load."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fp4cal.calib.result import CalibrationResult, WeightResult
+from fp4cal.export import compressed_tensors as ct_format
+from fp4cal.export import modelopt as mo_format
+from fp4cal.export.base import QuantizedModule
+from fp4cal.export.io import (
+    ShardedWriter,
+    check_out_dir,
+    copy_aux_files,
+    parse_size,
+    staged_directory,
+    write_json,
+)
+from fp4cal.export.layout import Piece, checkpoint_pieces, module_of
+from fp4cal.numerics import quantize
+from fp4cal.validation import BLOCK
+
+FORMATS = {ct_format.NAME: ct_format, mo_format.NAME: mo_format}
+
+
+@dataclass
+class _Entry:
+    """One model tensor to write: its name, value and checkpoint pieces; ``weight`` when quantized."""
+
+    name: str
+    tensor: torch.Tensor
+    pieces: list[Piece]
+    weight: WeightResult | None = None
+
+
+def _is_linear_type(module: nn.Module) -> bool:
+    """Module types that compressed-tensors' config treats as "Linear" (and vLLM loads as linear layers):
+    nn.Linear, plus MoE routers / gates by class name (compressed_tensors get_vllm_module_type: a name
+    containing "Router" or "Gating", or "Gate" not followed by a lowercase letter, unless "ExpertMLP")."""
+    cls = type(module).__name__
+    if cls == "Linear" or isinstance(module, nn.Linear):
+        return True
+    gate_like = "Router" in cls or "Gating" in cls or re.search(r"Gate(?![a-z])", cls) is not None
+    return gate_like and "ExpertMLP" not in cls
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (tied duplicates dropped, first name kept, as transformers saves them) and persistent buffers."""
+    out = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for name, buf in model.named_buffers():
+        if name in persistent and name not in all_params:
+            out[name] = buf
+    return out
+
+
+def _check_result(result: CalibrationResult, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    if not isinstance(result, CalibrationResult):
+        raise TypeError(f"result must be a fp4cal CalibrationResult, got {type(result).__name__}")
+    if not result.weights:
+        raise ValueError("result.weights is empty: nothing was quantized, so there is nothing to export")
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(tensors)
+    for name, wr in result.weights.items():
+        if name in tied:
+            raise ValueError(
+                f"result.weights[{name!r}] is tied to another parameter (e.g. lm_head tied to the embeddings); "
+                "tied weights cannot be exported quantized, leave them out of calibration"
+            )
+        if name not in tensors:
+            raise ValueError(f"result.weights[{name!r}] names no parameter of the model")
+        shape = tuple(tensors[name].shape)
+        if tuple(wr.shape) != shape:
+            raise ValueError(f"result.weights[{name!r}].shape is {tuple(wr.shape)} but the model parameter is {shape}")
+        if len(shape) not in (2, 3) or shape[-1] % BLOCK:
+            raise ValueError(
+                f"result.weights[{name!r}] has shape {shape}; expected [cout, cin] or [E, cout, cin] with cin % 16 == 0"
+            )
+        want = shape[:-1] + (shape[-1] // BLOCK,)
+        for field in ("block_amax", "block_scale"):
+            got = tuple(getattr(wr, field).shape)
+            if got != want:
+                raise ValueError(f"result.weights[{name!r}].{field} has shape {got}, expected {want}")
+        if wr.block_scale.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"result.weights[{name!r}].block_scale must be float8_e4m3fn, got {wr.block_scale.dtype}")
+        if tuple(wr.global_amax.reshape(-1).shape) != ((shape[0],) if len(shape) == 3 else (1,)):
+            raise ValueError(
+                f"result.weights[{name!r}].global_amax has shape {tuple(wr.global_amax.shape)}, expected "
+                f"{'[E] = [' + str(shape[0]) + ']' if len(shape) == 3 else '[] (a scalar)'}"
+            )
+
+
+def _fused_groups(result: CalibrationResult) -> dict[str, list[WeightResult]]:
+    groups: dict[str, list[WeightResult]] = {}
+    for wr in result.weights.values():
+        if wr.fused_group is not None:
+            groups.setdefault(wr.fused_group, []).append(wr)
+    return groups
+
+
+def _check_fused(groups: dict[str, list[WeightResult]]) -> None:
+    """Engines fuse q/k/v and gate/up into one GEMM with ONE global scale (vLLM takes the max and
+    would then dequantize the other members wrongly): members must share their global amax."""
+    for group, members in groups.items():
+        first = members[0].global_amax.float().reshape(-1).cpu()
+        for wr in members[1:]:
+            other = wr.global_amax.float().reshape(-1).cpu()
+            if other.shape != first.shape or not torch.equal(other, first):
+                raise ValueError(
+                    f"fused group {group!r}: {members[0].name!r} has global_amax {first.tolist()} but {wr.name!r} has "
+                    f"{other.tolist()}; members of a fused group must share one global amax"
+                )
+
+
+def _input_amax(result: CalibrationResult, groups: dict[str, list[WeightResult]]) -> dict[str, torch.Tensor]:
+    """Per weight, the input amax to export for W4A4: the max over its fused group (the members read the
+    same input; engines use one activation scale for the fused GEMM), [1] or [E] fp32 on CPU."""
+    out = {}
+    for name, wr in result.weights.items():
+        members = groups.get(wr.fused_group, [wr]) if wr.fused_group else [wr]
+        amaxes = []
+        for m in members:
+            if m.input_amax is None:
+                raise ValueError(
+                    f"w4a4=True needs the input amax of every quantized weight, but result.weights[{m.name!r}]"
+                    ".input_amax is None (calibrate with activation statistics, or export with w4a4=False)"
+                )
+            amaxes.append(m.input_amax.float().reshape(-1).cpu())
+        a = torch.stack(torch.broadcast_tensors(*amaxes)).amax(0)
+        if len(wr.shape) == 3:
+            a = a.expand(wr.shape[0]).clone()
+            # An expert that saw no token has amax 0 (scale 1/0 = inf): give it the layer's max instead.
+            a = torch.where(a > 0, a, a.max())
+        if not bool(torch.isfinite(a).all()) or not bool((a > 0).all()):
+            raise ValueError(f"result.weights[{name!r}].input_amax must be finite and > 0 for W4A4, got {a.tolist()}")
+        out[name] = a
+    return out
+
+
+def _quantized_modules(entry: _Entry, input_amax: torch.Tensor | None) -> list[QuantizedModule]:
+    """Quantize one weight with the calibrated scales and cut it into per-module checkpoint pieces."""
+    wr = entry.weight
+    w = entry.tensor.detach()
+    if w.is_meta:
+        raise ValueError(f"parameter {entry.name!r} is on the meta device; load its weights before exporting")
+    q = quantize(w, wr.block_amax.to(w.device), wr.global_amax.to(w.device).float())
+    stored = wr.block_scale.to(q.block_scale.device).view(torch.uint8)
+    if not torch.equal(q.block_scale.view(torch.uint8), stored):
+        bad = int((q.block_scale.view(torch.uint8) != stored).sum())
+        raise ValueError(
+            f"result.weights[{entry.name!r}]: block_scale disagrees with block_amax in {bad} block(s); "
+            "block_scale must be fp4cal.numerics.quantize(w, block_amax, global_amax).block_scale"
+        )
+    cout, cin = w.shape[-2], w.shape[-1]
+    if w.dim() == 3 and len(entry.pieces) == 1:
+        raise ValueError(
+            f"{entry.name!r} is a stacked expert parameter {tuple(w.shape)} but no per-expert checkpoint names are "
+            "known for it (transformers has no conversion mapping for this model); serving engines expect one "
+            "'<module>.weight' per expert"
+        )
+    codes = q.codes.reshape(-1, cin // 2).cpu()
+    scales = q.block_scale.reshape(-1, cin // BLOCK).cpu()
+    s_g = q.global_scale.reshape(-1).cpu()
+    modules = []
+    for piece in entry.pieces:
+        experts = torch.unique(piece.rows // cout)
+        if experts.numel() != 1:
+            raise ValueError(
+                f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported"
+            )
+        e = int(experts)
+        modules.append(
+            QuantizedModule(
+                module=module_of(piece.name, entry.name),
+                codes=codes.index_select(0, piece.rows).contiguous(),
+                block_scale=scales.index_select(0, piece.rows).contiguous(),
+                global_scale=s_g[e].clone(),
+                input_amax=None if input_amax is None else input_amax[e if input_amax.numel() > 1 else 0].clone(),
+            )
+        )
+    return modules
+
+
+def _dense_pieces(entry: _Entry) -> dict[str, torch.Tensor]:
+    t = entry.tensor.detach()
+    if t.is_meta:
+        raise ValueError(f"tensor {entry.name!r} is on the meta device; load the weights before exporting")
+    if len(entry.pieces) == 1 and entry.pieces[0].shape == tuple(t.shape):
+        return {entry.pieces[0].name: t}
+    rows, last = t.reshape(-1, t.shape[-1] if t.dim() else 1).shape
+    flat = t.reshape(rows, last)
+    return {p.name: flat.index_select(0, p.rows.to(t.device)).reshape(p.shape) for p in entry.pieces}
+
+
+def _ignore_list(model: nn.Module, entries: list[_Entry]) -> list[str]:
+    """Checkpoint names of Linear-type modules left unquantized (lm_head, routers, skipped layers) and of
+    the experts of unquantized expert stacks, as compressed-tensors' config lists them."""
+    by_name = {e.name: e for e in entries}
+    ignore = []
+    for mod_name, module in model.named_modules():
+        wname = f"{mod_name}.weight" if mod_name else "weight"
+        if _is_linear_type(module) and wname in by_name and by_name[wname].weight is None:
+            ignore.extend(module_of(p.name, wname) for p in by_name[wname].pieces if p.name.endswith(".weight"))
+    for e in entries:
+        if e.weight is None and e.tensor.dim() == 3 and len(e.pieces) > 1:
+            ignore.extend(module_of(p.name, e.name) for p in e.pieces if p.name.endswith(".weight"))
+    return list(dict.fromkeys(ignore))  # unique, in model order
+
+
+def _source_dir(model: nn.Module, source_dir: str | os.PathLike | None) -> Path | None:
+    if source_dir is not None:
+        d = Path(source_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"source_dir {str(source_dir)!r} is not a directory")
+        return d
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name and Path(name).is_dir():
+        return Path(name)
+    return None
+
+
+def _write_config(model: nn.Module, directory: Path, qconfig: dict) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        data = {}
+    else:
+        config.save_pretrained(directory)
+        with open(directory / "config.json") as f:
+            data = json.load(f)
+    data["quantization_config"] = qconfig
+    write_json(directory / "config.json", data)
+
+
+def _write_generation_config(model: nn.Module, directory: Path) -> None:
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained") and not (directory / "generation_config.json").exists():
+        gen.save_pretrained(directory)
+
+
+def export(
+    result: CalibrationResult,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    format: str = "compressed-tensors",
+    w4a4: bool = False,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``model`` quantized with ``result``'s scales as an NVFP4 checkpoint directory.
+
+    result: the CalibrationResult of ``model`` (parameter names, block amaxes, FP8 block scales, global amaxes).
+    model: the calibrated model with its original (unquantized) weights; a transformers model gets its
+        config.json (plus quantization_config) and generation_config.json written, and per-expert
+        checkpoint names for stacked MoE experts (as transformers' save_pretrained names them).
+    format: "compressed-tensors" (vLLM, SGLang, transformers) or "modelopt" (TensorRT-LLM, vLLM, SGLang).
+    w4a4: also store static input (activation) scales, from each weight's input_amax, for W4A4 serving.
+    overwrite: replace a non-empty out_dir (atomically); otherwise such a directory is refused.
+    max_shard_size: largest safetensors shard, bytes or "5GB"-style; larger models get an index file.
+    source_dir: where to copy tokenizer / generation files from (default: model.config._name_or_path
+        when that is a local directory).
+    Returns the checkpoint directory. Nothing is written under out_dir unless the export completes.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    fmt = FORMATS[format]
+    shard_bytes = parse_size(max_shard_size)
+    check_out_dir(Path(out_dir).absolute(), overwrite)  # fail before any work
+    src = _source_dir(model, source_dir)
+
+    tensors = _model_tensors(model)
+    _check_result(result, tensors, model)
+    groups = _fused_groups(result)
+    _check_fused(groups)
+    input_amax = _input_amax(result, groups) if w4a4 else {}
+
+    entries = [
+        _Entry(name, t, checkpoint_pieces(model, name, tuple(t.shape)), result.weights.get(name))
+        for name, t in tensors.items()
+    ]
+    ignore = _ignore_list(model, entries)
+
+    with staged_directory(out_dir, overwrite) as tmp:
+        writer = ShardedWriter(tmp, shard_bytes)
+        for entry in tqdm(entries, desc=f"export {format}", unit="tensor", disable=None):
+            if entry.weight is None:
+                for ckpt_name, t in _dense_pieces(entry).items():
+                    writer.add(ckpt_name, t)
+                continue
+            for qm in _quantized_modules(entry, input_amax.get(entry.name)):
+                module_tensors, meta = fmt.module_tensors(qm, w4a4)
+                for ckpt_name, t in module_tensors.items():
+                    writer.add(ckpt_name, t, meta)
+                    meta = None  # header entries go with the module's first tensor
+        writer.close()
+        _write_config(model, tmp, fmt.quantization_config(ignore, w4a4))
+        for filename, data in fmt.extra_files(ignore, w4a4).items():
+            write_json(tmp / filename, data)
+        if src is not None:
+            copy_aux_files(src, tmp)
+        _write_generation_config(model, tmp)
+    return Path(out_dir)

@@ -1,0 +1,95 @@
+"""Where each model parameter lives in a Hugging Face checkpoint.
+
+transformers 5 loads some checkpoint tensors into differently shaped parameters: e.g. Qwen3-MoE's
+per-expert ``mlp.experts.{e}.gate_proj.weight`` and ``up_proj.weight`` [I, H] become one stacked
+``mlp.experts.gate_up_proj`` [E, 2I, H] (its conversion mapping: MergeModulelist(dim=0) then
+Concatenate(dim=1)), and ``save_pretrained`` reverts that. Serving engines (vLLM, SGLang, TensorRT-LLM)
+read the per-expert names. We reuse transformers' own reverse conversion to learn, for each
+parameter, which checkpoint tensors hold which of its rows: we feed it an index tensor (the row
+numbers of the parameter, shape [..., rows, 1]) and read back where each row went. Quantized weights
+are then split row-wise (codes, FP8 scales and the per-expert global scale together), which is exact.
+Conversions that touch the last (input) dimension are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Piece:
+    """One checkpoint tensor cut out of a parameter: ``rows`` index the parameter viewed as
+    [rows, last_dim] (leading dims flattened); the checkpoint tensor has shape ``shape``."""
+
+    name: str
+    rows: torch.Tensor  # int64 [k]
+    shape: tuple[int, ...]
+
+
+def _param_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    last = shape[-1] if len(shape) else 1
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows, last
+
+
+def _revert(model: nn.Module, name: str, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """transformers' reverse conversion of one tensor, or None when the model is not a transformers model."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers is optional: plain modules keep their parameter names
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    return revert_weight_conversion(model, {name: index})
+
+
+def checkpoint_pieces(model: nn.Module, name: str, shape: tuple[int, ...]) -> list[Piece]:
+    """The checkpoint tensors holding parameter ``name`` of ``shape``, and the rows each one holds.
+
+    Raises ValueError when the conversion does not split the parameter into whole rows.
+    """
+    n_rows, last = _param_rows(shape)
+    lead = tuple(shape[:-1]) if len(shape) >= 2 else ()
+    if len(shape) >= 2:
+        index = torch.arange(n_rows, dtype=torch.int64).reshape(*lead, 1)
+    else:
+        index = torch.zeros(1, dtype=torch.int64)
+    out = _revert(model, name, index)
+    if out is None:
+        out = {name: index}
+    pieces = []
+    seen = torch.zeros(n_rows, dtype=torch.int64)
+    for ckpt_name, idx in out.items():
+        idx = idx[0] if isinstance(idx, list) else idx
+        if len(shape) >= 2 and (idx.dim() < 1 or idx.shape[-1] != 1):
+            raise ValueError(
+                f"transformers' checkpoint conversion maps parameter {name!r} {tuple(shape)} to {ckpt_name!r} "
+                f"with a layout that moves the input (last) dimension (index shape {tuple(idx.shape)}); "
+                "exporting such a parameter is not supported"
+            )
+        rows = idx.reshape(-1)
+        piece_shape = (*idx.shape[:-1], last) if len(shape) >= 2 else tuple(shape)
+        seen.index_add_(0, rows, torch.ones_like(rows))
+        pieces.append(Piece(ckpt_name, rows, piece_shape))
+    if not bool((seen == 1).all()):
+        raise ValueError(
+            f"transformers' checkpoint conversion of parameter {name!r} {tuple(shape)} does not cover each of its "
+            f"{n_rows} rows exactly once; exporting it is not supported"
+        )
+    return pieces
+
+
+def module_of(ckpt_name: str, param_name: str) -> str:
+    """'a.b.weight' -> 'a.b'; raises if a quantized weight's checkpoint name does not end with '.weight'."""
+    if not ckpt_name.endswith(".weight"):
+        raise ValueError(
+            f"quantized parameter {param_name!r} maps to checkpoint tensor {ckpt_name!r}, which does not end "
+            "with '.weight'; serving engines expect quantized weights as '<module>.weight'"
+        )
+    return ckpt_name[: -len(".weight")]
