@@ -36,7 +36,7 @@ def _assert_parity(w, g_arg, method, h, label):
     return rep
 
 
-interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1 (CI does)")
+interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1 (conftest does without CUDA)")
 gpu = pytest.mark.gpu
 
 
