@@ -15,7 +15,7 @@ git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 for what in "${@:-all}"; do
   case "$what" in
     tests|all)
-      timeout 400 python3 -m pytest -q -s -rs tests/test_kernels.py tests/test_kernels_gpu.py 2>&1 \
+      timeout 400 python3 -m pytest -q -s -rs tests/test_kernels.py tests/test_kernels_gpu.py tests/test_numerics.py 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -E "PARITY|passed|failed|Error|error" | tail -60 ;;&
     bench|all)
       timeout 400 python3 bench/bench_search.py --json "$OUT/bench_search.json" ${BENCH_ARGS:-} 2>&1 \

@@ -36,8 +36,6 @@ def _assert_parity(w, g_arg, method, h, label):
     return rep
 
 
-interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1 (conftest does without CUDA)")
-gpu = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +154,25 @@ def test_triton_available_reflects_import(monkeypatch):
 def test_kernel_path_validation(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bad()
+
+
+@pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag"])
+def test_hessian_factor(hkind, device_for_kernels):
+    from fp4cal.search.kernels import hessian_factor
+
+    h = make_hessian(hkind, 64, device_for_kernels, seed=12)
+    f, mu = hessian_factor(h)
+    h64, f64 = h.double().cpu(), f.double().cpu()
+    scale = torch.diagonal(h64, dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
+    assert torch.allclose((f64 @ f64.transpose(-1, -2)) / scale, h64 / scale, atol=1e-5, rtol=0)
+    assert torch.equal(f64, torch.tril(f64))
+    # mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii for a definite H; 0 (a valid bound) for a singular one
+    m = mu.double().cpu()
+    if hkind == "zero":
+        assert bool((m == 0).all())
+    if hkind in ("psd", "diag", "range"):
+        assert bool((m > 0).all())
+    pos = (m > 0).all(-1)
+    exact = 1.0 / torch.diagonal(torch.linalg.inv(h64[pos]), dim1=-2, dim2=-1)
+    assert bool((m[pos] <= exact * (1 + 1e-7)).all())
+    assert torch.allclose(m[pos], exact, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fp4cal.numerics import scale_candidates
 from fp4cal.search.kernels import search_triton
 from fp4cal.search.parity import compare_picks
 from fp4cal.search.reference import search_reference
@@ -20,6 +21,8 @@ def _check(w, g_arg, method, h, label):
     g = check_global_amax(g_arg, w)
     got = search_triton(w, method, g, h)
     ref = search_reference(w, method, g, h)
+    # every output is exactly one of the 126 candidates, bit for bit as numerics.scale_candidates makes them
+    assert bool(torch.isin(got, scale_candidates(g)).all()), f"{label}: an output is not a candidate amax"
     rep = compare_picks(w, g, got, ref, h if method == "local_hessian" else None)
     print(f"PARITY {label}: {rep.differing} differing of {rep.blocks}, {rep.ties} float64 ties")
     assert rep.bad == 0, f"{label}: {rep.bad} picks differ beyond ties (worst {rep.worst_rel_gap:.3e})"

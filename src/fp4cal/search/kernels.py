@@ -1,30 +1,40 @@
 """Fused Triton kernels for the MSE and local-Hessian scale searches.
 
-Same objective as ``reference.py``, for every 16-weight block b of row r and block column j:
+Same objective as ``reference.py``, for every 16-weight block of row r and block column j:
 
-    s_c  = fp32(v_c * s_g)                               c = 0..125, v_c the finite positive FP8-E4M3 values
+    s_g  = fp32(g / 2688),   s_c = fp32(v_c * s_g)       c = 0..125, v_c the finite positive FP8-E4M3 values
     x    = fp32(|w| / s_c)                               exact IEEE quotient (see below)
     q    = fp32(E2M1(x) * s_c),  dw = sign(w) * fp32(|w| - q)
     mse:            loss_c = sum_k dw_k^2
     local_hessian:  loss_c = dw^T H_j dw = || F_j^T dw ||^2      with H_j = F_j F_j^T
-    pick            argmin_c loss_c, ties to the smaller c; output g * v_c / 448 (fp32)
+    pick            argmin_c loss_c, ties to the smaller c; output fp32(g * v_c / 448)
 
-How each weight is rounded 126 times without a division. With r_c = fp32(1 / s_c) (one IEEE division per
-candidate, on the host side), the exact quotient comes from Markstein's correction, three FMA-pipe ops:
+Rounding without a division. With r_c = fp32(1 / s_c) (one IEEE division per block and candidate, not per
+weight), Markstein's correction gives the exact quotient in three FMA-pipe ops:
 
     x0 = fp32(|w| * r_c);   res = fma(-x0, s_c, |w|)  (exact);   x = fma(res, r_c, x0) = fp32(|w| / s_c)
 
-valid whenever nothing under- or overflows, which the wrapper guarantees by sending tensors with
-s_g outside [2^-60, 2^60] to the reference. E2M1 round-to-nearest-even of x is then one magic-number add:
-the step of the E2M1 grid around x is 2^(E-1) with E = clamp(exponent(x), 0, 2), and
-fp32(fp32(x + 2^(E+22)) - 2^(E+22)) rounds x to that step with ties to even, exactly E2M1's rule; min(., 6)
-saturates. Floating-point contraction is disabled at launch so that q and dw are rounded exactly as in the
-reference.
+valid when nothing under- or overflows, which the wrapper guarantees by sending tensors with s_g outside
+[2^-60, 2^60] to the reference. E2M1 round-to-nearest-even of x is one magic-number add: the E2M1 step
+around x is 2^(E-1) with E = clamp(exponent(x), 0, 2), and fp32(fp32(x + 2^(E+22)) - 2^(E+22)) rounds x to
+that step with ties to even, which is E2M1's rule; min(., 6) saturates. Floating-point contraction is
+disabled at launch so that q and dw are rounded exactly as in the reference.
 
-Where the quadratic form runs: H_j = F_j F_j^T is factored once per block column (float64 eigh on the
-host side, negative round-off eigenvalues clamped to 0), so the loss is a sum of squares
-||dw^T F_j||^2 computed by a [rows x 16] @ [16 x 16] tensor-core product with 3xTF32 error compensation.
-A sum of squares also loses less to cancellation than dw^T (H dw) would.
+Candidates that cannot win are skipped, with proofs (each block walks its own contiguous window):
+- MSE, top: if every x <= 3 at candidate c and v_c / 2 is also a candidate, the grid of v_c / 2 contains
+  the grid of v_c on [0, 3 s_c], so every |dw| is no larger there: c is dominated by a smaller candidate.
+- local-Hessian, top: from the first candidate at which every weight rounds to 0 on, all losses equal
+  w^T H w, and ties go to the smaller candidate. Going up from the MSE top, a weight that rounded to 0
+  stays 0, so mu_i * w_i^2 bounds every higher candidate's loss from below, where
+  mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii.
+- bottom: a weight that clips (|w| >= 6 s_c) has error |w| - 6 s_c, which only grows for smaller
+  candidates: sum of those errors^2 (MSE) or max_i mu_i * error_i^2 (Hessian) bounds every smaller
+  candidate's loss from below. A block stops when the bound exceeds its best loss (with 1e-4 slack).
+
+Where the quadratic form runs: each H_j is factored once (float64 Cholesky in a small Triton kernel; zero
+pivots of a singular H give zero columns), so the loss is a sum of squares ||dw^T F_j||^2 from a
+[rows x 16] @ [16 x 16] tensor-core product with 3xTF32 error compensation, which keeps float32 accuracy
+(plain TF32 does not, and changes picks).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp4cal.numerics import fp8_e4m3_values, global_scale, scale_candidates
+from fp4cal.numerics import fp8_e4m3_values, global_scale
 from fp4cal.validation import BLOCK
 
 N_CAND = 126
@@ -46,7 +56,7 @@ _SG_MAX = 2.0**60
 
 @triton.jit
 def _e2m1_times_scale(a, s, r):
-    """q = fp32(E2M1(fp32(a / s)) * s) for a >= 0 (fp32 tensor), s > 0 or s == r == 0 (scalars)."""
+    """q = fp32(E2M1(fp32(a / s)) * s) for a >= 0, with r = fp32(1 / s) (s == r == 0 gives q = 0)."""
     x0 = a * r
     res = tl.fma(-x0, s, a)
     x = tl.fma(res, r, x0)
@@ -58,18 +68,25 @@ def _e2m1_times_scale(a, s, r):
 
 
 @triton.jit
-def _first_at_or_below(m, s_ptr, r_ptr, t_base, T: tl.constexpr, NC: tl.constexpr):
-    """Per block: the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32.
+def _candidate(v_ptr, c, sg):
+    """Block scale s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0) for index tensor c."""
+    s = tl.load(v_ptr + c) * sg
+    r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    return s, r
 
-    fp32(m / s_c) falls as c rises (s_c ascending), so a 7-step binary search over the 126 candidates finds it.
+
+@triton.jit
+def _first_at_or_below(m, v_ptr, sg, T: tl.constexpr, NC: tl.constexpr):
+    """Per block, the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32 block maxima.
+
+    fp32(m / s_c) falls as c rises, so a 7-step binary search over the 126 candidates finds it.
     """
     lo = tl.zeros(m.shape, tl.int32)
     hi = tl.full(m.shape, NC, tl.int32)
     for _ in range(7):
         mid = (lo + hi) // 2
         ok = mid < NC
-        s = tl.load(s_ptr + t_base + mid, mask=ok, other=1.0)
-        r = tl.load(r_ptr + t_base + mid, mask=ok, other=1.0)
+        s, r = _candidate(v_ptr, tl.minimum(mid, NC - 1), sg)
         x0 = m * r
         x = tl.fma(tl.fma(-x0, s, m), r, x0)
         below = (x <= T) & ok
@@ -79,13 +96,26 @@ def _first_at_or_below(m, s_ptr, r_ptr, t_base, T: tl.constexpr, NC: tl.constexp
 
 
 @triton.jit
+def _block_loss(a, neg, s, r, f, HESSIAN: tl.constexpr, QUAD: tl.constexpr):
+    """(loss [BR], q [BR, 16]) of blocks a [BR, 16] (magnitudes) at per-block scales s, r [BR]."""
+    q = _e2m1_times_scale(a, s[:, None], r[:, None])
+    d = a - q
+    if HESSIAN:
+        d = tl.where(neg, -d, d)
+        z = tl.dot(d, f, input_precision=QUAD)
+        loss = tl.sum(z * z, axis=1)
+    else:
+        loss = tl.sum(d * d, axis=1)
+    return loss, q
+
+
+@triton.jit
 def _sweep_kernel(
     w_ptr,
+    g_ptr,
+    v_ptr,
     f_ptr,
     mu_ptr,
-    s_ptr,
-    r_ptr,
-    amax_ptr,
     nohalf_ptr,
     out_ptr,
     cout,
@@ -94,7 +124,6 @@ def _sweep_kernel(
     stride_wr,
     stride_wc,
     stride_fe,
-    stride_te,
     stride_oe,
     HESSIAN: tl.constexpr,
     PRUNE: tl.constexpr,
@@ -113,103 +142,135 @@ def _sweep_kernel(
     a = tl.abs(w)
     neg = w < 0
     m = tl.max(a, axis=1)
-    t_base = e * stride_te
+    g = tl.load(g_ptr + e)
+    sg = tl.div_rn(g, 2688.0)
     if HESSIAN:
-        f_off = e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :]
-        f = tl.load(f_ptr + f_off)
-        # mu_i = min over dw with dw_i = 1 of dw^T H dw: the max element's error alone bounds the loss below.
-        mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + tl.argmax(a, axis=1))
+        f = tl.load(f_ptr + e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :])
+        mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
     else:
-        mu = tl.full(m.shape, 1.0, tl.float32)
-    # Window top. Hessian: from the first all-zero candidate (x_max <= 0.25) on, every loss equals sum w^T H w,
-    # so that one is the only one worth trying. MSE: a candidate with x_max <= 3 whose half v/2 is also a
-    # candidate is dominated by it (its grid on [0, 3 s] is a subset of the half's), see BENCHMARKS.md.
+        f = tl.zeros([16, 16], tl.float32)
+        mu = tl.full([1, 16], 1.0, tl.float32)
     if PRUNE:
-        if HESSIAN:
-            top = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, t_base, 0.25, NC), NC - 1)
-        else:
-            first = _first_at_or_below(m, s_ptr, r_ptr, t_base, 3.0, NC)
-            nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
-            top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
+        first = _first_at_or_below(m, v_ptr, sg, 3.0, NC)
+        nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
+        top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
     else:
         top = tl.full(m.shape, NC - 1, tl.int32)
     best = tl.full(m.shape, float("inf"), tl.float32)
     best_idx = tl.zeros(m.shape, tl.int32)
+
+    # Phase 1: from the top down, until the clipping bound ends each block.
     c = top
     active = c >= 0
     n_active = tl.sum(active.to(tl.int32))
     while n_active > 0:
         cc = tl.maximum(c, 0)
-        s = tl.load(s_ptr + t_base + cc)
-        r = tl.load(r_ptr + t_base + cc)
-        if PRUNE:
-            # Bottom of the window: once 6 s_c <= m (the max element clips), its error m - 6 s_c only grows
-            # for smaller candidates; when mu * error^2 already exceeds the best loss, stop this block.
-            dm = m - _e2m1_times_scale(m, s, r)
-            stop = (m >= 6.0 * s) & (dm * dm * mu > best * 1.0001)
-            active = active & ~stop
-        d = a - _e2m1_times_scale(a, s[:, None], r[:, None])
-        if HESSIAN:
-            d = tl.where(neg, -d, d)
-            if QUAD == "fma":
-                z = tl.sum(d[:, :, None] * f[None, :, :], axis=1)
-            else:
-                z = tl.dot(d, f, input_precision=QUAD)
-            loss = tl.sum(z * z, axis=1)
-        else:
-            loss = tl.sum(d * d, axis=1)
+        s, r = _candidate(v_ptr, cc, sg)
+        loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
         better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
         best = tl.where(better, loss, best)
         best_idx = tl.where(better, cc, best_idx)
+        if PRUNE:
+            err = tl.where(a >= 6.0 * s[:, None], a - q, 0.0)
+            if HESSIAN:
+                bound = tl.max(err * err * mu, axis=1)
+            else:
+                bound = tl.sum(err * err, axis=1)
+            active = active & ~(bound > best * 1.0001)
         c = c - 1
         active = active & (c >= 0)
         n_active = tl.sum(active.to(tl.int32))
-    amax = tl.load(amax_ptr + t_base + best_idx)
+
+    # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
+    # or the first all-zero candidate has been tried.
+    if HESSIAN and PRUNE:
+        zero_at = tl.minimum(_first_at_or_below(m, v_ptr, sg, 0.25, NC), NC - 1)
+        c = top + 1
+        active = c <= zero_at
+        n_active = tl.sum(active.to(tl.int32))
+        while n_active > 0:
+            cc = tl.minimum(c, NC - 1)
+            s, r = _candidate(v_ptr, cc, sg)
+            loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
+            better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
+            best = tl.where(better, loss, best)
+            best_idx = tl.where(better, cc, best_idx)
+            zeroed = tl.where(q == 0.0, a, 0.0)
+            bound = tl.max(zeroed * zeroed * mu, axis=1)
+            c = c + 1
+            active = active & ~(bound > best * 1.0001) & (c <= zero_at)
+            n_active = tl.sum(active.to(tl.int32))
+
+    # The chosen amax, fp32(g * v / 448) rounded once from float64 as in numerics.scale_candidates.
+    v_best = tl.load(v_ptr + best_idx).to(tl.float64)
+    amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)  # float64 '/' is IEEE division
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
 
 
-def candidate_tables(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-tensor candidate tables for global amax g (fp32 [E]): s_c, r_c = fp32(1/s_c) (0 where s_c == 0),
-    and the candidate amax g * v_c / 448; each fp32 [E, 126] on g's device."""
-    s = fp8_e4m3_values(g.device)[None, :] * global_scale(g)[:, None]
-    r = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    return s.contiguous(), r.contiguous(), scale_candidates(g).reshape(-1, N_CAND).contiguous()
+@triton.jit
+def _factor_kernel(h_ptr, f_ptr, mu_ptr):
+    """One 16x16 block per program: float64 Cholesky H = L L^T (symmetrised; a pivot below 1e-7 of its
+    diagonal, as for singular or zero H, gives a zero column), and mu_i = 1 / (H^-1)_ii (0 if singular)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, 16)
+    h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
+    a = (h + tl.trans(h)) * 0.5
+    diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
+    lower = tl.zeros([16, 16], tl.float64)
+    singular = tl.zeros([1], tl.int32)
+    for k in tl.static_range(16):
+        col = tl.sum(tl.where(i[None, :] == k, a, 0.0), axis=1)
+        piv = tl.sum(tl.where(i == k, col, 0.0))
+        d0 = tl.sum(tl.where(i == k, diag0, 0.0))
+        ok = piv > 1e-7 * d0
+        singular = singular | (~ok).to(tl.int32)
+        inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, piv, 1.0)), 0.0)
+        lcol = tl.where(i >= k, col * inv, 0.0)
+        lower = tl.where(i[None, :] == k, lcol[:, None], lower)
+        a = a - lcol[:, None] * lcol[None, :]
+    # X = L^-1 by forward substitution, row by row; (H^-1)_ii = sum_k X_ki^2.
+    x = tl.zeros([16, 16], tl.float64)
+    for k in tl.static_range(16):
+        lrow = tl.sum(tl.where(i[:, None] == k, lower, 0.0), axis=0)
+        lkk = tl.sum(tl.where(i == k, lrow, 0.0))
+        acc = tl.sum(lrow[:, None] * x, axis=0)
+        row = (tl.where(i == k, 1.0, 0.0) - acc) / tl.where(lkk > 0, lkk, 1.0)
+        x = tl.where(i[:, None] == k, row[None, :], x)
+    hinv = tl.sum(x * x, axis=0)
+    mu = tl.where(tl.sum(singular) > 0, 0.0, (1.0 - 1e-6) / hinv)
+    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
+    tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
 
 
 def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factor each 16x16 block: returns (F, mu), fp32 [..., 16, 16] and [..., 16].
+    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu fp32 [..., 16]).
 
-    F satisfies H = F F^T, so dw^T H dw = ||F^T dw||^2: the float64 Cholesky factor where H is positive
-    definite, else V diag(sqrt(max(l, 0))) from the float64 eigendecomposition (singular or zero H).
-    mu_i = min over dw with dw_i = 1 of dw^T H dw = 1 / (H^-1)_ii (0 where H is singular): a lower bound
-    on the loss from one element's error, used to end a block's sweep early. Shrunk by 1e-6 for safety.
+    F is lower triangular with H = F F^T, so dw^T H dw = ||F^T dw||^2; mu_i = min{dw^T H dw : dw_i = 1}
+    (a lower bound used to end sweeps early; 0 for singular blocks). One Triton program per block.
     """
-    h64 = h.double()
-    chol, info = torch.linalg.cholesky_ex(h64)
-    eye = torch.eye(16, dtype=torch.float64, device=h.device).expand_as(h64)
-    inv_chol = torch.linalg.solve_triangular(chol, eye, upper=False)
-    mu = 1.0 / inv_chol.pow(2).sum(-2)
-    bad = info != 0
-    good = bad.logical_not() & torch.isfinite(mu).all(-1) & torch.isfinite(chol).all(-1).all(-1)
-    f, mu = chol.clone(), mu.clone()
-    if not bool(good.all()):
-        lam, vec = torch.linalg.eigh(h64[~good])
-        f[~good] = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
-        mu[~good] = 0.0
-    return f.float().contiguous(), (mu * (1 - 1e-6)).float().contiguous()
+    hc = h.float().contiguous()
+    n = hc.numel() // 256
+    f = torch.empty_like(hc)
+    mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
+    _factor_kernel[(n,)](hc, f, mu)
+    return f, mu
 
 
 @functools.cache
-def _nohalf_above(device: str) -> torch.Tensor:
-    """int32 [126]: the largest c' >= c whose FP8 value has no half among the candidates (-1 if none)."""
+def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 values fp32 [126], int32 [126]: the largest c' >= c whose value has no half among the
+    candidates, -1 if none), cached per device."""
     v = fp8_e4m3_values().tolist()
     vals = set(v)
     out, last = [0] * N_CAND, -1
     for c in range(N_CAND - 1, -1, -1):
-        if v[c] / 2 not in vals and last < c:
-            last = max(last, c)
+        if last < 0 and v[c] / 2 not in vals:
+            last = c
         out[c] = last
-    return torch.tensor(out, dtype=torch.int32, device=device)
+    return (
+        torch.tensor(v, dtype=torch.float32, device=device),
+        torch.tensor(out, dtype=torch.int32, device=device),
+    )
 
 
 def exact_range_ok(g: torch.Tensor) -> bool:
@@ -224,9 +285,9 @@ def search_triton(
     method: str,
     g: torch.Tensor,
     hessian: torch.Tensor | None = None,
-    block_rows: int = 128,
+    block_rows: int = 64,
     num_warps: int = 4,
-    quad: str = "fma",
+    quad: str = "tf32x3",
     prune: bool = True,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -243,25 +304,24 @@ def search_triton(
     w3 = w if stack else w.unsqueeze(0)
     n_e, cout, cin = w3.shape
     nb = cin // BLOCK
-    g1 = g.reshape(-1).expand(n_e).contiguous()
-    s_tab, r_tab, amax_tab = candidate_tables(g1)
+    g1 = g.float().reshape(-1).expand(n_e).contiguous()
+    v_tab, nohalf = _tables(str(w.device))
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
     hess = method == "local_hessian"
     if hess:
         f, mu = factor if factor is not None else hessian_factor(hessian)
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
-        f = mu = s_tab  # unused placeholder pointers
+        f = mu = v_tab  # unused placeholder pointers
         stride_fe = 0
     grid = (triton.cdiv(cout, block_rows), nb, n_e)
     _sweep_kernel[grid](
         w3,
+        g1,
+        v_tab,
         f,
         mu,
-        s_tab,
-        r_tab,
-        amax_tab,
-        _nohalf_above(str(w.device)),
+        nohalf,
         out,
         cout,
         nb,
@@ -269,7 +329,6 @@ def search_triton(
         w3.stride(1),
         w3.stride(2),
         stride_fe,
-        N_CAND,
         cout * nb,
         HESSIAN=hess,
         PRUNE=prune,
