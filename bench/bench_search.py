@@ -119,7 +119,6 @@ def run_variants(w, h, g):
 
     out.append(("phase: check_weight", 0, 0, bench(lambda: check_weight(w, "w", allow_stack=True))))
     out.append(("phase: check_hessian", 0, 0, bench(lambda: check_hessian(h, w))))
-    out.append(("phase: exact_range_ok", 0, 0, bench(lambda: kernels.exact_range_ok(g))))
     out.append(("phase: hessian_factor", 0, 0, bench(lambda: kernels.hessian_factor(h))))
     return out
 

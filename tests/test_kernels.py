@@ -149,6 +149,12 @@ def test_triton_available_reflects_import(monkeypatch):
         (lambda: fp4cal.search_scales(torch.randn(4, 32), "local_hessian", torch.eye(16)[None], backend="triton"),
          "hessian must have shape"),
         (lambda: fp4cal.search_scales(torch.ones(4, 16, dtype=torch.int32), "mse", backend="triton"), "dtype"),
+        (lambda: fp4cal.search_scales(torch.randn(4, 16), "local_hessian", torch.full((1, 16, 16), float("inf")),
+                                      backend="triton"), "hessian has 256 non-finite"),
+        (lambda: fp4cal.search_scales(torch.randn(4, 16), "mse", global_amax=-1.0, backend="triton"),
+         "global_amax must be >= 0"),
+        (lambda: fp4cal.search_scales(torch.randn(4, 16), "mse", global_amax=float("nan"), backend="triton"),
+         "global_amax has 1 non-finite"),
     ],
 )
 def test_kernel_path_validation(bad, match):
@@ -165,7 +171,8 @@ def test_hessian_factor(hkind, device_for_kernels):
     h64, f64 = h.double().cpu(), f.double().cpu()
     scale = torch.diagonal(h64, dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
     assert torch.allclose((f64 @ f64.transpose(-1, -2)) / scale, h64 / scale, atol=1e-5, rtol=0)
-    assert torch.equal(f64, torch.tril(f64))
+    tri = (mu > 0).all(-1).cpu()  # Cholesky blocks are lower triangular (eigh fallback blocks need not be)
+    assert torch.equal(f64[tri], torch.tril(f64[tri]))
     # mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii for a definite H; 0 (a valid bound) for a singular one
     m = mu.double().cpu()
     if hkind == "zero":

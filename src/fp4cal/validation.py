@@ -13,8 +13,12 @@ BLOCK = 16
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_weight(w: torch.Tensor, name: str = "w", allow_stack: bool = False) -> None:
-    """A weight [cout, cin] (or [E, cout, cin] when ``allow_stack``) of a float dtype, finite, cin % 16 == 0."""
+def check_weight(w: torch.Tensor, name: str = "w", allow_stack: bool = False, values: bool = True) -> None:
+    """A weight [cout, cin] (or [E, cout, cin] when ``allow_stack``) of a float dtype, finite, cin % 16 == 0.
+
+    values=False skips the finiteness scan (a host sync); the caller then owes that check (the kernel path
+    does it on the device and raises the same message through check_finite).
+    """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
@@ -30,7 +34,8 @@ def check_weight(w: torch.Tensor, name: str = "w", allow_stack: bool = False) ->
             f"{name} has cin = {w.shape[-1]} (shape {tuple(w.shape)}), which is not divisible by the "
             f"NVFP4 block size {BLOCK}"
         )
-    check_finite(w, name)
+    if values:
+        check_finite(w, name)
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
@@ -44,7 +49,9 @@ def check_same_device(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; expected the same device")
 
 
-def check_global_amax(g: torch.Tensor | float | None, w: torch.Tensor, name: str = "global_amax") -> torch.Tensor:
+def check_global_amax(
+    g: torch.Tensor | float | None, w: torch.Tensor, name: str = "global_amax", values: bool = True
+) -> torch.Tensor:
     """Return the per-tensor amax as an fp32 tensor on w's device ([] or [E] for expert stacks)."""
     lead = w.shape[:-2]
     if g is None:
@@ -60,10 +67,16 @@ def check_global_amax(g: torch.Tensor | float | None, w: torch.Tensor, name: str
         raise ValueError(f"{name} must be a scalar or of shape {tuple(lead)}, got shape {tuple(g.shape)}")
     if g.numel() == 1 and len(lead):
         g = g.reshape(()).expand(lead)
+    if values:
+        check_global_amax_values(g, name)
+    return g.float()
+
+
+def check_global_amax_values(g: torch.Tensor, name: str = "global_amax") -> None:
+    """Finite and >= 0 (the value half of check_global_amax)."""
     check_finite(g, name)
     if bool((g < 0).any()):
         raise ValueError(f"{name} must be >= 0, got {g.min().item()}")
-    return g.float()
 
 
 def check_block_amax(a: torch.Tensor, w: torch.Tensor, name: str = "block_amax") -> torch.Tensor:
@@ -81,7 +94,7 @@ def check_block_amax(a: torch.Tensor, w: torch.Tensor, name: str = "block_amax")
     return a.float()
 
 
-def check_hessian(h: torch.Tensor, w: torch.Tensor, name: str = "hessian") -> torch.Tensor:
+def check_hessian(h: torch.Tensor, w: torch.Tensor, name: str = "hessian", values: bool = True) -> torch.Tensor:
     """Per-block Hessians: [cin/16, 16, 16] for w [cout, cin], [E, cin/16, 16, 16] for w [E, cout, cin]."""
     if h is None:
         raise ValueError(f"{name} is required for method 'local_hessian'; expected a [cin/16, 16, 16] tensor")
@@ -101,5 +114,6 @@ def check_hessian(h: torch.Tensor, w: torch.Tensor, name: str = "hessian") -> to
                 f"(cin = {w.shape[-1]} gives {nb} blocks of 16), got {tuple(h.shape)}"
             )
     check_same_device(w, h, "w", name)
-    check_finite(h, name)
+    if values:
+        check_finite(h, name)
     return h

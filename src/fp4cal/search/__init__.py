@@ -58,15 +58,20 @@ def search_scales(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend must be None, 'triton' or 'reference', got {backend!r}")
-    check_weight(w, "w", allow_stack=True)
-    g = check_global_amax(global_amax, w)
-    h = check_hessian(hessian, w) if method == "local_hessian" else None
     if backend is None:
-        backend = choose_backend(w, method)
-    if backend == "reference" or method == "max":
-        return search_reference(w, method, g, h)
-    if not triton_available():
+        backend = choose_backend(w, method) if isinstance(w, torch.Tensor) else "reference"
+    if method == "max":
+        backend = "reference"
+    if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' was asked for but the triton package is not importable")
+    # The kernel path scans values (finite, g >= 0) on the device inside its own launches and raises the same
+    # messages, so that a call costs one host synchronisation instead of one per check.
+    scan = backend == "reference"
+    check_weight(w, "w", allow_stack=True, values=scan)
+    g = check_global_amax(global_amax, w, values=scan)
+    h = check_hessian(hessian, w, values=scan) if method == "local_hessian" else None
+    if backend == "reference":
+        return search_reference(w, method, g, h)
     from fp4cal.search.kernels import search_triton
 
-    return search_triton(w, method, g, h)
+    return search_triton(w, method, g, h, checked=False)

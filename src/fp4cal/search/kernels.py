@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fp4cal.numerics import fp8_e4m3_values, global_scale
-from fp4cal.validation import BLOCK
+from fp4cal.numerics import fp8_e4m3_values
+from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
 N_CAND = 126
 # s_g range where the division-free rounding is provably exact (no subnormal intermediates).
@@ -118,6 +118,7 @@ def _sweep_kernel(
     mu_ptr,
     nohalf_ptr,
     out_ptr,
+    flag_ptr,
     cout,
     nb,
     stride_we,
@@ -128,6 +129,7 @@ def _sweep_kernel(
     HESSIAN: tl.constexpr,
     PRUNE: tl.constexpr,
     QUAD: tl.constexpr,
+    CHECK: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
 ):
@@ -144,6 +146,14 @@ def _sweep_kernel(
     m = tl.max(a, axis=1)
     g = tl.load(g_ptr + e)
     sg = tl.div_rn(g, 2688.0)
+    # Value checks on the device (flags read once by the host): 0 non-finite w, 1 bad g, 2 g outside the
+    # range where the division-free rounding is exact (the host then uses the reference).
+    if CHECK:
+        n_bad = tl.sum(((w != w) | (tl.abs(w) == float("inf"))).to(tl.int32))
+        tl.atomic_max(flag_ptr, 1, mask=n_bad > 0)
+        tl.atomic_max(flag_ptr + 1, 1, mask=(g != g) | (g < 0) | (g == float("inf")))
+    tl.atomic_max(flag_ptr + 2, 1, mask=(sg != 0) & ((sg < 8.673617379884035e-19) | (sg > 1.152921504606847e18)))
+    # (those two literals are _SG_MIN = 2^-60 and _SG_MAX = 2^60)
     if HESSIAN:
         f = tl.load(f_ptr + e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :])
         mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
@@ -208,9 +218,10 @@ def _sweep_kernel(
 
 
 @triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr):
-    """One 16x16 block per program: float64 Cholesky H = L L^T (symmetrised; a pivot below 1e-7 of its
-    diagonal, as for singular or zero H, gives a zero column), and mu_i = 1 / (H^-1)_ii (0 if singular)."""
+def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr):
+    """One 16x16 block per program: float64 Cholesky H = L L^T of the symmetrised block and
+    mu_i = 1 / (H^-1)_ii. status: 0 done; 1 a pivot at or below 1e-12 of its diagonal (singular, zero or
+    not positive definite: the host redoes the block by eigendecomposition); 2 non-finite input."""
     pid = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, 16)
     h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
@@ -222,7 +233,7 @@ def _factor_kernel(h_ptr, f_ptr, mu_ptr):
         col = tl.sum(tl.where(i[None, :] == k, a, 0.0), axis=1)
         piv = tl.sum(tl.where(i == k, col, 0.0))
         d0 = tl.sum(tl.where(i == k, diag0, 0.0))
-        ok = piv > 1e-7 * d0
+        ok = piv > 1e-12 * d0
         singular = singular | (~ok).to(tl.int32)
         inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, piv, 1.0)), 0.0)
         lcol = tl.where(i >= k, col * inv, 0.0)
@@ -240,19 +251,43 @@ def _factor_kernel(h_ptr, f_ptr, mu_ptr):
     mu = tl.where(tl.sum(singular) > 0, 0.0, (1.0 - 1e-6) / hinv)
     tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
+    n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
+    tl.store(status_ptr + pid, tl.where(n_bad > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0)))
+
+
+def _factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, mu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation."""
+    hc = h.float().contiguous()
+    n = hc.numel() // 256
+    f = torch.empty_like(hc)
+    mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
+    status = torch.empty(n, dtype=torch.int32, device=h.device)
+    _factor_kernel[(n,)](hc, f, mu, status)
+    return f, mu, status
+
+
+def _refactor_by_eigh(h: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, status: torch.Tensor) -> None:
+    """Blocks with status 1: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = 0."""
+    sel = (status == 1).reshape(h.shape[:-2])
+    hs = h.double()[sel]
+    lam, vec = torch.linalg.eigh((hs + hs.transpose(-1, -2)) / 2)
+    f[sel] = (vec * lam.clamp_min(0).sqrt().unsqueeze(-2)).float()  # not triangular: only F F^T matters
+    mu[sel] = 0.0
 
 
 def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu fp32 [..., 16]).
 
-    F is lower triangular with H = F F^T, so dw^T H dw = ||F^T dw||^2; mu_i = min{dw^T H dw : dw_i = 1}
-    (a lower bound used to end sweeps early; 0 for singular blocks). One Triton program per block.
+    F F^T = H, so dw^T H dw = ||F^T dw||^2 (float64 Cholesky in a Triton kernel, float64 eigendecomposition
+    for blocks that are singular or not positive definite); mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii,
+    a lower bound used to end sweeps early (0 for singular blocks). Raises on non-finite h.
     """
-    hc = h.float().contiguous()
-    n = hc.numel() // 256
-    f = torch.empty_like(hc)
-    mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
-    _factor_kernel[(n,)](hc, f, mu)
+    f, mu, status = _factor(h)
+    worst = int(status.max())
+    if worst == 2:
+        check_finite(h, "hessian")
+    if worst == 1:
+        _refactor_by_eigh(h, f, mu, status)
     return f, mu
 
 
@@ -273,33 +308,27 @@ def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def exact_range_ok(g: torch.Tensor) -> bool:
-    """True when every s_g = g / 2688 is 0 or inside the range where the kernel's rounding is exact."""
-    sg = global_scale(g)
-    ok = (sg == 0) | ((sg >= _SG_MIN) & (sg <= _SG_MAX))
-    return bool(ok.all())
-
-
 def search_triton(
     w: torch.Tensor,
     method: str,
     g: torch.Tensor,
     hessian: torch.Tensor | None = None,
-    block_rows: int = 64,
+    block_rows: int | None = None,
     num_warps: int = 4,
     quad: str = "tf32x3",
     prune: bool = True,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    checked: bool = True,
 ) -> torch.Tensor:
-    """Kernel path of search_scales for validated inputs (see search_scales for shapes).
+    """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
 
+    checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0)
+        run on the device and raise the messages of fp4cal.validation.
     factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
-    Falls back to the reference for global amax outside the exact range (see the module docstring).
+    Global amax outside the exact range (module docstring) goes to the reference.
     """
     from fp4cal.search.reference import search_reference
 
-    if not exact_range_ok(g):
-        return search_reference(w, method, g, hessian)
     stack = w.dim() == 3
     w3 = w if stack else w.unsqueeze(0)
     n_e, cout, cin = w3.shape
@@ -307,35 +336,43 @@ def search_triton(
     g1 = g.float().reshape(-1).expand(n_e).contiguous()
     v_tab, nohalf = _tables(str(w.device))
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
+    flags = torch.zeros(4, dtype=torch.int32, device=w.device)
     hess = method == "local_hessian"
+    status = None
     if hess:
-        f, mu = factor if factor is not None else hessian_factor(hessian)
+        if factor is None:
+            f, mu, status = _factor(hessian)
+        else:
+            f, mu = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
         f = mu = v_tab  # unused placeholder pointers
         stride_fe = 0
-    grid = (triton.cdiv(cout, block_rows), nb, n_e)
-    _sweep_kernel[grid](
-        w3,
-        g1,
-        v_tab,
-        f,
-        mu,
-        nohalf,
-        out,
-        cout,
-        nb,
-        w3.stride(0),
-        w3.stride(1),
-        w3.stride(2),
-        stride_fe,
-        cout * nb,
-        HESSIAN=hess,
-        PRUNE=prune,
-        QUAD=quad,
-        BR=block_rows,
-        NC=N_CAND,
-        num_warps=num_warps,
-        enable_fp_fusion=False,
-    )
+    if block_rows is None:
+        block_rows = 64 if hess else 128  # measured on H100 (BENCHMARKS.md)
+
+    def launch():
+        grid = (triton.cdiv(cout, block_rows), nb, n_e)
+        _sweep_kernel[grid](
+            w3, g1, v_tab, f, mu, nohalf, out, flags, cout, nb,
+            w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
+            HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, BR=block_rows, NC=N_CAND,
+            num_warps=num_warps, enable_fp_fusion=False,
+        )  # fmt: skip
+
+    launch()
+    if status is not None:
+        flags[3:4] = status.amax()
+    bad_w, bad_g, out_of_range, fstatus = flags.tolist()  # the one synchronisation
+    if bad_w:
+        check_finite(w, "w")
+    if fstatus == 2:
+        check_finite(hessian, "hessian")
+    if bad_g:
+        check_global_amax_values(g)
+    if out_of_range:
+        return search_reference(w, method, g, hessian)
+    if fstatus == 1:  # rare: a singular block; refactor those blocks and sweep again
+        _refactor_by_eigh(hessian, f, mu, status)
+        launch()
     return out if stack else out[0]
