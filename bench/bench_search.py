@@ -109,13 +109,27 @@ def run_variants(w, h, g):
     fac = kernels.hessian_factor(h)
     for prune in (True, False):
         for quad in ("tf32x3", "ieee"):
-            for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
+            for br, nw in ((32, 4), (64, 4), (128, 8)):
                 t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, br, nw, quad, prune, fac))  # noqa: B023
                 out.append((f"hess {quad} prune={int(prune)}", br, nw, t))
         for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
             t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw, "tf32x3", prune))  # noqa: B023
             out.append((f"mse prune={int(prune)}", br, nw, t))
+    for unroll in (1, 2, 4):
+        t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, unroll=unroll))  # noqa: B023
+        out.append((f"hess unroll={unroll}", 64, 4, t))
+        t = bench(lambda: kernels.search_triton(w, "mse", g, None, 128, 4, unroll=unroll))  # noqa: B023
+        out.append((f"mse unroll={unroll}", 128, 4, t))
     from fp4cal.validation import check_hessian, check_weight
+
+    for method, br in (("mse", 128), ("local_hessian", 64), ("local_hessian", 32)):
+        progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
+        st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
+        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st)
+        st = st.double()
+        print(f"window stats {method} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
+              f"{st[:, 0].max():.0f}, phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
+              f"per-block candidates {st[:, 2].sum() / (w.numel() / 16):.1f} of 126")
 
     out.append(("phase: check_weight", 0, 0, bench(lambda: check_weight(w, "w", allow_stack=True))))
     out.append(("phase: check_hessian", 0, 0, bench(lambda: check_hessian(h, w))))

@@ -110,6 +110,43 @@ def _block_loss(a, neg, s, r, f, HESSIAN: tl.constexpr, QUAD: tl.constexpr):
 
 
 @triton.jit
+def _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
+               HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr):
+    """Try candidate c (per block) and move down one; a block whose clipping bound exceeds its best stops."""
+    cc = tl.maximum(c, 0)
+    s, r = _candidate(v_ptr, cc, sg)
+    loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
+    better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
+    best = tl.where(better, loss, best)
+    best_idx = tl.where(better, cc, best_idx)
+    if PRUNE:
+        err = tl.where(a >= 6.0 * s[:, None], a - q, 0.0)
+        if HESSIAN:
+            bound = tl.max(err * err * mu, axis=1)
+        else:
+            bound = tl.sum(err * err, axis=1)
+        active = active & ~(bound > best * 1.0001)
+    c = c - 1
+    return best, best_idx, active & (c >= 0), c
+
+
+@triton.jit
+def _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr):
+    """Try candidate c (per block) and move up one; a block whose zeroed-weight bound exceeds its best, or
+    that has tried its first all-zero candidate, stops."""
+    cc = tl.minimum(c, NC - 1)
+    s, r = _candidate(v_ptr, cc, sg)
+    loss, q = _block_loss(a, neg, s, r, f, True, QUAD)
+    better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
+    best = tl.where(better, loss, best)
+    best_idx = tl.where(better, cc, best_idx)
+    zeroed = tl.where(q == 0.0, a, 0.0)
+    bound = tl.max(zeroed * zeroed * mu, axis=1)
+    c = c + 1
+    return best, best_idx, active & ~(bound > best * 1.0001) & (c <= zero_at), c
+
+
+@triton.jit
 def _sweep_kernel(
     w_ptr,
     g_ptr,
@@ -119,6 +156,7 @@ def _sweep_kernel(
     nohalf_ptr,
     out_ptr,
     flag_ptr,
+    stats_ptr,
     cout,
     nb,
     stride_we,
@@ -130,6 +168,8 @@ def _sweep_kernel(
     PRUNE: tl.constexpr,
     QUAD: tl.constexpr,
     CHECK: tl.constexpr,
+    STATS: tl.constexpr,
+    UNROLL: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
 ):
@@ -169,26 +209,20 @@ def _sweep_kernel(
     best = tl.full(m.shape, float("inf"), tl.float32)
     best_idx = tl.zeros(m.shape, tl.int32)
 
-    # Phase 1: from the top down, until the clipping bound ends each block.
+    # Phase 1: from the top down, until the clipping bound ends each block. The tile-wide "any block still
+    # active?" test is a block-wide reduction, so it runs once every UNROLL candidates.
     c = top
     active = c >= 0
     n_active = tl.sum(active.to(tl.int32))
+    it1 = 0
+    it2 = 0
+    work = 0
     while n_active > 0:
-        cc = tl.maximum(c, 0)
-        s, r = _candidate(v_ptr, cc, sg)
-        loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
-        better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
-        best = tl.where(better, loss, best)
-        best_idx = tl.where(better, cc, best_idx)
-        if PRUNE:
-            err = tl.where(a >= 6.0 * s[:, None], a - q, 0.0)
-            if HESSIAN:
-                bound = tl.max(err * err * mu, axis=1)
-            else:
-                bound = tl.sum(err * err, axis=1)
-            active = active & ~(bound > best * 1.0001)
-        c = c - 1
-        active = active & (c >= 0)
+        it1 += UNROLL
+        work += n_active * UNROLL
+        for _ in tl.static_range(UNROLL):
+            best, best_idx, active, c = _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
+                                                   HESSIAN, PRUNE, QUAD)
         n_active = tl.sum(active.to(tl.int32))
 
     # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
@@ -199,22 +233,22 @@ def _sweep_kernel(
         active = c <= zero_at
         n_active = tl.sum(active.to(tl.int32))
         while n_active > 0:
-            cc = tl.minimum(c, NC - 1)
-            s, r = _candidate(v_ptr, cc, sg)
-            loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
-            better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
-            best = tl.where(better, loss, best)
-            best_idx = tl.where(better, cc, best_idx)
-            zeroed = tl.where(q == 0.0, a, 0.0)
-            bound = tl.max(zeroed * zeroed * mu, axis=1)
-            c = c + 1
-            active = active & ~(bound > best * 1.0001) & (c <= zero_at)
+            it2 += UNROLL
+            work += n_active * UNROLL
+            for _ in tl.static_range(UNROLL):
+                best, best_idx, active, c = _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx,
+                                                     zero_at, NC, QUAD)
             n_active = tl.sum(active.to(tl.int32))
 
     # The chosen amax, fp32(g * v / 448) rounded once from float64 as in numerics.scale_candidates.
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
     amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)  # float64 '/' is IEEE division
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
+    if STATS:  # per program: phase-1 and phase-2 iterations, block-candidates actually needed
+        pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
+        tl.store(stats_ptr + pid * 3, it1)
+        tl.store(stats_ptr + pid * 3 + 1, it2)
+        tl.store(stats_ptr + pid * 3 + 2, work)
 
 
 @triton.jit
@@ -319,12 +353,15 @@ def search_triton(
     prune: bool = True,
     factor: tuple[torch.Tensor, torch.Tensor] | None = None,
     checked: bool = True,
+    stats: torch.Tensor | None = None,
+    unroll: int = 2,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
 
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0)
         run on the device and raise the messages of fp4cal.validation.
     factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
+    stats: optional int32 [programs, 3] filled with per-program iteration counts (benchmark diagnostics).
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     from fp4cal.search.reference import search_reference
@@ -354,9 +391,10 @@ def search_triton(
     def launch():
         grid = (triton.cdiv(cout, block_rows), nb, n_e)
         _sweep_kernel[grid](
-            w3, g1, v_tab, f, mu, nohalf, out, flags, cout, nb,
+            w3, g1, v_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-            HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, BR=block_rows, NC=N_CAND,
+            HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
+            BR=block_rows, NC=N_CAND,
             num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
 
