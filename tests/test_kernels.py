@@ -142,24 +142,28 @@ def test_triton_available_reflects_import(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "bad, match",
+    "make, match",
     [
-        (lambda: fp4cal.search_scales(torch.randn(4, 20), "mse", backend="triton"), "divisible by the NVFP4 block"),
-        (lambda: fp4cal.search_scales(torch.full((4, 16), float("nan")), "mse", backend="triton"), "non-finite"),
-        (lambda: fp4cal.search_scales(torch.randn(4, 32), "local_hessian", torch.eye(16)[None], backend="triton"),
+        (lambda d: ((torch.randn(4, 20, device=d), "mse"), {}), "divisible by the NVFP4 block"),
+        (lambda d: ((torch.full((4, 16), float("nan"), device=d), "mse"), {}), "w has 64 non-finite"),
+        (lambda d: ((torch.randn(4, 32, device=d), "local_hessian", torch.eye(16, device=d)[None]), {}),
          "hessian must have shape"),
-        (lambda: fp4cal.search_scales(torch.ones(4, 16, dtype=torch.int32), "mse", backend="triton"), "dtype"),
-        (lambda: fp4cal.search_scales(torch.randn(4, 16), "local_hessian", torch.full((1, 16, 16), float("inf")),
-                                      backend="triton"), "hessian has 256 non-finite"),
-        (lambda: fp4cal.search_scales(torch.randn(4, 16), "mse", global_amax=-1.0, backend="triton"),
+        (lambda d: ((torch.ones(4, 16, dtype=torch.int32, device=d), "mse"), {}), "dtype"),
+        (lambda d: ((torch.randn(4, 16, device=d), "local_hessian", torch.full((1, 16, 16), float("inf"), device=d)),
+                    {}), "hessian has 256 non-finite"),
+        (lambda d: ((torch.randn(4, 16, device=d), "mse"), {"global_amax": torch.tensor(-1.0, device=d)}),
          "global_amax must be >= 0"),
-        (lambda: fp4cal.search_scales(torch.randn(4, 16), "mse", global_amax=float("nan"), backend="triton"),
+        (lambda d: ((torch.randn(4, 16, device=d), "mse"), {"global_amax": torch.tensor(float("nan"), device=d)}),
          "global_amax has 1 non-finite"),
     ],
 )
-def test_kernel_path_validation(bad, match):
+def test_kernel_path_validation(make, match, device_for_kernels):
+    """The kernel path checks values on the device and raises the reference path's messages."""
+    args, kwargs = make(device_for_kernels)
     with pytest.raises((ValueError, TypeError), match=match):
-        bad()
+        fp4cal.search_scales(*args, backend="triton", **kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fp4cal.search_scales(*args, backend="reference", **kwargs)
 
 
 @pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag"])
