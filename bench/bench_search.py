@@ -115,9 +115,6 @@ def run_variants(w, h, g):
         for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
             t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw, "tf32x3", prune))  # noqa: B023
             out.append((f"mse prune={int(prune)}", br, nw, t))
-    for skip in (False, True):
-        t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, skip=skip))  # noqa: B023
-        out.append((f"hess skip={int(skip)}", 64, 4, t))
     for unroll in (1, 2, 4):
         t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, unroll=unroll))  # noqa: B023
         out.append((f"hess unroll={unroll}", 64, 4, t))

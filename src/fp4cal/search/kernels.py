@@ -96,28 +96,14 @@ def _first_at_or_below(m, v_ptr, sg, T: tl.constexpr, NC: tl.constexpr):
 
 
 @triton.jit
-def _block_loss(a, neg, s, r, f, mu, active, best, HESSIAN: tl.constexpr, QUAD: tl.constexpr, SKIP: tl.constexpr):
-    """(loss [BR], q [BR, 16]) of blocks a [BR, 16] (magnitudes) at per-block scales s, r [BR].
-
-    SKIP (local-Hessian): when max_i mu_i dw_i^2, a lower bound of every block's loss, already exceeds the
-    best loss of each active block in the tile, the tensor-core product is skipped and the bound returned
-    (it cannot win).
-    """
+def _block_loss(a, neg, s, r, f, HESSIAN: tl.constexpr, QUAD: tl.constexpr):
+    """(loss [BR], q [BR, 16]) of blocks a [BR, 16] (magnitudes) at per-block scales s, r [BR]."""
     q = _e2m1_times_scale(a, s[:, None], r[:, None])
     d = a - q
     if HESSIAN:
         d = tl.where(neg, -d, d)
-        if SKIP:
-            lb = tl.max(d * d * mu, axis=1)
-            need = active & (lb <= best)
-            if tl.max(need.to(tl.int32)) > 0:
-                z = tl.dot(d, f, input_precision=QUAD)
-                loss = tl.sum(z * z, axis=1)
-            else:
-                loss = lb
-        else:
-            z = tl.dot(d, f, input_precision=QUAD)
-            loss = tl.sum(z * z, axis=1)
+        z = tl.dot(d, f, input_precision=QUAD)
+        loss = tl.sum(z * z, axis=1)
     else:
         loss = tl.sum(d * d, axis=1)
     return loss, q
@@ -125,11 +111,11 @@ def _block_loss(a, neg, s, r, f, mu, active, best, HESSIAN: tl.constexpr, QUAD: 
 
 @triton.jit
 def _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
-               HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr, SKIP: tl.constexpr):
+               HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr):
     """Try candidate c (per block) and move down one; a block whose clipping bound exceeds its best stops."""
     cc = tl.maximum(c, 0)
     s, r = _candidate(v_ptr, cc, sg)
-    loss, q = _block_loss(a, neg, s, r, f, mu, active, best, HESSIAN, QUAD, SKIP)
+    loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
     better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
@@ -145,13 +131,12 @@ def _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
 
 
 @triton.jit
-def _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx, zero_at,
-             NC: tl.constexpr, QUAD: tl.constexpr, SKIP: tl.constexpr):
+def _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr):
     """Try candidate c (per block) and move up one; a block whose zeroed-weight bound exceeds its best, or
     that has tried its first all-zero candidate, stops."""
     cc = tl.minimum(c, NC - 1)
     s, r = _candidate(v_ptr, cc, sg)
-    loss, q = _block_loss(a, neg, s, r, f, mu, active, best, True, QUAD, SKIP)
+    loss, q = _block_loss(a, neg, s, r, f, True, QUAD)
     better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
@@ -185,7 +170,6 @@ def _sweep_kernel(
     CHECK: tl.constexpr,
     STATS: tl.constexpr,
     UNROLL: tl.constexpr,
-    SKIP: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
 ):
@@ -238,7 +222,7 @@ def _sweep_kernel(
         work += n_active * UNROLL
         for _ in tl.static_range(UNROLL):
             best, best_idx, active, c = _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
-                                                   HESSIAN, PRUNE, QUAD, SKIP)
+                                                   HESSIAN, PRUNE, QUAD)
         n_active = tl.sum(active.to(tl.int32))
 
     # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
@@ -253,7 +237,7 @@ def _sweep_kernel(
             work += n_active * UNROLL
             for _ in tl.static_range(UNROLL):
                 best, best_idx, active, c = _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx,
-                                                     zero_at, NC, QUAD, SKIP)
+                                                     zero_at, NC, QUAD)
             n_active = tl.sum(active.to(tl.int32))
 
     # The chosen amax, fp32(g * v / 448) rounded once from float64 as in numerics.scale_candidates.
@@ -371,7 +355,6 @@ def search_triton(
     checked: bool = True,
     stats: torch.Tensor | None = None,
     unroll: int = 2,
-    skip: bool = True,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
 
@@ -411,7 +394,7 @@ def search_triton(
             w3, g1, v_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
-            SKIP=skip and hess and prune, BR=block_rows, NC=N_CAND,
+            BR=block_rows, NC=N_CAND,
             num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
 
