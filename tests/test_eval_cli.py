@@ -180,7 +180,7 @@ def check_report(out_dir, ref, causal: bool, stdout: str):
             assert f"{metric[m]['mean_cosine']:.6f}" in md
 
 
-def test_eval_causal_lm_report_matches_independent_recompute(llama_dir, tmp_path, capsys, nv):
+def test_eval_causal_lm_report_matches_independent_recompute(llama_dir, tmp_path, capsys, nv, torch_single_thread):
     out = tmp_path / "report"
     assert main(["eval", str(llama_dir), *ARGS, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
@@ -188,7 +188,7 @@ def test_eval_causal_lm_report_matches_independent_recompute(llama_dir, tmp_path
     check_report(out, recompute(llama_dir, nv, causal=True), True, stdout)
 
 
-def test_eval_encoder_report_matches_independent_recompute(bert_dir, tmp_path, capsys, nv):
+def test_eval_encoder_report_matches_independent_recompute(bert_dir, tmp_path, capsys, nv, torch_single_thread):
     out = tmp_path / "report"
     assert main(["eval", str(bert_dir), *ARGS, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
