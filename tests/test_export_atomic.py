@@ -140,3 +140,21 @@ def test_parse_size():
     for bad in ("0GB", "5XB", -1, True):
         with pytest.raises((ValueError, TypeError)):
             parse_size(bad)
+
+
+def test_transposed_expert_stacks_are_refused(tmp_path):
+    """gpt-oss-style [E, cin, cout] stacks calibrate, but export must refuse them clearly, writing nothing."""
+    import pytest
+    import torch
+
+    import fp4cal
+    from fp4cal.calib.result import CalibrationResult, WeightResult
+
+    z = torch.zeros(1)
+    res = CalibrationResult("mse")
+    res.weights["experts.gate_up_proj"] = WeightResult(
+        "experts.gate_up_proj", "experts", "experts", (2, 32, 16), "mse", z, z, z, transposed=True
+    )
+    with pytest.raises(NotImplementedError, match=r"\[E, cin, cout\]"):
+        fp4cal.export(res, torch.nn.Linear(16, 16), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
