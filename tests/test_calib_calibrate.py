@@ -11,17 +11,11 @@ from fp4cal import dequantize, quantize, search_scales  # noqa: E402
 from fp4cal.calib.calibrate import CalibrationWarning, calibrate, fake_quantize_model, solve  # noqa: E402
 from fp4cal.calib.capture import capture_statistics  # noqa: E402
 from fp4cal.calib.targets import find_targets  # noqa: E402
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402
 
 
 def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
+    return _tiny_llama(seed)
 def batches(n=2, b=2, t=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 96, (b, t), generator=g) for _ in range(n)]

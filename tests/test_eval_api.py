@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fp4cal.eval import evaluate, hessian_weighted_error  # noqa: E402
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402
 
 
 def tiny_qwen3_moe():
@@ -21,12 +22,7 @@ def tiny_qwen3_moe():
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
+    return _tiny_llama(0, layers=1)
 def token_batches(n, seed, b=2, t=16):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": (ids := torch.randint(0, 96, (b, t), generator=g)), "attention_mask": torch.ones_like(ids)}

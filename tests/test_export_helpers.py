@@ -14,6 +14,7 @@ import torch
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.numerics import fake_quantize, quantize
 from fp4cal.search import search_scales
+from tiny_models import tiny_llama as _tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,18 +25,9 @@ FUSED = (
 
 
 def tiny_llama(dtype=torch.bfloat16, seed=0, tie=False):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=tie,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = _tiny_llama(seed, layers=1, intermediate=96, dtype=dtype, tie=tie)
     _randomize(model)
     return model.eval()
-
-
 def tiny_qwen3_moe(dtype=torch.bfloat16, seed=0):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
