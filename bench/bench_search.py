@@ -115,6 +115,11 @@ def run_variants(w, h, g):
         for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
             t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw, "tf32x3", prune))  # noqa: B023
             out.append((f"mse prune={int(prune)}", br, nw, t))
+    for nw in (2, 8):
+        t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, nw, factor=fac))  # noqa: B023
+        out.append(("hess warps", 64, nw, t))
+        t = bench(lambda: kernels.search_triton(w, "mse", g, None, 128, nw))  # noqa: B023
+        out.append(("mse warps", 128, nw, t))
     for unroll in (1, 2, 4):
         t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, unroll=unroll))  # noqa: B023
         out.append((f"hess unroll={unroll}", 64, 4, t))

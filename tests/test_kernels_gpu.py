@@ -65,3 +65,28 @@ def test_moe_stack_beyond_int32_offsets():
         rep = compare_picks(w[e, rows], g[e], out[e, rows], ref, h)
         print(f"PARITY moe expert {e}: {rep.differing} differing of {rep.blocks}, {rep.ties} ties")
         assert rep.bad == 0
+
+
+@pytest.mark.parametrize("method", ["mse", "local_hessian"])
+def test_picks_against_modelopt(method):
+    """Where ModelOpt 0.47 is importable: every block where its pick differs from fp4cal's is a float64 tie
+    or one where fp4cal's pick has the lower float64 loss (fp4cal matches the float64 reference)."""
+    mo = pytest.importorskip("modelopt.torch.kernels.quantization.gemm.nvfp4_fp8_sweep")
+    cout, cin = 1024, 4096
+    w, g = make_weight("outliers", cout, cin, torch.bfloat16, "cuda", seed=21)
+    g = check_global_amax(g, w)
+    h = make_hessian("psd", cin, "cuda", seed=22) if method == "local_hessian" else None
+    ours = search_triton(w, method, g, h)
+    xb = w.reshape(-1, 16)
+    if method == "mse":
+        theirs = mo.nvfp4_fp8_scale_sweep(xb, g, block_size=16)
+    else:
+        theirs = mo.nvfp4_fp8_scale_sweep_hessian(xb, g, h, block_size=16)
+    theirs = theirs.float().reshape(cout, cin // 16)
+    rep = compare_picks(w, g, ours, theirs, h)
+    from fp4cal.search.parity import pick_losses
+
+    lo, lt = pick_losses(w, g, ours, h), pick_losses(w, g, theirs, h)
+    worse = int((lo > lt * (1 + 1e-6)).sum())
+    print(f"PARITY vs ModelOpt {method}: {rep.differing} differ, {rep.ties} ties, fp4cal worse on {worse}")
+    assert worse == 0
