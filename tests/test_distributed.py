@@ -8,6 +8,7 @@ the same data, also on one thread (CPU matmuls are then the same calls on the sa
 from __future__ import annotations
 
 import datetime
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -72,11 +73,11 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         for name, (build, method, n) in SCENARIOS.items():
             model = build()
             forwards = []
-            model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+            model.register_forward_pre_hook(lambda m, a, log=forwards: log.append(1))
             searched: list[str] = []
 
-            def counting(t, *args, **kwargs):
-                searched.append(t.name)
+            def counting(t, *args, log=searched, **kwargs):
+                log.append(t.name)
                 return real_solve_target(t, *args, **kwargs)
 
             fd.solve_target = counting
@@ -112,19 +113,24 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         except (OSError, RuntimeError) as e:
             errors["rank0_error"] = f"{type(e).__name__}: {e}"
         torch.save(errors, Path(out) / f"errors.{rank}.pt")
+        # leave together: a gloo rank whose peer exits while their connection is still open can abort
+        # ("terminate called without an active exception") at interpreter exit
+        dist.barrier()
     finally:
         fd.solve_target = real_solve_target
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs():
     """Spawn the two ranks once; {scenario: [rank 0 dict, rank 1 dict]} plus 'errors'."""
-    tmp = tmp_path_factory.mktemp("dist")
-    init = f"file://{tmp / 'rendezvous'}"
-    torch.multiprocessing.spawn(_worker, args=(WORLD, init, str(tmp)), nprocs=WORLD, join=True)
-    out = {name: [torch.load(tmp / f"{name}.{r}.pt", weights_only=False) for r in range(WORLD)] for name in SCENARIOS}
-    out["errors"] = [torch.load(tmp / f"errors.{r}.pt", weights_only=False) for r in range(WORLD)]
+    with tempfile.TemporaryDirectory(prefix="fp4cal-dist-") as d:  # private to this run
+        tmp = Path(d)
+        init = f"file://{tmp / 'rendezvous'}"
+        torch.multiprocessing.spawn(_worker, args=(WORLD, init, str(tmp)), nprocs=WORLD, join=True)
+        out = {name: [torch.load(tmp / f"{name}.{r}.pt", weights_only=False) for r in range(WORLD)]
+               for name in SCENARIOS}
+        out["errors"] = [torch.load(tmp / f"errors.{r}.pt", weights_only=False) for r in range(WORLD)]
     return out
 
 

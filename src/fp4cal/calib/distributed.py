@@ -106,6 +106,13 @@ def _all_gather(obj, group=None) -> list:
     return out
 
 
+def first_error(err: str | None, group=None) -> str | None:
+    """Every rank passes its own error message (None when it is fine); every rank gets the message of the
+    lowest failing rank, prefixed with "rank r: ", or None when no rank failed. A collective: all ranks call."""
+    errors = _all_gather(err, group)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+
+
 def agree(fn: Callable[[], T], group=None, what: str = "calibration") -> T:
     """Run ``fn`` on every rank, then tell every rank whether any failed (all_gather_object of the error).
 
@@ -118,13 +125,12 @@ def agree(fn: Callable[[], T], group=None, what: str = "calibration") -> T:
         out = fn()
     except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
         err, exc = f"{type(e).__name__}: {e}", e
-    errors = _all_gather(err, group)
+    first = first_error(err, group)
     if exc is not None:
         raise exc
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        r, e = failed[0]
-        raise RuntimeError(f"{what} failed on rank {r}: {e}")
+    if first is not None:
+        rank, _, msg = first.partition(": ")
+        raise RuntimeError(f"{what} failed on {rank}: {msg}")
     return out
 
 

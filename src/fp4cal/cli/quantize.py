@@ -252,7 +252,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     try:
-        return _run(args, exporter, ctx)
+        code = _run(args, exporter, ctx)
+        # leave together (every rank gets here: failures before and during calibration are agreed on): a gloo
+        # rank whose peer exits while their connection is still open can abort at exit
+        if ctx[2].type == "cuda":
+            dist.barrier(device_ids=[ctx[2].index])
+        else:
+            dist.barrier()
+        return code
     finally:
         dist.destroy_process_group()
 
@@ -269,18 +276,27 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
+    err = None
     try:
         device = _resolve_device(args.device) if ctx is None else ctx[2]
         model, tokenizer, desc = load_model(args.model_dir, device, args.dtype)
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
-        return _fail(str(e))
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        return _fail(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
-    try:
-        batches = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.batch_size)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        return _fail(str(e))
+        err = str(e)
+    if err is None:
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and args.seq_len > max_pos:
+            err = f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}"
+    if err is None:
+        try:
+            batches = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.batch_size)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            err = str(e)
+    if ctx is not None:  # every rank stops if one cannot go on (the others would wait in a collective)
+        from fp4cal.calib.distributed import first_error
+
+        err = first_error(err)
+    if err is not None:
+        return _fail(err) if rank == 0 or ctx is None else 2
     t_load = time.perf_counter() - t0
 
     kwargs = dict(
