@@ -100,6 +100,15 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             errors["method"] = None
         except ValueError as e:
             errors["method"] = str(e)
+        # a failure on rank 1 alone (non-finite activations in its shard) is raised on rank 0 too
+        model = tiny_llama()
+        if rank == 1:
+            model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * float("inf"),))
+        try:
+            fd.calibrate_distributed(model, make_batches(2), "local_hessian")
+            errors["capture"] = None
+        except (ValueError, RuntimeError) as e:
+            errors["capture"] = f"{type(e).__name__}: {e}"
         # rank 0 only runs the function; its failure reaches rank 1
         ran = []
         errors["rank0_value"] = fd.run_on_rank0(lambda: ran.append(rank) or "written")
@@ -206,6 +215,13 @@ def test_disagreeing_models_raise_on_every_rank(runs):
         method = errs[r]["method"]
         assert method is not None and "argument method is 'mse' on rank 0 but 'max' on rank 1" in method
     assert errs[0]["shape"] == errs[1]["shape"]  # both ranks see the same comparison
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(runs):
+    errs = runs["errors"]
+    assert errs[1]["capture"].startswith("ValueError: activations of model.layers.1.mlp.down_proj")
+    assert "non-finite" in errs[1]["capture"]
+    assert errs[0]["capture"] == "RuntimeError: capture failed on rank 1: " + errs[1]["capture"]
 
 
 def test_rank0_step_runs_once_and_its_failure_reaches_every_rank(runs):

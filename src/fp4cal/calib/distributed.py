@@ -32,6 +32,7 @@ search) is reported to every rank (all_gather_object of the error), never left t
 
 from __future__ import annotations
 
+import datetime
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -134,11 +135,23 @@ def agree(fn: Callable[[], T], group=None, what: str = "calibration") -> T:
     return out
 
 
-def run_on_rank0(fn: Callable[[], T], group=None) -> T | None:
+def run_on_rank0(
+    fn: Callable[[], T], group=None, timeout: datetime.timedelta = datetime.timedelta(hours=4)
+) -> T | None:
     """``fn()`` on rank 0 only (e.g. writing the checkpoint), the other ranks waiting for it; an error on
-    rank 0 is raised on every rank. Returns fn's value on rank 0, None elsewhere."""
+    rank 0 is raised on every rank. Returns fn's value on rank 0, None elsewhere.
+
+    The others wait in a collective of a gloo group made for the purpose with ``timeout``: writing a large
+    checkpoint can outlast the group's own timeout (the NCCL watchdog's 10 minutes by default, which would
+    kill a rank that waits in an NCCL collective; gloo's 30 minutes)."""
+    dist = _dist()
     rank, _ = _group_info(group)
-    return agree(fn if rank == 0 else (lambda: None), group, what="rank-0 step")
+    ranks = None if group is None else dist.get_process_group_ranks(group)
+    wait_group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+    try:
+        return agree(fn if rank == 0 else (lambda: None), wait_group, what="rank-0 step")
+    finally:
+        dist.destroy_process_group(wait_group)
 
 
 # -- 1. same model everywhere ----------------------------------------------------------------------------------
