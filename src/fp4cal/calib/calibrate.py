@@ -52,7 +52,7 @@ def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[
     return {"logits_to_keep": 1}
 
 
-def _group_amax(targets: list[Target]) -> dict[str, torch.Tensor]:
+def group_global_amax(targets: list[Target]) -> dict[str, torch.Tensor]:
     """Global amax per target name: its own max |w| ([] or [E]), or the max over its fused group."""
     own = {t.name: t.weight().abs().amax(dim=(-2, -1)).float() for t in targets}
     groups: dict[str, torch.Tensor] = {}
@@ -118,6 +118,63 @@ def _experts_plan(t: Target, stats: CaptureStats, method: str, min_tokens: int) 
     return plan
 
 
+def solve_target(
+    t: Target,
+    stats: CaptureStats,
+    method: str,
+    global_amax: torch.Tensor,
+    min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+    backend: str | None = None,
+    stacklevel: int = 1,
+) -> WeightResult:
+    """Search one target's block scales (the body of solve's loop; fp4cal.calib.distributed calls it for the
+    targets one rank owns). global_amax: this target's fp32 [] or [E] (its fused group's, see
+    group_global_amax); it is cloned, so fused members never alias one tensor. Fallback warnings take
+    ``stacklevel`` as warnings.warn would in the caller (1: the caller's line)."""
+    w = t.weight()
+    if t.transposed:
+        w = w.contiguous()  # searched as [E, cout, cin]; kernels expect rows contiguous along cin
+    g = global_amax.clone()  # members of a fused group get equal values, not one aliased tensor
+    if t.kind == "linear":
+        plan = _linear_plan(t, stats, method)
+    else:
+        plan = _experts_plan(t, stats, method, min_expert_tokens)
+    if plan["fallback"]:
+        warnings.warn(f"{t.name}: {plan['fallback']}", CalibrationWarning, stacklevel=stacklevel + 1)
+    if plan["expert_fallback"]:
+        listed = ", ".join(f"{e} ({int(plan['tokens'][e])} tokens)" for e in sorted(plan["expert_fallback"]))
+        warnings.warn(
+            f"{t.name}: experts {listed} had fewer than min_expert_tokens = {min_expert_tokens} routed "
+            "tokens and fall back to mse",
+            CalibrationWarning,
+            stacklevel=stacklevel + 1,
+        )
+    h = plan["hessian"]
+    if h is not None:
+        h = h.to(w.device)
+    block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
+    scale, _ = block_scales(block_amax, g)
+    max_amax = search_scales(w, "max", global_amax=g)
+    return WeightResult(
+        name=t.name,
+        module_name=t.module_name,
+        kind=t.kind,
+        shape=tuple(w.shape),
+        method=plan["method"],
+        global_amax=g,
+        block_amax=block_amax,
+        block_scale=scale,
+        input_amax=plan["input_amax"],
+        loss_max=objective(w, max_amax, g, h),
+        loss_chosen=objective(w, block_amax, g, h),
+        tokens=plan["tokens"],
+        fused_group=t.fused_group,
+        fallback=plan["fallback"],
+        expert_fallback=plan["expert_fallback"],
+        transposed=t.transposed,
+    )
+
+
 def solve(
     targets: list[Target],
     stats: CaptureStats,
@@ -137,55 +194,15 @@ def solve(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     result = CalibrationResult(method=method, forward_calls=stats.forward_calls)
-    amax = _group_amax(targets)
+    amax = group_global_amax(targets)
     it: Iterable[Target] = targets
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(targets, desc=f"{method} scale search", unit="weight")
     for t in it:
-        w = t.weight()
-        if t.transposed:
-            w = w.contiguous()  # searched as [E, cout, cin]; kernels expect rows contiguous along cin
-        g = amax[t.name].clone()  # members of a fused group get equal values, not one aliased tensor
-        if t.kind == "linear":
-            plan = _linear_plan(t, stats, method)
-        else:
-            plan = _experts_plan(t, stats, method, min_expert_tokens)
-        if plan["fallback"]:
-            warnings.warn(f"{t.name}: {plan['fallback']}", CalibrationWarning, stacklevel=3)
-        if plan["expert_fallback"]:
-            listed = ", ".join(f"{e} ({int(plan['tokens'][e])} tokens)" for e in sorted(plan["expert_fallback"]))
-            warnings.warn(
-                f"{t.name}: experts {listed} had fewer than min_expert_tokens = {min_expert_tokens} routed "
-                "tokens and fall back to mse",
-                CalibrationWarning,
-                stacklevel=3,
-            )
-        h = plan["hessian"]
-        if h is not None:
-            h = h.to(w.device)
-        block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
-        scale, _ = block_scales(block_amax, g)
-        max_amax = search_scales(w, "max", global_amax=g)
-        result.weights[t.name] = WeightResult(
-            name=t.name,
-            module_name=t.module_name,
-            kind=t.kind,
-            shape=tuple(w.shape),
-            method=plan["method"],
-            global_amax=g,
-            block_amax=block_amax,
-            block_scale=scale,
-            input_amax=plan["input_amax"],
-            loss_max=objective(w, max_amax, g, h),
-            loss_chosen=objective(w, block_amax, g, h),
-            tokens=plan["tokens"],
-            fused_group=t.fused_group,
-            fallback=plan["fallback"],
-            expert_fallback=plan["expert_fallback"],
-            transposed=t.transposed,
-        )
+        # stacklevel 3 from solve (as before solve_target was split out): the caller of solve's caller
+        result.weights[t.name] = solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3)
     return result
 
 
@@ -232,31 +249,10 @@ def calibrate(
     progress: tqdm bars over batches and weights. backend: passed to search_scales.
     Returns a CalibrationResult; weights left in high precision are in result.skipped with the reason.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
-        raise ValueError(f"min_expert_tokens must be a positive int, got {min_expert_tokens!r}")
-    device = model_device(model)
     t0 = time.perf_counter()
-    targets, skipped = find_targets(model, exclude, include)
-    for name, reason in skipped.items():
-        if not reason.startswith("excluded by pattern"):
-            warnings.warn(f"{name}: {reason}", CalibrationWarning, stacklevel=2)
-    if not targets:
-        raise ValueError(f"model has no quantizable weight (skipped: {skipped or 'none found'})")
-    was_training = model.training
-    model.eval()
-    try:
-        stats = capture_statistics(
-            model,
-            batches,
-            targets,
-            hessians=method == "local_hessian",
-            extra_kwargs=calibration_forward_kwargs(model, targets),
-            progress=progress,
-        )
-    finally:
-        model.train(was_training)
+    targets, skipped = prepare_targets(model, method, min_expert_tokens, exclude, include, stacklevel=2)
+    device = model_device(model)
+    stats = capture_pass(model, batches, targets, method, progress)
     if stats.forward_calls == 0:
         raise ValueError("batches was empty: calibration needs at least one batch")
     _sync(device)
@@ -272,3 +268,47 @@ def calibrate(
         result.timings["fake_quantize"] = time.perf_counter() - t2
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def prepare_targets(
+    model: nn.Module,
+    method: str,
+    min_expert_tokens: int,
+    exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
+    include: Sequence[str] | str | None = None,
+    stacklevel: int = 1,
+) -> tuple[list[Target], dict[str, str]]:
+    """calibrate()'s first step: check the arguments, find the targets, warn about weights skipped for a
+    reason other than an exclude pattern (``stacklevel`` as warnings.warn would take it in the caller).
+    Raises when the model has nothing to quantize. Shared with fp4cal.calib.distributed."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
+        raise ValueError(f"min_expert_tokens must be a positive int, got {min_expert_tokens!r}")
+    targets, skipped = find_targets(model, exclude, include)
+    for name, reason in skipped.items():
+        if not reason.startswith("excluded by pattern"):
+            warnings.warn(f"{name}: {reason}", CalibrationWarning, stacklevel=stacklevel + 1)
+    if not targets:
+        raise ValueError(f"model has no quantizable weight (skipped: {skipped or 'none found'})")
+    return targets, skipped
+
+
+def capture_pass(
+    model: nn.Module, batches: Iterable, targets: list[Target], method: str, progress: bool = False
+) -> CaptureStats:
+    """calibrate()'s capture step: the model in eval mode (restored after), Hessians only for local_hessian,
+    logits_to_keep=1 where it applies. Shared with fp4cal.calib.distributed (which passes one rank's shard)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return capture_statistics(
+            model,
+            batches,
+            targets,
+            hessians=method == "local_hessian",
+            extra_kwargs=calibration_forward_kwargs(model, targets),
+            progress=progress,
+        )
+    finally:
+        model.train(was_training)

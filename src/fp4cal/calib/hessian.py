@@ -8,10 +8,16 @@ from fp4cal.validation import BLOCK, FLOAT_DTYPES, check_finite
 
 
 class HessianAccumulator:
-    """Accumulates sum x x^T per 16-channel block in fp32, and the token count.
+    """Accumulates sum x x^T per 16-channel block, and the token count.
 
     ``add(x)`` takes activations (..., cin) of any float dtype; every leading index is one token.
-    ``sum`` is fp32 [cin/16, 16, 16]; ``normalized()`` returns sum / n (what the search takes).
+    ``sum`` is fp32 [cin/16, 16, 16]; ``normalized()`` returns sum / n in fp32 (what the search takes).
+
+    Each ``add`` forms its batch's products in fp32 (one bmm), and the running sum across batches is kept in
+    float64 (``sum64``). Why: a sum over batches then depends on the order of the additions only through
+    float64 rounding, which the final fp32 rounding of ``normalized()`` hides (see docs/distributed.md), so a
+    data-parallel run that adds per-rank partial sums gives the same fp32 Hessian as one process adding the
+    batches one after the other.
     """
 
     def __init__(self, cin: int, device: torch.device | str | None = None, name: str = "x") -> None:
@@ -19,8 +25,25 @@ class HessianAccumulator:
             raise ValueError(f"cin of {name} must be a positive multiple of {BLOCK}, got {cin}")
         self.cin = cin
         self.name = name
-        self.sum = torch.zeros(cin // BLOCK, BLOCK, BLOCK, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(cin // BLOCK, BLOCK, BLOCK, dtype=torch.float64, device=device)
         self.n = 0
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """sum x x^T per block, fp32 [cin/16, 16, 16] (a rounded copy of the float64 accumulator)."""
+        return self._sum.float()
+
+    @sum.setter
+    def sum(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(self._sum.shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"sum of {self.name} must be a tensor of shape {tuple(self._sum.shape)}, got {got}")
+        self._sum = value.detach().to(device=self._sum.device, dtype=torch.float64).clone()
+
+    @property
+    def sum64(self) -> torch.Tensor:
+        """The float64 accumulator itself, [cin/16, 16, 16] (not a copy: in-place reductions write into it)."""
+        return self._sum
 
     def add(self, x: torch.Tensor) -> None:
         """Add activations x: (..., cin), float; non-finite values raise."""
@@ -31,28 +54,29 @@ class HessianAccumulator:
             raise ValueError(
                 f"activations of {self.name} must have last dimension cin = {self.cin}, got shape {tuple(x.shape)}"
             )
-        if x.device != self.sum.device:
-            raise ValueError(f"activations of {self.name} are on {x.device}, the accumulator is on {self.sum.device}")
+        if x.device != self._sum.device:
+            raise ValueError(f"activations of {self.name} are on {x.device}, the accumulator is on {self._sum.device}")
         xb = x.reshape(-1, self.cin // BLOCK, BLOCK).float()
         if xb.shape[0] == 0:
             return
         check_finite(xb, f"activations of {self.name}")
-        # [nb, T, 16]^T @ [nb, T, 16] -> [nb, 16, 16]; fp32 accumulation (the matmul's own).
+        # [nb, T, 16]^T @ [nb, T, 16] -> [nb, 16, 16]: this batch's products in fp32 (the matmul's own
+        # accumulation, a fixed function of the batch), added to the float64 running sum.
         xt = xb.transpose(0, 1)
-        self.sum += torch.bmm(xt.transpose(1, 2), xt)
+        self._sum += torch.bmm(xt.transpose(1, 2), xt)
         self.n += xb.shape[0]
 
     def merge(self, other: HessianAccumulator) -> None:
         """Add another accumulator's sums (e.g. from another data shard)."""
         if not isinstance(other, HessianAccumulator):
             raise TypeError(f"can only merge a HessianAccumulator into {self.name}, got {type(other).__name__}")
-        if other.sum.shape != self.sum.shape:
-            raise ValueError(f"cannot merge Hessians of shape {tuple(other.sum.shape)} into {tuple(self.sum.shape)}")
-        self.sum += other.sum.to(self.sum.device)
+        if other._sum.shape != self._sum.shape:
+            raise ValueError(f"cannot merge Hessians of shape {tuple(other._sum.shape)} into {tuple(self._sum.shape)}")
+        self._sum += other._sum.to(self._sum.device)
         self.n += other.n
 
     def normalized(self) -> torch.Tensor:
         """H / n, fp32 [cin/16, 16, 16]. Raises when no token was seen."""
         if self.n == 0:
             raise ValueError(f"no tokens were accumulated for {self.name}; cannot normalize an empty Hessian")
-        return self.sum / self.n
+        return (self._sum / self.n).float()

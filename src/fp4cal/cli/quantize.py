@@ -1,7 +1,11 @@
 """fp4cal quantize: calibrate a Hugging Face model (default: the bundled all-MiniLM-L6-v2) and optionally export it.
 
     fp4cal quantize [MODEL_DIR] --method local_hessian --calib FILE --samples 32 --seq-len 128 \
-        --out OUT_DIR --format compressed-tensors --device auto
+        --out OUT_DIR --format compressed-tensors --device auto [--nproc N]
+
+With --nproc N (or when started by torchrun: ``torchrun --standalone --nproc-per-node N -m fp4cal quantize ...``)
+calibration runs in N processes through torch.distributed (fp4cal.calib.distributed): one GPU each with NCCL,
+gloo on the CPU; rank 0 prints the summary and writes the checkpoint.
 
 Prints a summary table: weights per layer type, fallbacks, skipped weights, time per phase, and the loss
 reduction of the chosen scales against max scales under the searched objective.
@@ -13,6 +17,8 @@ import argparse
 import importlib
 import os
 import re
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-expert-tokens", type=int, default=None,
                    help="MoE experts with fewer routed tokens fall back to mse (default: 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="calibrate in N processes with torch.distributed (one GPU each; gloo on the CPU): batches "
+                   "are split across processes, Hessians all-reduced, weights searched in parallel; re-launches "
+                   "itself under torch.distributed.run (default: %(default)s)")
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -67,6 +77,85 @@ def _resolve_device(name: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} was asked for but CUDA is not available")
     return dev
+
+
+def under_launcher() -> bool:
+    """True when this process was started by torchrun / torch.distributed.run (its rank variables are set)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """quantize's arguments that reproduce ``args`` (options left at their default are omitted)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    positional: list[str] = []
+    options: list[str] = []
+    for a in p._actions:
+        value = getattr(args, a.dest, a.default)
+        if not a.option_strings:
+            if value is not None:
+                positional.append(str(value))
+            continue
+        if value == a.default:
+            continue
+        opt = next(o for o in a.option_strings if o.startswith("--"))
+        if isinstance(a, argparse._StoreTrueAction):
+            options.append(opt)
+        elif isinstance(a, argparse._AppendAction):
+            for item in value:
+                options += [opt, str(item)]
+        else:
+            options += [opt, str(value)]
+    return positional + options
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Run this same command in args.nproc processes under torch.distributed.run; its exit status."""
+    import torch
+
+    import fp4cal
+
+    dev = _resolve_device(args.device)
+    if dev.type == "cuda":
+        if dev.index is not None:
+            return _fail(f"--device {args.device} names one GPU, but with --nproc each process takes the GPU of its "
+                         "local rank: pass --device cuda (or auto)")
+        if torch.cuda.device_count() < args.nproc:
+            return _fail(f"--nproc {args.nproc} needs {args.nproc} GPUs, but {torch.cuda.device_count()} are visible")
+    env = dict(os.environ)
+    src = str(Path(fp4cal.__file__).resolve().parents[1])  # the children import this same fp4cal
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # without --nproc: the children read their number from WORLD_SIZE, and torch.distributed.run's own parser
+    # would take "--nproc" for an abbreviation of its --nproc-per-node even after the script name
+    child = argparse.Namespace(**{**vars(args), "nproc": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "fp4cal", "quantize", *command_line(child)]
+    print(f"fp4cal quantize: launching {args.nproc} processes: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _init_distributed(args: argparse.Namespace):
+    """Under a launcher: this rank's device (cuda:LOCAL_RANK or cpu) and an initialized process group
+    (nccl on CUDA, gloo on the CPU). Returns (rank, world, device)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if args.nproc > 1 and args.nproc != world:
+        raise ValueError(f"--nproc {args.nproc} but the launcher started WORLD_SIZE = {world} processes")
+    dev = _resolve_device(args.device)
+    if dev.type == "cuda":
+        if dev.index is not None and world > 1:
+            raise ValueError(f"--device {args.device} names one GPU, but each of the {world} processes takes the GPU "
+                             "of its local rank: pass --device cuda (or auto)")
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local} has no GPU: {torch.cuda.device_count()} are visible")
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
 
 
 def load_model(model_dir: str | None, device, dtype: str = "auto"):
@@ -140,7 +229,7 @@ def format_summary(result, header: str, phases: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("samples", "seq_len", "batch_size"):
+    for name in ("samples", "seq_len", "batch_size", "nproc"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     exporter = None
@@ -148,49 +237,102 @@ def run(args: argparse.Namespace) -> int:
         exporter = _load_exporter()
         if isinstance(exporter, str):  # fail before spending minutes on calibration
             return _fail(f"export is unavailable (fp4cal.export could not be imported: {exporter})", 3)
+    distributed = under_launcher()
+    if args.nproc > 1 and not distributed:
+        try:
+            return _relaunch(args)
+        except ValueError as e:
+            return _fail(str(e))
+    if not distributed:
+        return _run(args, exporter, None)
+    import torch.distributed as dist
 
+    try:
+        ctx = _init_distributed(args)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        code = _run(args, exporter, ctx)
+        # leave together (every rank gets here: failures before and during calibration are agreed on): a gloo
+        # rank whose peer exits while their connection is still open can abort at exit
+        if ctx[2].type == "cuda":
+            dist.barrier(device_ids=[ctx[2].index])
+        else:
+            dist.barrier()
+        return code
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
+    """One process's work: ctx is None (single process) or (rank, world, device) under a launcher."""
     from fp4cal.calib.calibrate import DEFAULT_MIN_EXPERT_TOKENS, calibrate
     from fp4cal.calib.data import calibration_batches
     from fp4cal.calib.targets import DEFAULT_EXCLUDE
 
-    if args.no_progress:
+    rank, world = (0, 1) if ctx is None else ctx[:2]
+    if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
+    err = None
     try:
-        device = _resolve_device(args.device)
+        device = _resolve_device(args.device) if ctx is None else ctx[2]
         model, tokenizer, desc = load_model(args.model_dir, device, args.dtype)
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
-        return _fail(str(e))
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        return _fail(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
-    try:
-        batches = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.batch_size)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        return _fail(str(e))
+        err = str(e)
+    if err is None:
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and args.seq_len > max_pos:
+            err = f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}"
+    if err is None:
+        try:
+            batches = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.batch_size)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            err = str(e)
+    if ctx is not None:  # every rank stops if one cannot go on (the others would wait in a collective)
+        from fp4cal.calib.distributed import first_error
+
+        err = first_error(err)
+    if err is not None:
+        return _fail(err) if rank == 0 or ctx is None else 2
     t_load = time.perf_counter() - t0
 
-    result = calibrate(
-        model,
-        batches,
-        args.method,
+    kwargs = dict(
         exclude=list(DEFAULT_EXCLUDE) + list(args.exclude),
         include=args.include,
         min_expert_tokens=args.min_expert_tokens or DEFAULT_MIN_EXPERT_TOKENS,
         progress=not args.no_progress,
     )
-    phases = {"load + data": t_load, "calibration forward": result.timings["capture"],
-              "scale search": result.timings["search"]}
+    if ctx is None:
+        result = calibrate(model, batches, args.method, **kwargs)
+        phases = {"load + data": t_load, "calibration forward": result.timings["capture"],
+                  "scale search": result.timings["search"]}
+    else:
+        from fp4cal.calib.distributed import calibrate_distributed
+
+        result = calibrate_distributed(model, batches, args.method, **kwargs)
+        phases = {"load + data": t_load, "calibration forward": result.timings["capture"],
+                  "all-reduce": result.timings["reduce"], "scale search": result.timings["search"],
+                  "gather": result.timings["gather"]}
     if exporter is not None:
         t1 = time.perf_counter()
-        exporter(result, model, args.out, format=args.format)
+        if ctx is None:
+            exporter(result, model, args.out, format=args.format)
+        else:  # one writer; the other ranks wait, and learn of its failure
+            from fp4cal.calib.distributed import run_on_rank0
+
+            run_on_rank0(lambda: exporter(result, model, args.out, format=args.format))
         phases["export"] = time.perf_counter() - t1
     phases["total"] = time.perf_counter() - t0
+    if rank != 0:
+        return 0
     dtype = next(model.parameters()).dtype
     header = (f"fp4cal quantize: {desc}, method {args.method}, {args.samples} x {args.seq_len} tokens "
               f"({len(batches)} batches), {device}, {str(dtype).replace('torch.', '')}")
+    if ctx is not None:
+        header += f", {world} processes (timings of rank 0)"
     if args.out is not None:
         header += f"\nwrote {args.format} checkpoint to {args.out}"
     print(format_summary(result, header, phases))
