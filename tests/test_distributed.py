@@ -24,17 +24,13 @@ from fp4cal.calib import distributed as fd  # noqa: E402
 from fp4cal.calib.calibrate import calibrate  # noqa: E402
 from fp4cal.calib.hessian import HessianAccumulator  # noqa: E402
 from fp4cal.calib.targets import find_targets  # noqa: E402
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402
 
 WORLD = 2
 
 
 def tiny_llama(seed: int = 0, intermediate: int = 128):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(seed, intermediate=intermediate)
 
 
 def tiny_qwen3_moe(seed: int = 0):
