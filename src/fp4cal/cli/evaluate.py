@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fp4cal.cli.quantize import DTYPES, _resolve_device, load_model
+from fp4cal.cli.quantize import DTYPES, _resolve_device, load_model_for_run
 
 DEFAULT_METHODS = "max,mse,local_hessian"
 
@@ -110,12 +110,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         device = _resolve_device(args.device)
-        model, tokenizer, _ = load_model(args.model_dir, device, args.dtype)
+        model, tokenizer, _ = load_model_for_run(args, device)
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         return _fail(str(e))
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        return _fail(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
     try:
         cb, eb, c_desc, e_desc = make_batches(tokenizer, args.calib, args.eval_source, args.samples,
                                               args.eval_samples, args.seq_len, args.batch_size)

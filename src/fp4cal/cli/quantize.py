@@ -183,6 +183,16 @@ def load_model(model_dir: str | None, device, dtype: str = "auto"):
     return model, tokenizer, f"{label or path.name} ({arch}, {cls.__name__})"
 
 
+def load_model_for_run(args: argparse.Namespace, device):
+    """load_model(args.model_dir, device, args.dtype), then check args.seq_len against the model's
+    max_position_embeddings. Raises FileNotFoundError / ValueError / OSError / ImportError with the message."""
+    model, tokenizer, desc = load_model(args.model_dir, device, args.dtype)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
+    return model, tokenizer, desc
+
+
 def _layer_type(module_name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", module_name)
 
@@ -279,13 +289,9 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     err = None
     try:
         device = _resolve_device(args.device) if ctx is None else ctx[2]
-        model, tokenizer, desc = load_model(args.model_dir, device, args.dtype)
+        model, tokenizer, desc = load_model_for_run(args, device)
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         err = str(e)
-    if err is None:
-        max_pos = getattr(model.config, "max_position_embeddings", None)
-        if max_pos is not None and args.seq_len > max_pos:
-            err = f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}"
     if err is None:
         try:
             batches = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.batch_size)
