@@ -115,9 +115,6 @@ def run_variants(w, h, g):
         for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
             t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw, "tf32x3", prune))  # noqa: B023
             out.append((f"mse prune={int(prune)}", br, nw, t))
-    for il in (False, True):
-        t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, interleave=il))  # noqa: B023
-        out.append((f"hess interleave={int(il)}", 64, 4, t))
     for nw in (2, 8):
         t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, nw, factor=fac))  # noqa: B023
         out.append(("hess warps", 64, nw, t))
@@ -130,12 +127,12 @@ def run_variants(w, h, g):
         out.append((f"mse unroll={unroll}", 128, 4, t))
     from fp4cal.validation import check_hessian, check_weight
 
-    for method, br, il in (("mse", 128, True), ("local_hessian", 64, False), ("local_hessian", 64, True)):
+    for method, br in (("mse", 128), ("local_hessian", 64), ("local_hessian", 32)):
         progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
         st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
-        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st, interleave=il)
+        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st)
         st = st.double()
-        print(f"window stats {method} BR={br} interleave={il}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
+        print(f"window stats {method} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
               f"{st[:, 0].max():.0f}, phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
               f"per-block candidates {st[:, 2].sum() / (w.numel() / 16):.1f} of 126")
 

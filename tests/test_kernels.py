@@ -187,17 +187,3 @@ def test_hessian_factor(hkind, device_for_kernels):
     exact = 1.0 / torch.diagonal(torch.linalg.inv(h64[pos]), dim1=-2, dim2=-1)
     assert bool((m[pos] <= exact * (1 + 1e-7)).all())
     assert torch.allclose(m[pos], exact, rtol=1e-4)
-
-
-def test_interleaved_phases_pick_the_same(device_for_kernels):
-    """Both schedules of the local-Hessian window (phases one after the other, or interleaved per block)
-    prune only provably losing candidates, so they agree with each other and with the reference."""
-    from fp4cal.search.kernels import search_triton
-
-    w, _ = make_weight("outliers", 48, 64, torch.bfloat16, device_for_kernels, seed=31)
-    g = w.float().abs().amax()
-    h = make_hessian("range", 64, device_for_kernels, seed=32)
-    a = search_triton(w, "local_hessian", g, h, interleave=True)
-    b = search_triton(w, "local_hessian", g, h, interleave=False)
-    assert torch.equal(a, b)
-    assert compare_picks(w, g, a, search_reference(w, "local_hessian", g, h), h).bad == 0

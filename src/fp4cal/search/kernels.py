@@ -147,28 +147,6 @@ def _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx, zero_at, NC: t
 
 
 @triton.jit
-def _step_both(a, neg, f, mu, v_ptr, sg, c, up, top, zero_at, active, best, best_idx, NC: tl.constexpr,
-               QUAD: tl.constexpr):
-    """One candidate per block in whichever phase the block is in (up = phase 2); the same bounds and tie
-    rules as _step_down / _step_up, and a block whose phase 1 ends moves to top + 1 in phase 2."""
-    cc = tl.minimum(tl.maximum(c, 0), NC - 1)
-    s, r = _candidate(v_ptr, cc, sg)
-    loss, q = _block_loss(a, neg, s, r, f, True, QUAD)
-    # descending: '<=' keeps the smaller candidate on ties; ascending: strict '<'
-    better = active & tl.where(up, loss < best, loss <= best)
-    best = tl.where(better, loss, best)
-    best_idx = tl.where(better, cc, best_idx)
-    err = tl.where(up[:, None], tl.where(q == 0.0, a, 0.0), tl.where(a >= 6.0 * s[:, None], a - q, 0.0))
-    stop = tl.max(err * err * mu, axis=1) > best * 1.0001
-    c_next = tl.where(up, c + 1, c - 1)
-    end_down = ~up & (stop | (c_next < 0))
-    end_up = up & (stop | (c_next > zero_at))
-    active = active & ~end_up & ~(end_down & (top + 1 > zero_at))
-    c = tl.where(end_down, top + 1, c_next)
-    return best, best_idx, active, c, up | end_down
-
-
-@triton.jit
 def _sweep_kernel(
     w_ptr,
     g_ptr,
@@ -192,7 +170,6 @@ def _sweep_kernel(
     CHECK: tl.constexpr,
     STATS: tl.constexpr,
     UNROLL: tl.constexpr,
-    INTERLEAVE: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
 ):
@@ -232,47 +209,36 @@ def _sweep_kernel(
     best = tl.full(m.shape, float("inf"), tl.float32)
     best_idx = tl.zeros(m.shape, tl.int32)
 
-    # Phase 1: from the top down, until the clipping bound ends each block. Phase 2 (local-Hessian only):
-    # from the MSE top up, until the zeroed-weight bound ends the block or its first all-zero candidate has
-    # been tried. With INTERLEAVE each block starts its phase 2 as soon as its own phase 1 ends, so a tile
-    # runs max over blocks of (phase 1 + phase 2) candidates instead of max(phase 1) + max(phase 2).
-    # The tile-wide "any block still active?" test is a block-wide reduction: it runs every UNROLL candidates.
+    # Phase 1: from the top down, until the clipping bound ends each block. The tile-wide "any block still
+    # active?" test is a block-wide reduction, so it runs once every UNROLL candidates.
     c = top
     active = c >= 0
     n_active = tl.sum(active.to(tl.int32))
     it1 = 0
     it2 = 0
     work = 0
-    if HESSIAN and PRUNE and INTERLEAVE:
+    while n_active > 0:
+        it1 += UNROLL
+        work += n_active * UNROLL
+        for _ in tl.static_range(UNROLL):
+            best, best_idx, active, c = _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
+                                                   HESSIAN, PRUNE, QUAD)
+        n_active = tl.sum(active.to(tl.int32))
+
+    # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
+    # or the first all-zero candidate has been tried.
+    if HESSIAN and PRUNE:
         zero_at = tl.minimum(_first_at_or_below(m, v_ptr, sg, 0.25, NC), NC - 1)
-        up = tl.zeros(m.shape, tl.int1)
+        c = top + 1
+        active = c <= zero_at
+        n_active = tl.sum(active.to(tl.int32))
         while n_active > 0:
-            it1 += UNROLL
+            it2 += UNROLL
             work += n_active * UNROLL
             for _ in tl.static_range(UNROLL):
-                best, best_idx, active, c, up = _step_both(a, neg, f, mu, v_ptr, sg, c, up, top, zero_at, active,
-                                                           best, best_idx, NC, QUAD)
+                best, best_idx, active, c = _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx,
+                                                     zero_at, NC, QUAD)
             n_active = tl.sum(active.to(tl.int32))
-    else:
-        while n_active > 0:
-            it1 += UNROLL
-            work += n_active * UNROLL
-            for _ in tl.static_range(UNROLL):
-                best, best_idx, active, c = _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
-                                                       HESSIAN, PRUNE, QUAD)
-            n_active = tl.sum(active.to(tl.int32))
-        if HESSIAN and PRUNE:
-            zero_at = tl.minimum(_first_at_or_below(m, v_ptr, sg, 0.25, NC), NC - 1)
-            c = top + 1
-            active = c <= zero_at
-            n_active = tl.sum(active.to(tl.int32))
-            while n_active > 0:
-                it2 += UNROLL
-                work += n_active * UNROLL
-                for _ in tl.static_range(UNROLL):
-                    best, best_idx, active, c = _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx,
-                                                         zero_at, NC, QUAD)
-                n_active = tl.sum(active.to(tl.int32))
 
     # The chosen amax, fp32(g * v / 448) rounded once from float64 as in numerics.scale_candidates.
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
@@ -389,7 +355,6 @@ def search_triton(
     checked: bool = True,
     stats: torch.Tensor | None = None,
     unroll: int = 2,
-    interleave: bool = True,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
 
@@ -429,7 +394,7 @@ def search_triton(
             w3, g1, v_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
-            INTERLEAVE=interleave, BR=block_rows, NC=N_CAND,
+            BR=block_rows, NC=N_CAND,
             num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
 
