@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
-from fp4cal.calib.objective import block_scales, objective
+from fp4cal.calib.objective import block_scales, objectives
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
 from fp4cal.numerics import fake_quantize
@@ -155,6 +155,7 @@ def solve_target(
     block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
     scale, _ = block_scales(block_amax, g)
     max_amax = search_scales(w, "max", global_amax=g)
+    loss_max, loss_chosen = objectives(w, [max_amax, block_amax], g, h)
     return WeightResult(
         name=t.name,
         module_name=t.module_name,
@@ -165,8 +166,8 @@ def solve_target(
         block_amax=block_amax,
         block_scale=scale,
         input_amax=plan["input_amax"],
-        loss_max=objective(w, max_amax, g, h),
-        loss_chosen=objective(w, block_amax, g, h),
+        loss_max=loss_max,
+        loss_chosen=loss_chosen,
         tokens=plan["tokens"],
         fused_group=t.fused_group,
         fallback=plan["fallback"],

@@ -33,16 +33,24 @@ def objective(
 
     hessian: None (squared error), [cin/16, 16, 16], or [E, cin/16, 16, 16] for a stack.
     """
-    if w.dim() == 3:
-        total = 0.0
-        for e in range(w.shape[0]):
-            h = None if hessian is None else (hessian[e] if hessian.dim() == 4 else hessian)
-            total += objective(w[e], block_amax[e], global_amax[e], h)
-        return total
-    _, s_b = block_scales(block_amax, global_amax)
-    rows = max(1, _CHUNK_ELEMS.get(w.device.type, 1 << 22) // w.shape[-1])
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
-    for r0 in range(0, w.shape[0], rows):
-        dw = block_error(_blocks(w[r0 : r0 + rows]), s_b[r0 : r0 + rows])
-        total += block_loss(dw, hessian).sum()
-    return float(total)
+    return objectives(w, [block_amax], global_amax, hessian)[0]
+
+
+def objectives(
+    w: torch.Tensor, block_amaxes: list[torch.Tensor], global_amax: torch.Tensor, hessian: torch.Tensor | None
+) -> list[float]:
+    """objective() for several sets of block amax of one weight, in one pass over w and one host sync."""
+    if w.dim() == 2:
+        w, global_amax = w.unsqueeze(0), global_amax.reshape(1)
+        block_amaxes = [b.unsqueeze(0) for b in block_amaxes]
+        hessian = None if hessian is None else hessian.unsqueeze(0)
+    totals = torch.zeros(len(block_amaxes), dtype=torch.float64, device=w.device)
+    for e in range(w.shape[0]):
+        h = None if hessian is None else (hessian[e] if hessian.dim() == 4 else hessian)
+        s_bs = [block_scales(b[e], global_amax[e])[1] for b in block_amaxes]
+        rows = max(1, _CHUNK_ELEMS.get(w.device.type, 1 << 22) // w.shape[-1])
+        for r0 in range(0, w.shape[1], rows):
+            wb = _blocks(w[e, r0 : r0 + rows])
+            for k, s_b in enumerate(s_bs):
+                totals[k] += block_loss(block_error(wb, s_b[r0 : r0 + rows]), h).sum()
+    return totals.tolist()

@@ -9,8 +9,8 @@ Same objective as ``reference.py``, for every 16-weight block of row r and block
     local_hessian:  loss_c = dw^T H_j dw = || F_j^T dw ||^2      with H_j = F_j F_j^T
     pick            argmin_c loss_c, ties to the smaller c; output fp32(g * v_c / 448)
 
-Rounding without a division. With r_c = fp32(1 / s_c) (one IEEE division per block and candidate, not per
-weight), Markstein's correction gives the exact quotient in three FMA-pipe ops:
+Rounding without a division. With r_c = fp32(1 / s_c) (one IEEE division per tensor and candidate, in a
+small table kernel), Markstein's correction gives the exact quotient in three FMA-pipe ops:
 
     x0 = fp32(|w| * r_c);   res = fma(-x0, s_c, |w|)  (exact);   x = fma(res, r_c, x0) = fp32(|w| / s_c)
 
@@ -68,15 +68,27 @@ def _e2m1_times_scale(a, s, r):
 
 
 @triton.jit
-def _candidate(v_ptr, c, sg):
-    """Block scale s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0) for index tensor c."""
-    s = tl.load(v_ptr + c) * sg
+def _table_kernel(g_ptr, v_ptr, s_ptr, r_ptr, NC: tl.constexpr):
+    """Per tensor e: s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0), s_g = fp32(g / 2688);
+    one IEEE division per candidate here instead of one per block and candidate in the sweep."""
+    e = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, 128)
+    ok = c < NC
+    sg = tl.div_rn(tl.load(g_ptr + e), 2688.0)
+    s = tl.load(v_ptr + c, mask=ok, other=0.0) * sg
     r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
-    return s, r
+    tl.store(s_ptr + e * NC + c, s, mask=ok)
+    tl.store(r_ptr + e * NC + c, r, mask=ok)
 
 
 @triton.jit
-def _first_at_or_below(m, v_ptr, sg, T: tl.constexpr, NC: tl.constexpr):
+def _candidate(s_ptr, r_ptr, c):
+    """Block scale s_c and r_c = fp32(1 / s_c) of index tensor c, from this tensor's tables."""
+    return tl.load(s_ptr + c), tl.load(r_ptr + c)
+
+
+@triton.jit
+def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr):
     """Per block, the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32 block maxima.
 
     fp32(m / s_c) falls as c rises, so a 7-step binary search over the 126 candidates finds it.
@@ -86,7 +98,7 @@ def _first_at_or_below(m, v_ptr, sg, T: tl.constexpr, NC: tl.constexpr):
     for _ in range(7):
         mid = (lo + hi) // 2
         ok = mid < NC
-        s, r = _candidate(v_ptr, tl.minimum(mid, NC - 1), sg)
+        s, r = _candidate(s_ptr, r_ptr, tl.minimum(mid, NC - 1))
         x0 = m * r
         x = tl.fma(tl.fma(-x0, s, m), r, x0)
         below = (x <= T) & ok
@@ -110,11 +122,11 @@ def _block_loss(a, neg, s, r, f, HESSIAN: tl.constexpr, QUAD: tl.constexpr):
 
 
 @triton.jit
-def _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
+def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
                HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr):
     """Try candidate c (per block) and move down one; a block whose clipping bound exceeds its best stops."""
     cc = tl.maximum(c, 0)
-    s, r = _candidate(v_ptr, cc, sg)
+    s, r = _candidate(s_ptr, r_ptr, cc)
     loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
     better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
     best = tl.where(better, loss, best)
@@ -131,11 +143,11 @@ def _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
 
 
 @triton.jit
-def _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr):
+def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr):
     """Try candidate c (per block) and move up one; a block whose zeroed-weight bound exceeds its best, or
     that has tried its first all-zero candidate, stops."""
     cc = tl.minimum(c, NC - 1)
-    s, r = _candidate(v_ptr, cc, sg)
+    s, r = _candidate(s_ptr, r_ptr, cc)
     loss, q = _block_loss(a, neg, s, r, f, True, QUAD)
     better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
     best = tl.where(better, loss, best)
@@ -151,6 +163,8 @@ def _sweep_kernel(
     w_ptr,
     g_ptr,
     v_ptr,
+    s_tab_ptr,
+    r_tab_ptr,
     f_ptr,
     mu_ptr,
     nohalf_ptr,
@@ -186,6 +200,8 @@ def _sweep_kernel(
     m = tl.max(a, axis=1)
     g = tl.load(g_ptr + e)
     sg = tl.div_rn(g, 2688.0)
+    s_ptr = s_tab_ptr + e * NC  # this tensor's candidate tables
+    r_ptr = r_tab_ptr + e * NC
     # Value checks on the device (flags read once by the host): 0 non-finite w, 1 bad g, 2 g outside the
     # range where the division-free rounding is exact (the host then uses the reference).
     if CHECK:
@@ -201,7 +217,7 @@ def _sweep_kernel(
         f = tl.zeros([16, 16], tl.float32)
         mu = tl.full([1, 16], 1.0, tl.float32)
     if PRUNE:
-        first = _first_at_or_below(m, v_ptr, sg, 3.0, NC)
+        first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC)
         nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
         top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
     else:
@@ -221,14 +237,14 @@ def _sweep_kernel(
         it1 += UNROLL
         work += n_active * UNROLL
         for _ in tl.static_range(UNROLL):
-            best, best_idx, active, c = _step_down(a, neg, m, f, mu, v_ptr, sg, c, active, best, best_idx,
+            best, best_idx, active, c = _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
                                                    HESSIAN, PRUNE, QUAD)
         n_active = tl.sum(active.to(tl.int32))
 
     # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
     # or the first all-zero candidate has been tried.
     if HESSIAN and PRUNE:
-        zero_at = tl.minimum(_first_at_or_below(m, v_ptr, sg, 0.25, NC), NC - 1)
+        zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, NC), NC - 1)
         c = top + 1
         active = c <= zero_at
         n_active = tl.sum(active.to(tl.int32))
@@ -236,7 +252,7 @@ def _sweep_kernel(
             it2 += UNROLL
             work += n_active * UNROLL
             for _ in tl.static_range(UNROLL):
-                best, best_idx, active, c = _step_up(a, neg, f, mu, v_ptr, sg, c, active, best, best_idx,
+                best, best_idx, active, c = _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
                                                      zero_at, NC, QUAD)
             n_active = tl.sum(active.to(tl.int32))
 
@@ -372,6 +388,9 @@ def search_triton(
     nb = cin // BLOCK
     g1 = g.float().reshape(-1).expand(n_e).contiguous()
     v_tab, nohalf = _tables(str(w.device))
+    s_tab = torch.empty(n_e, N_CAND, dtype=torch.float32, device=w.device)
+    r_tab = torch.empty_like(s_tab)
+    _table_kernel[(n_e,)](g1, v_tab, s_tab, r_tab, NC=N_CAND)
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
     flags = torch.zeros(4, dtype=torch.int32, device=w.device)
     hess = method == "local_hessian"
@@ -391,7 +410,7 @@ def search_triton(
     def launch():
         grid = (triton.cdiv(cout, block_rows), nb, n_e)
         _sweep_kernel[grid](
-            w3, g1, v_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
+            w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
             BR=block_rows, NC=N_CAND,
