@@ -115,6 +115,13 @@ def run_variants(w, h, g):
         for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
             t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw, "tf32x3", prune))  # noqa: B023
             out.append((f"mse prune={int(prune)}", br, nw, t))
+    for sb in (False, True):
+        for un in (2, 4):
+            t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, unroll=un,  # noqa: B023
+                                                    sparse_bound=sb))  # noqa: B023
+            out.append((f"hess sparse_bound={int(sb)} unroll={un}", 64, 4, t))
+            t = bench(lambda: kernels.search_triton(w, "mse", g, None, 128, 4, unroll=un, sparse_bound=sb))  # noqa: B023
+            out.append((f"mse sparse_bound={int(sb)} unroll={un}", 128, 4, t))
     for nw in (2, 8):
         t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, nw, factor=fac))  # noqa: B023
         out.append(("hess warps", 64, nw, t))

@@ -123,7 +123,7 @@ def _block_loss(a, neg, s, r, f, HESSIAN: tl.constexpr, QUAD: tl.constexpr):
 
 @triton.jit
 def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
-               HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr):
+               HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr, BOUND: tl.constexpr):
     """Try candidate c (per block) and move down one; a block whose clipping bound exceeds its best stops."""
     cc = tl.maximum(c, 0)
     s, r = _candidate(s_ptr, r_ptr, cc)
@@ -131,7 +131,7 @@ def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
     better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
-    if PRUNE:
+    if PRUNE and BOUND:  # the bound holds for every smaller candidate, so checking it on some steps only is safe
         err = tl.where(a >= 6.0 * s[:, None], a - q, 0.0)
         if HESSIAN:
             bound = tl.max(err * err * mu, axis=1)
@@ -143,7 +143,8 @@ def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
 
 
 @triton.jit
-def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr):
+def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr,
+             BOUND: tl.constexpr):
     """Try candidate c (per block) and move up one; a block whose zeroed-weight bound exceeds its best, or
     that has tried its first all-zero candidate, stops."""
     cc = tl.minimum(c, NC - 1)
@@ -152,10 +153,12 @@ def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC
     better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
-    zeroed = tl.where(q == 0.0, a, 0.0)
-    bound = tl.max(zeroed * zeroed * mu, axis=1)
     c = c + 1
-    return best, best_idx, active & ~(bound > best * 1.0001) & (c <= zero_at), c
+    active = active & (c <= zero_at)
+    if BOUND:  # zeroed weights stay zero for every larger candidate: checking on some steps only is safe
+        zeroed = tl.where(q == 0.0, a, 0.0)
+        active = active & ~(tl.max(zeroed * zeroed * mu, axis=1) > best * 1.0001)
+    return best, best_idx, active, c
 
 
 @triton.jit
@@ -184,6 +187,7 @@ def _sweep_kernel(
     CHECK: tl.constexpr,
     STATS: tl.constexpr,
     UNROLL: tl.constexpr,
+    SPARSE_BOUND: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
 ):
@@ -236,9 +240,9 @@ def _sweep_kernel(
     while n_active > 0:
         it1 += UNROLL
         work += n_active * UNROLL
-        for _ in tl.static_range(UNROLL):
+        for u in tl.static_range(UNROLL):
             best, best_idx, active, c = _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
-                                                   HESSIAN, PRUNE, QUAD)
+                                                   HESSIAN, PRUNE, QUAD, (u == UNROLL - 1) or not SPARSE_BOUND)
         n_active = tl.sum(active.to(tl.int32))
 
     # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
@@ -251,9 +255,9 @@ def _sweep_kernel(
         while n_active > 0:
             it2 += UNROLL
             work += n_active * UNROLL
-            for _ in tl.static_range(UNROLL):
+            for u in tl.static_range(UNROLL):
                 best, best_idx, active, c = _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
-                                                     zero_at, NC, QUAD)
+                                                     zero_at, NC, QUAD, (u == UNROLL - 1) or not SPARSE_BOUND)
             n_active = tl.sum(active.to(tl.int32))
 
     # The chosen amax, fp32(g * v / 448) rounded once from float64 as in numerics.scale_candidates.
@@ -371,6 +375,7 @@ def search_triton(
     checked: bool = True,
     stats: torch.Tensor | None = None,
     unroll: int = 2,
+    sparse_bound: bool = True,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
 
@@ -413,7 +418,7 @@ def search_triton(
             w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
-            BR=block_rows, NC=N_CAND,
+            SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND,
             num_warps=num_warps, enable_fp_fusion=False,
         )  # fmt: skip
 
