@@ -125,14 +125,15 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.float().reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
 
 
-def _default_block_amax(w: torch.Tensor) -> torch.Tensor:
+def block_max(w: torch.Tensor) -> torch.Tensor:
+    """Each 16-block's own amax: w [..., cin] -> fp32 [..., cin/16] (the 'max' scale choice)."""
     return _blocks(w).abs().amax(dim=-1)
 
 
 def _scales(w: torch.Tensor, block_amax: torch.Tensor | None, global_amax) -> tuple:
     """Validated (fp32 blocks [..., nb, 16], v [..., nb], s_g [...], s_b [..., nb])."""
     g = check_global_amax(global_amax, w)
-    a = _default_block_amax(w) if block_amax is None else check_block_amax(block_amax, w)
+    a = block_max(w) if block_amax is None else check_block_amax(block_amax, w)
     s_g = global_scale(g)
     sg_b = s_g.reshape(*s_g.shape, 1, 1)  # broadcast over [cout, nb]
     v = block_scale_code(a, sg_b)

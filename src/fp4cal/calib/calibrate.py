@@ -21,7 +21,7 @@ from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
 from fp4cal.calib.objective import block_scales, objectives
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
-from fp4cal.numerics import fake_quantize
+from fp4cal.numerics import block_max, fake_quantize
 from fp4cal.search import METHODS, search_scales
 from fp4cal.validation import BLOCK
 
@@ -154,7 +154,7 @@ def solve_target(
         h = h.to(w.device)
     block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
     scale, _ = block_scales(block_amax, g)
-    max_amax = search_scales(w, "max", global_amax=g)
+    max_amax = block_max(w)  # w and g were already checked by the search above
     loss_max, loss_chosen = objectives(w, [max_amax, block_amax], g, h)
     return WeightResult(
         name=t.name,
@@ -260,13 +260,28 @@ def calibrate(
     t1 = time.perf_counter()
     result = solve(targets, stats, method, min_expert_tokens, progress, backend)
     _sync(device)
-    t2 = time.perf_counter()
+    return finish(result, model, skipped, {"capture": t1 - t0, "search": time.perf_counter() - t1},
+                  fake_quantize, device, t0)
+
+
+def finish(
+    result: CalibrationResult,
+    model: nn.Module,
+    skipped: dict[str, str],
+    timings: dict[str, float],
+    fake_quantize: bool,
+    device: torch.device,
+    t0: float,
+) -> CalibrationResult:
+    """Last steps shared by calibrate() and calibrate_distributed(): record the skipped weights and phase
+    times, fake-quantize the model if asked (timed), and the total since t0."""
     result.skipped = skipped
-    result.timings = {"capture": t1 - t0, "search": t2 - t1}
+    result.timings = timings
     if fake_quantize:
+        t = time.perf_counter()
         fake_quantize_model(model, result)
         _sync(device)
-        result.timings["fake_quantize"] = time.perf_counter() - t2
+        result.timings["fake_quantize"] = time.perf_counter() - t
     result.timings["total"] = time.perf_counter() - t0
     return result
 

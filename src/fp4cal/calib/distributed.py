@@ -45,7 +45,7 @@ from fp4cal.calib.calibrate import (
     DEFAULT_MIN_EXPERT_TOKENS,
     _sync,
     capture_pass,
-    fake_quantize_model,
+    finish,
     group_global_amax,
     prepare_targets,
     solve_target,
@@ -544,12 +544,5 @@ def calibrate_distributed(
     _sync(device)
     t2 = time.perf_counter()
     result, phases = solve_distributed(targets, stats, method, min_expert_tokens, backend, group, progress)
-    t3 = time.perf_counter()
-    result.skipped = skipped
-    result.timings = {"capture": t1 - t0, "reduce": t2 - t1, **phases}
-    if fake_quantize:
-        fake_quantize_model(model, result)
-        _sync(device)
-        result.timings["fake_quantize"] = time.perf_counter() - t3
-    result.timings["total"] = time.perf_counter() - t0
-    return result
+    return finish(result, model, skipped, {"capture": t1 - t0, "reduce": t2 - t1, **phases}, fake_quantize,
+                  device, t0)

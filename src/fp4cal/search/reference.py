@@ -18,6 +18,7 @@ import torch
 
 from fp4cal.numerics import (
     _blocks,
+    block_max,
     e2m1_code,
     e2m1_value,
     fp8_e4m3_values,
@@ -80,7 +81,7 @@ def search_reference(
     (local_hessian only). method: 'max' | 'mse' | 'local_hessian'.
     """
     if method == "max":
-        return _blocks(w).abs().amax(-1)
+        return block_max(w)
     if w.dim() == 3:
         outs = []
         for e in range(w.shape[0]):
