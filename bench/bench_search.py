@@ -46,6 +46,33 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def bench_rounds(fns, rounds=5, rep=40):
+    """Median over rounds of each variant's do_bench median, the variants interleaved round by round: on the
+    lent H100s one variant's time moves by up to 1.5x over a run (clocks), so variants timed one after the
+    other are not comparable."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def dump_ir(out_dir):
+    """ttgir, ptx and register/spill counts of every compiled search kernel (for reading the layouts)."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    for fn in (kernels._sweep_kernel, kernels._refill_kernel):
+        for dev_cache in getattr(fn, "device_caches", {}).values():
+            for i, k in enumerate(dev_cache[0].values()):
+                k._init_handles()
+                print(f"{fn.__name__}[{i}]: regs {k.n_regs} spills {k.n_spills} warps {k.metadata.num_warps} "
+                      f"shared {k.metadata.shared}")
+                for ext in ("ttgir", "ptx"):
+                    with open(f"{out_dir}/{fn.__name__}_{i}.{ext}", "w") as f:
+                        f.write(k.asm[ext])
+
+
 def load_modelopt():
     try:
         from modelopt.torch.kernels.quantization.gemm import nvfp4_fp8_sweep as mo
@@ -69,8 +96,11 @@ def run_shape(name, cout, cin, mo, do_ref, rows):
     for method in ("mse", "local_hessian"):
         hh = h if method == "local_hessian" else None
         ours = search_scales(w, method, hh, g)
-        t_ours = bench(lambda: search_scales(w, method, hh, g))  # noqa: B023
-        r = {"fp4cal_ms": t_ours}
+        fns = {"fp4cal_ms": lambda: search_scales(w, method, hh, g)}  # noqa: B023
+        if method == "local_hessian":  # kernel path alone: slot-refill kernel vs one tile per program
+            for key, refill in (("refill_kernel_ms", True), ("tile_kernel_ms", False)):
+                fns[key] = lambda refill=refill: kernels.search_triton(w, method, g, hh, checked=False, refill=refill)  # noqa: B023
+        r = {}
         if do_ref:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -87,9 +117,11 @@ def run_shape(name, cout, cin, mo, do_ref, rows):
             else:
                 fn = lambda xb=xb: mo.nvfp4_fp8_scale_sweep_hessian(xb, g, h, block_size=16)  # noqa: E731
             theirs = fn().float().reshape(cout, cin // 16)
-            r["modelopt_ms"] = bench(fn)
+            fns["modelopt_ms"] = fn
             rep = compare_picks(w, g, ours, theirs, hh)
             r["parity_modelopt"] = f"{rep.differing} differ ({rep.ties} ties)"
+        r.update(bench_rounds(fns, rounds=3, rep=100))  # fp4cal and ModelOpt interleaved
+        t_ours = r["fp4cal_ms"]
         ops = OPS_MSE if method == "mse" else OPS_HESS
         r["floor_ms"] = cout * cin * N_CAND * ops / lane_rate() * 1e3
         r["gw_per_s"] = cout * cin / t_ours / 1e6
@@ -107,37 +139,28 @@ def run_variants(w, h, g):
     """Timings of kernel variants and host-side phases on one shape (what the tuning is based on)."""
     out = []
     fac = kernels.hessian_factor(h)
-    for prune in (True, False):
-        for quad in ("tf32x3", "ieee"):
-            for br, nw in ((32, 4), (64, 4), (128, 8)):
-                t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, br, nw, quad, prune, fac))  # noqa: B023
-                out.append((f"hess {quad} prune={int(prune)}", br, nw, t))
-        for br, nw in ((32, 4), (64, 4), (128, 4), (128, 8)):
-            t = bench(lambda: kernels.search_triton(w, "mse", g, None, br, nw, "tf32x3", prune))  # noqa: B023
-            out.append((f"mse prune={int(prune)}", br, nw, t))
-    for sb in (False, True):
-        for un in (2, 4):
-            t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, unroll=un,  # noqa: B023
-                                                    sparse_bound=sb))  # noqa: B023
-            out.append((f"hess sparse_bound={int(sb)} unroll={un}", 64, 4, t))
-            t = bench(lambda: kernels.search_triton(w, "mse", g, None, 128, 4, unroll=un, sparse_bound=sb))  # noqa: B023
-            out.append((f"mse sparse_bound={int(sb)} unroll={un}", 128, 4, t))
-    for nw in (2, 8):
-        t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, nw, factor=fac))  # noqa: B023
-        out.append(("hess warps", 64, nw, t))
-        t = bench(lambda: kernels.search_triton(w, "mse", g, None, 128, nw))  # noqa: B023
-        out.append(("mse warps", 128, nw, t))
-    for unroll in (1, 2, 4):
-        t = bench(lambda: kernels.search_triton(w, "local_hessian", g, h, 64, 4, factor=fac, unroll=unroll))  # noqa: B023
-        out.append((f"hess unroll={unroll}", 64, 4, t))
-        t = bench(lambda: kernels.search_triton(w, "mse", g, None, 128, 4, unroll=unroll))  # noqa: B023
-        out.append((f"mse unroll={unroll}", 128, 4, t))
+    fns = {}
+    for kw in ({"refill": False}, {"refill": False, "unroll": 4}, {}, {"refill_min": 8}, {"refill_min": 32},
+               {"unroll": 4}, {"unroll": 4, "refill_min": 32}, {"block_rows": 128}, {"num_warps": 2},
+               {"refill": False, "num_warps": 2}):
+        fns[f"hess {kw}"] = lambda kw=kw: kernels.search_triton(w, "local_hessian", g, h, factor=fac, **kw)
+    for kw in ({"refill": False}, {"refill": False, "unroll": 4}, {"refill": True}):
+        fns[f"mse {kw}"] = lambda kw=kw: kernels.search_triton(w, "mse", g, None, **kw)
+    mo = load_modelopt()
+    if mo is not None:
+        xb = w.reshape(-1, 16)
+        fns["ModelOpt hess"] = lambda: mo.nvfp4_fp8_scale_sweep_hessian(xb, g, h, block_size=16)
+        fns["ModelOpt mse"] = lambda: mo.nvfp4_fp8_scale_sweep(xb, g, block_size=16)
+    for k, t in bench_rounds(fns).items():
+        out.append((k, 0, 0, t))
     from fp4cal.validation import check_hessian, check_weight
 
-    for method, br in (("mse", 128), ("local_hessian", 64), ("local_hessian", 32)):
+    for method, br, refill in (("mse", 128, False), ("local_hessian", 64, False), ("local_hessian", 32, False),
+                               ("local_hessian", 64, True)):
         progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
         st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
-        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st)
+        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st, refill=refill)
+        print(f"(refill={refill})", end=" ")
         st = st.double()
         print(f"window stats {method} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
               f"{st[:, 0].max():.0f}, phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
@@ -146,6 +169,34 @@ def run_variants(w, h, g):
     out.append(("phase: check_weight", 0, 0, bench(lambda: check_weight(w, "w", allow_stack=True))))
     out.append(("phase: check_hessian", 0, 0, bench(lambda: check_hessian(h, w))))
     out.append(("phase: hessian_factor", 0, 0, bench(lambda: kernels.hessian_factor(h))))
+    return out
+
+
+def host_overhead(name, cout, cin):
+    """Where a small call's time goes: public call, kernel path without validation, CPU time per call,
+    GPU time alone (CUDA graph of the launches, no host sync) and a 16 x 16 call (pure overhead)."""
+    from triton.testing import do_bench_cudagraph
+
+    w, h = make_case(cout, cin)
+    g = w.float().abs().amax()
+    tiny_w, tiny_h = make_case(16, 16)
+    tiny_g = tiny_w.float().abs().amax()
+    out = []
+    for method in ("mse", "local_hessian"):
+        hh = h if method == "local_hessian" else None
+        fac = kernels.hessian_factor(h) if hh is not None else None
+        row = {"public": bench(lambda: search_scales(w, method, hh, g))}  # noqa: B023
+        row["kernel path"] = bench(lambda: kernels.search_triton(w, method, g, hh, checked=False))  # noqa: B023
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            search_scales(w, method, hh, g)
+        row["wall per call"] = (time.perf_counter() - t0) / 200 * 1e3
+        row["GPU only (graph)"] = do_bench_cudagraph(
+            lambda: kernels.search_triton(w, method, g, hh, factor=fac, sync=False))  # noqa: B023
+        th = tiny_h if method == "local_hessian" else None
+        row["16x16 public"] = bench(lambda: search_scales(tiny_w, method, th, tiny_g))  # noqa: B023
+        out.append((f"{name} {method}", row))
     return out
 
 
@@ -194,6 +245,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--dump-ir", help="write the compiled kernels' ttgir/ptx to this folder")
     args = ap.parse_args()
     dev_name = torch.cuda.get_device_name()
     print(dev_name, "torch", torch.__version__, "triton", triton.__version__)
@@ -207,6 +259,9 @@ def main():
         if args.variants and i == 0:
             variants = run_variants(w, h, g)
     run_moe(mo, rows)
+    overhead = host_overhead("1024x4096", 1024, 4096) if args.variants else []
+    if args.dump_ir:
+        dump_ir(args.dump_ir)
     totals = {}
     for method in ("mse", "local_hessian"):
         for key in ("fp4cal_ms", "modelopt_ms"):
@@ -215,11 +270,14 @@ def main():
                 totals[f"{method}_{key}"] = sum(v * c * LAYERS for v, (_, _, _, c) in zip(vals, SHAPES, strict=True))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev_name, "rows": rows, "variants": variants, "totals_ms": totals}, f, indent=1)
+            json.dump({"device": dev_name, "rows": rows, "variants": variants, "overhead": overhead,
+                       "totals_ms": totals}, f, indent=1)
     if variants:
         print("\nvariants (kernel + host prep, 4096x4096):")
         for name, br, nw, t in variants:
-            print(f"  {name:12s} BR={br:4d} warps={nw}  {t:7.3f} ms")
+            print(f"  {name:40s} BR={br:4d} warps={nw}  {t:7.3f} ms")
+    for label, row in overhead:
+        print(f"host overhead {label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
     print(f"\n{'shape':22s} {'method':6s} {'ref ms':>8s} {'fp4cal':>8s} {'ModelOpt':>9s} {'MO/ours':>8s} "
           f"{'ref/ours':>8s} {'Gw/s':>6s} {'floor':>7s}  parity(ref)              parity(ModelOpt)")
     for r in rows:
@@ -230,6 +288,10 @@ def main():
                   f"{fmt(mo_ms, '9.3f'):>9s} {fmt(mo_ms / ours if mo_ms else None, '8.2f'):>8s} "
                   f"{fmt(m['ref_ms'] / ours if 'ref_ms' in m else None, '8.0f'):>8s} {m['gw_per_s']:6.1f} "
                   f"{m['floor_ms']:7.3f}  {m.get('parity_ref', '-'):24s} {m.get('parity_modelopt', '-')}")
+    for r in rows[: len(SHAPES)]:
+        m = r["local_hessian"]
+        print(f"{r['shape']:22s} hess kernel path: refill {m['refill_kernel_ms']:.3f} ms, "
+              f"tile {m['tile_kernel_ms']:.3f} ms")
     for k, v in totals.items():
         print(f"whole Qwen3-8B ({LAYERS} layers) {k}: {v / 1e3:.3f} s")
     for method in ("mse", "local_hessian"):
