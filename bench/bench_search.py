@@ -62,7 +62,7 @@ def dump_ir(out_dir):
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    for fn in (kernels._sweep_kernel, kernels._refill_kernel):
+    for fn in (kernels._sweep_kernel,):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for i, k in enumerate(dev_cache[0].values()):
                 k._init_handles()
@@ -97,9 +97,6 @@ def run_shape(name, cout, cin, mo, do_ref, rows):
         hh = h if method == "local_hessian" else None
         ours = search_scales(w, method, hh, g)
         fns = {"fp4cal_ms": lambda: search_scales(w, method, hh, g)}  # noqa: B023
-        if method == "local_hessian":  # kernel path alone: slot-refill kernel vs one tile per program
-            for key, refill in (("refill_kernel_ms", True), ("tile_kernel_ms", False)):
-                fns[key] = lambda refill=refill: kernels.search_triton(w, method, g, hh, checked=False, refill=refill)  # noqa: B023
         r = {}
         if do_ref:
             torch.cuda.synchronize()
@@ -140,11 +137,10 @@ def run_variants(w, h, g):
     out = []
     fac = kernels.hessian_factor(h)
     fns = {}
-    for kw in ({"refill": False}, {"refill": False, "unroll": 4}, {}, {"refill_min": 8}, {"refill_min": 32},
-               {"unroll": 4}, {"unroll": 4, "refill_min": 32}, {"block_rows": 128}, {"num_warps": 2},
-               {"refill": False, "num_warps": 2}):
+    for kw in ({}, {"maxnreg": 0}, {"unroll": 4}, {"maxnreg": 80}, {"unroll": 4, "maxnreg": 0},
+               {"unroll": 4, "maxnreg": 80}, {"block_rows": 32}):
         fns[f"hess {kw}"] = lambda kw=kw: kernels.search_triton(w, "local_hessian", g, h, factor=fac, **kw)
-    for kw in ({"refill": False}, {"refill": False, "unroll": 4}, {"refill": True}):
+    for kw in ({}, {"unroll": 4}, {"maxnreg": 48}):
         fns[f"mse {kw}"] = lambda kw=kw: kernels.search_triton(w, "mse", g, None, **kw)
     mo = load_modelopt()
     if mo is not None:
@@ -155,12 +151,10 @@ def run_variants(w, h, g):
         out.append((k, 0, 0, t))
     from fp4cal.validation import check_hessian, check_weight
 
-    for method, br, refill in (("mse", 128, False), ("local_hessian", 64, False), ("local_hessian", 32, False),
-                               ("local_hessian", 64, True)):
+    for method, br in (("mse", 128), ("local_hessian", 64), ("local_hessian", 32)):
         progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
         st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
-        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st, refill=refill)
-        print(f"(refill={refill})", end=" ")
+        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st)
         st = st.double()
         print(f"window stats {method} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
               f"{st[:, 0].max():.0f}, phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
@@ -173,29 +167,46 @@ def run_variants(w, h, g):
 
 
 def host_overhead(name, cout, cin):
-    """Where a small call's time goes: public call, kernel path without validation, CPU time per call,
-    GPU time alone (CUDA graph of the launches, no host sync) and a 16 x 16 call (pure overhead)."""
+    """Where a small call's time goes: the public call (do_bench), the GPU work alone (a CUDA graph of the
+    launches, no host sync), and the host's CPU time per phase of one call (mean of 100 calls; validation,
+    issuing the launches, waiting for the GPU at the one synchronisation)."""
     from triton.testing import do_bench_cudagraph
+
+    from fp4cal.validation import check_global_amax, check_hessian, check_weight
 
     w, h = make_case(cout, cin)
     g = w.float().abs().amax()
-    tiny_w, tiny_h = make_case(16, 16)
-    tiny_g = tiny_w.float().abs().amax()
     out = []
     for method in ("mse", "local_hessian"):
         hh = h if method == "local_hessian" else None
-        fac = kernels.hessian_factor(h) if hh is not None else None
         row = {"public": bench(lambda: search_scales(w, method, hh, g))}  # noqa: B023
-        row["kernel path"] = bench(lambda: kernels.search_triton(w, method, g, hh, checked=False))  # noqa: B023
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            search_scales(w, method, hh, g)
-        row["wall per call"] = (time.perf_counter() - t0) / 200 * 1e3
         row["GPU only (graph)"] = do_bench_cudagraph(
-            lambda: kernels.search_triton(w, method, g, hh, factor=fac, sync=False))  # noqa: B023
-        th = tiny_h if method == "local_hessian" else None
-        row["16x16 public"] = bench(lambda: search_scales(tiny_w, method, th, tiny_g))  # noqa: B023
+            lambda: kernels.search_triton(w, method, g, hh, sync=False))  # noqa: B023
+        phases = {"cpu validate": 0.0, "cpu launches": 0.0, "wait for GPU": 0.0}
+        n = 100
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            check_weight(w, "w", allow_stack=True, values=False)
+            g2 = check_global_amax(g, w, values=False)
+            if hh is not None:
+                check_hessian(hh, w, values=False)
+            t1 = time.perf_counter()
+            kernels.search_triton(w, method, g2, hh, checked=False, sync=False)
+            t2 = time.perf_counter()
+            torch.cuda.synchronize()
+            t3 = time.perf_counter()
+            phases["cpu validate"] += (t1 - t0) * 1e3 / n
+            phases["cpu launches"] += (t2 - t1) * 1e3 / n
+            phases["wait for GPU"] += (t3 - t2) * 1e3 / n
+        row.update(phases)
+        if hh is not None:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                kernels._factor(h)
+            row["cpu per factor launch"] = (time.perf_counter() - t0) * 1e3 / n
+            torch.cuda.synchronize()
         out.append((f"{name} {method}", row))
     return out
 
@@ -259,7 +270,9 @@ def main():
         if args.variants and i == 0:
             variants = run_variants(w, h, g)
     run_moe(mo, rows)
-    overhead = host_overhead("1024x4096", 1024, 4096) if args.variants else []
+    overhead = []
+    if args.variants:
+        overhead = host_overhead("1024x4096", 1024, 4096) + host_overhead("4096x4096", 4096, 4096)
     if args.dump_ir:
         dump_ir(args.dump_ir)
     totals = {}
@@ -288,10 +301,6 @@ def main():
                   f"{fmt(mo_ms, '9.3f'):>9s} {fmt(mo_ms / ours if mo_ms else None, '8.2f'):>8s} "
                   f"{fmt(m['ref_ms'] / ours if 'ref_ms' in m else None, '8.0f'):>8s} {m['gw_per_s']:6.1f} "
                   f"{m['floor_ms']:7.3f}  {m.get('parity_ref', '-'):24s} {m.get('parity_modelopt', '-')}")
-    for r in rows[: len(SHAPES)]:
-        m = r["local_hessian"]
-        print(f"{r['shape']:22s} hess kernel path: refill {m['refill_kernel_ms']:.3f} ms, "
-              f"tile {m['tile_kernel_ms']:.3f} ms")
     for k, v in totals.items():
         print(f"whole Qwen3-8B ({LAYERS} layers) {k}: {v / 1e3:.3f} s")
     for method in ("mse", "local_hessian"):

@@ -68,10 +68,13 @@ def _e2m1_times_scale(a, s, r):
 
 
 @triton.jit
-def _table_kernel(g_ptr, v_ptr, s_ptr, r_ptr, NC: tl.constexpr):
+def _table_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, NC: tl.constexpr):
     """Per tensor e: s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0), s_g = fp32(g / 2688);
-    one IEEE division per candidate here instead of one per block and candidate in the sweep."""
+    one IEEE division per candidate here instead of one per block and candidate in the sweep. Program 0 also
+    clears the 4 value flags (one launch fewer per call)."""
     e = tl.program_id(0).to(tl.int64)
+    fi = tl.arange(0, 4)
+    tl.store(flag_ptr + fi, tl.zeros([4], tl.int32), mask=fi + e * 4 < 4)  # program 0 only
     c = tl.arange(0, 128)
     ok = c < NC
     sg = tl.div_rn(tl.load(g_ptr + e), 2688.0)
@@ -132,7 +135,10 @@ def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
     if PRUNE and BOUND:  # the bound holds for every smaller candidate, so checking it on some steps only is safe
-        err = tl.where(a >= 6.0 * s[:, None], a - q, 0.0)
+        # a >= 6 s clips: q = fp32(6 s) exactly, so the error is written without q, which lets the compiler
+        # compute it in the reduction's layout without redoing the rounding there
+        six_s = 6.0 * s[:, None]
+        err = tl.where(a >= six_s, a - six_s, 0.0)
         if HESSIAN:
             bound = tl.max(err * err * mu, axis=1)
         else:
@@ -156,7 +162,9 @@ def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC
     c = c + 1
     active = active & (c <= zero_at)
     if BOUND:  # zeroed weights stay zero for every larger candidate: checking on some steps only is safe
-        zeroed = tl.where(q == 0.0, a, 0.0)
+        # a <= s / 4 implies fp32(a / s) <= 1/4, which rounds to 0 (the tie goes to the even 0): a subset of
+        # the zeroed weights, so still a lower bound, found without the rounding (see _step_down)
+        zeroed = tl.where(a <= 0.25 * s[:, None], a, 0.0)
         active = active & ~(tl.max(zeroed * zeroed * mu, axis=1) > best * 1.0001)
     return best, best_idx, active, c
 
@@ -272,159 +280,7 @@ def _sweep_kernel(
 
 
 @triton.jit
-def _step_either(a, neg, f, mu, s_ptr, r_ptr, c, state, top, zero_at, best, best_idx,
-                 HESSIAN: tl.constexpr, QUAD: tl.constexpr, BOUND: tl.constexpr, NC: tl.constexpr):
-    """One candidate for every slot of the refill kernel, each slot in its own phase (state 1: walking down
-    from top, 2: walking up from top + 1, 0: finished). Same rules as _step_down / _step_up."""
-    cc = tl.minimum(tl.maximum(c, 0), NC - 1)
-    s, r = _candidate(s_ptr, r_ptr, cc)
-    loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
-    down = state == 1
-    # walking down, '<=' keeps the smaller candidate on ties; walking up, strict '<' does
-    better = (state != 0) & ((loss < best) | (down & (loss == best)))
-    best = tl.where(better, loss, best)
-    best_idx = tl.where(better, cc, best_idx)
-    c_next = tl.where(down, c - 1, c + 1)
-    stop = c_next < 0
-    if HESSIAN:
-        stop = tl.where(down, stop, c_next > zero_at)
-    if BOUND:  # both bounds hold for every further candidate in their direction (module docstring)
-        clip = tl.where(a >= 6.0 * s[:, None], a - q, 0.0)
-        if HESSIAN:  # two reductions, selected per slot (a per-slot select of [BR, 16] costs layout changes)
-            zeroed = tl.where(q == 0.0, a, 0.0)
-            bound = tl.where(down, tl.max(clip * clip * mu, axis=1), tl.max(zeroed * zeroed * mu, axis=1))
-        else:
-            bound = tl.sum(clip * clip, axis=1)
-        stop = stop | (bound > best * 1.0001)
-    if HESSIAN:  # down -> up at top + 1 (if that is still below the first all-zero candidate); up -> done
-        up_next = down & stop & (top + 1 <= zero_at)
-        state = tl.where(stop, tl.where(up_next, 2, 0), state)
-        c = tl.where(up_next, top + 1, c_next)
-    else:
-        state = tl.where(stop, 0, state)
-        c = c_next
-    return best, best_idx, state, c
-
-
-@triton.jit
-def _refill_kernel(
-    w_ptr,
-    g_ptr,
-    v_ptr,
-    s_tab_ptr,
-    r_tab_ptr,
-    f_ptr,
-    mu_ptr,
-    nohalf_ptr,
-    out_ptr,
-    flag_ptr,
-    stats_ptr,
-    cout,
-    nb,
-    rows_per_prog,
-    stride_we,
-    stride_wr,
-    stride_wc,
-    stride_fe,
-    stride_oe,
-    HESSIAN: tl.constexpr,
-    QUAD: tl.constexpr,
-    CHECK: tl.constexpr,
-    STATS: tl.constexpr,
-    UNROLL: tl.constexpr,
-    REFILL_MIN: tl.constexpr,
-    BR: tl.constexpr,
-    NC: tl.constexpr,
-):
-    """Same search as _sweep_kernel (with pruning), but a program owns one block column j and a range of
-    rows, and keeps BR slots busy: a slot whose block has finished its window stores the pick and loads the
-    next row, so the tile no longer waits for its slowest block (the windows differ in length by ~2x)."""
-    pid_r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
-    e = tl.program_id(2).to(tl.int64)
-    r_begin = pid_r * rows_per_prog
-    r_end = tl.minimum(r_begin + rows_per_prog, cout)
-    cols = tl.arange(0, 16)
-    g = tl.load(g_ptr + e)
-    sg = tl.div_rn(g, 2688.0)
-    s_ptr = s_tab_ptr + e * NC
-    r_ptr = r_tab_ptr + e * NC
-    if CHECK:
-        tl.atomic_max(flag_ptr + 1, 1, mask=(g != g) | (g < 0) | (g == float("inf")))
-    tl.atomic_max(flag_ptr + 2, 1, mask=(sg != 0) & ((sg < 8.673617379884035e-19) | (sg > 1.152921504606847e18)))
-    if HESSIAN:
-        f = tl.load(f_ptr + e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :])
-        mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
-    else:
-        f = tl.zeros([16, 16], tl.float32)
-        mu = tl.full([1, 16], 1.0, tl.float32)
-    col_off = e * stride_we + (j * 16 + cols[None, :]) * stride_wc
-
-    # Slots start finished with no row. Outer loop: store the picks of finished slots and load the next rows
-    # into them; inner loop: step every slot until REFILL_MIN slots wait. The weights a, neg change only in
-    # the outer loop, so the compiler keeps them in the tensor-core operand layout across the inner loop.
-    row = tl.full([BR], -1, tl.int64)
-    state = tl.zeros([BR], tl.int32)
-    c = tl.zeros([BR], tl.int32)
-    top = tl.zeros([BR], tl.int32)
-    zero_at = tl.zeros([BR], tl.int32)
-    best = tl.full([BR], float("inf"), tl.float32)
-    best_idx = tl.zeros([BR], tl.int32)
-    next_row = r_begin
-    n_fin = BR
-    n_live = 0
-    rounds = 0
-    work = 0
-    while (n_live > 0) | (n_fin > 0):
-        fin = state == 0
-        v_best = tl.load(v_ptr + best_idx).to(tl.float64)
-        amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)
-        tl.store(out_ptr + e * stride_oe + row * nb + j, amax, mask=fin & (row >= 0))
-        new_row = next_row + (tl.cumsum(fin.to(tl.int32), 0) - 1).to(tl.int64)
-        take = fin & (new_row < r_end)
-        next_row += tl.sum(fin.to(tl.int32))
-        row = tl.where(fin, tl.where(take, new_row, -1), row)
-        # every slot's weights are re-read here (L1/L2 hits for the kept rows): a and neg then come from a load
-        # in this loop body, not from a loop-carried value, and the compiler keeps them in the operand layout
-        w = tl.load(w_ptr + col_off + row[:, None] * stride_wr, mask=(row >= 0)[:, None], other=0.0).to(tl.float32)
-        if CHECK:
-            n_bad = tl.sum(tl.sum(((w != w) | (tl.abs(w) == float("inf"))).to(tl.int32), axis=1), axis=0)
-            tl.atomic_max(flag_ptr, 1, mask=n_bad > 0)
-        a = tl.abs(w)
-        neg = w < 0
-        m = tl.max(a, axis=1)
-        first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC)
-        nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
-        t = tl.where(first >= NC, NC - 1, tl.maximum(tl.maximum(first - 1, nohalf), 0))
-        top = tl.where(take, t, top)
-        c = tl.where(take, t, c)
-        if HESSIAN:
-            z = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, NC), NC - 1)
-            zero_at = tl.where(take, z, zero_at)
-        state = tl.where(take, 1, state)
-        best = tl.where(take, float("inf"), best)
-        best_idx = tl.where(take, 0, best_idx)
-        n_live = tl.sum((state != 0).to(tl.int32))
-        n_fin = 0
-        go = n_live > 0
-        while go:
-            rounds += UNROLL
-            work += n_live * UNROLL
-            for u in tl.static_range(UNROLL):
-                best, best_idx, state, c = _step_either(a, neg, f, mu, s_ptr, r_ptr, c, state, top, zero_at, best,
-                                                        best_idx, HESSIAN, QUAD, u == UNROLL - 1, NC)
-            n_live = tl.sum((state != 0).to(tl.int32))
-            n_fin = tl.sum(((state == 0) & ((row >= 0) | (next_row < r_end))).to(tl.int32))
-            go = (n_live > 0) & (n_fin < REFILL_MIN)
-    if STATS:
-        pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
-        tl.store(stats_ptr + pid * 3, rounds)
-        tl.store(stats_ptr + pid * 3 + 1, 0)
-        tl.store(stats_ptr + pid * 3 + 2, work)
-
-
-@triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr):
+def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, FLAG: tl.constexpr):
     """One 16x16 block per program: float64 Cholesky H = L L^T of the symmetrised block and
     mu_i = 1 / (H^-1)_ii. status: 0 done; 1 a pivot at or below 1e-12 of its diagonal (singular, zero or
     not positive definite: the host redoes the block by eigendecomposition); 2 non-finite input."""
@@ -458,17 +314,21 @@ def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr):
     tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
-    tl.store(status_ptr + pid, tl.where(n_bad > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0)))
+    status = tl.where(n_bad > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0))
+    tl.store(status_ptr + pid, status)
+    if FLAG:  # the worst status, for the sweep's single host read
+        tl.atomic_max(flag_ptr, status, mask=status > 0)
 
 
-def _factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F, mu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation."""
+def _factor(h: torch.Tensor, flag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, mu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation.
+    flag: optional int32 [1] that receives max(flag, worst status)."""
     hc = h.float().contiguous()
     n = hc.numel() // 256
     f = torch.empty_like(hc)
     mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
     status = torch.empty(n, dtype=torch.int32, device=h.device)
-    _factor_kernel[(n,)](hc, f, mu, status)
+    _factor_kernel[(n,)](hc, f, mu, status, status if flag is None else flag, FLAG=flag is not None)
     return f, mu, status
 
 
@@ -495,13 +355,6 @@ def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if worst == 1:
         _refactor_by_eigh(h, f, mu, status)
     return f, mu
-
-
-def _rows_per_program(cout: int, columns: int, block_rows: int, device: torch.device) -> int:
-    """Rows per refill program: enough programs for ~8 per SM (latency hiding), else whole columns."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    chunks = max(1, round(8 * sms / columns))
-    return max(block_rows, triton.cdiv(cout, chunks))
 
 
 @functools.cache
@@ -535,9 +388,7 @@ def search_triton(
     stats: torch.Tensor | None = None,
     unroll: int = 2,
     sparse_bound: bool = True,
-    refill: bool | None = None,
-    rows_per_prog: int | None = None,
-    refill_min: int = 16,
+    maxnreg: int | None = None,
     sync: bool = True,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
@@ -546,8 +397,8 @@ def search_triton(
         run on the device and raise the messages of fp4cal.validation.
     factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
     stats: optional int32 [programs, 3] filled with per-program iteration counts (benchmark diagnostics).
-    refill: use _refill_kernel (default for local_hessian): each program keeps block_rows slots busy over
-        rows_per_prog rows of one block column, refilling a slot as soon as its block is done.
+    maxnreg: register cap per thread (None: 96 for local_hessian, measured on H100, none for mse; 0: none):
+        the local-Hessian sweep wants ~120 registers, which allows 4 programs per SM; 96 allows 5.
     sync=False: return right after the launches, without reading the value flags (benchmarks only: lets a
         CUDA graph capture the call to time the GPU work alone).
     Global amax outside the exact range (module docstring) goes to the reference.
@@ -562,14 +413,14 @@ def search_triton(
     v_tab, nohalf = _tables(str(w.device))
     s_tab = torch.empty(n_e, N_CAND, dtype=torch.float32, device=w.device)
     r_tab = torch.empty_like(s_tab)
-    _table_kernel[(n_e,)](g1, v_tab, s_tab, r_tab, NC=N_CAND)
+    flags = torch.empty(4, dtype=torch.int32, device=w.device)  # cleared by _table_kernel
+    _table_kernel[(n_e,)](g1, v_tab, s_tab, r_tab, flags, NC=N_CAND)
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
-    flags = torch.zeros(4, dtype=torch.int32, device=w.device)
     hess = method == "local_hessian"
     status = None
     if hess:
         if factor is None:
-            f, mu, status = _factor(hessian)
+            f, mu, status = _factor(hessian, flags[3:])
         else:
             f, mu = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
@@ -578,35 +429,22 @@ def search_triton(
         stride_fe = 0
     if block_rows is None:
         block_rows = 64 if hess else 128  # measured on H100 (BENCHMARKS.md)
-    if refill is None:
-        refill = hess and prune
-    if refill and rows_per_prog is None:
-        rows_per_prog = _rows_per_program(cout, nb * n_e, block_rows, w.device)
+    if maxnreg is None:
+        maxnreg = 96 if hess else 0  # measured on H100 (BENCHMARKS.md)
 
     def launch():
-        if refill:
-            grid = (triton.cdiv(cout, rows_per_prog), nb, n_e)
-            _refill_kernel[grid](
-                w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
-                rows_per_prog, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-                HESSIAN=hess, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
-                REFILL_MIN=refill_min, BR=block_rows, NC=N_CAND, num_warps=num_warps, enable_fp_fusion=False,
-            )  # fmt: skip
-            return
         grid = (triton.cdiv(cout, block_rows), nb, n_e)
         _sweep_kernel[grid](
             w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
             SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND,
-            num_warps=num_warps, enable_fp_fusion=False,
+            num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
 
     launch()
     if not sync:
         return out if stack else out[0]
-    if status is not None:
-        flags[3:4] = status.amax()
     bad_w, bad_g, out_of_range, fstatus = flags.tolist()  # the one synchronisation
     if bad_w:
         check_finite(w, "w")
