@@ -166,6 +166,18 @@ def test_kernel_path_validation(make, match, device_for_kernels):
         fp4cal.search_scales(*args, backend="reference", **kwargs)
 
 
+@pytest.mark.parametrize("where", [(2, 23, 47), (1, 0, 0), (0, 11, 16)])
+def test_value_scan_finds_one_bad_weight(where, device_for_kernels):
+    """The kernel path's value scan covers every weight of a strided expert stack, with a shared Hessian."""
+    dev = device_for_kernels
+    w = (torch.randn(3, 48, 24, device=dev) * 0.02).transpose(1, 2)  # [3, 24, 48], non-contiguous
+    w[where] = float("inf")
+    h = make_hessian("psd", 48, dev, seed=1)
+    for method, hh in (("mse", None), ("local_hessian", h)):
+        with pytest.raises(ValueError, match="w has 1 non-finite"):
+            fp4cal.search_scales(w, method, hh, torch.tensor(0.1, device=dev), backend="triton")
+
+
 @pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag"])
 def test_hessian_factor(hkind, device_for_kernels):
     from fp4cal.search.kernels import hessian_factor

@@ -49,6 +49,7 @@ from fp4cal.numerics import fp8_e4m3_values
 from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
 N_CAND = 126
+_SCAN_ROWS = 16  # weight rows per value-scan program of _prep_kernel
 # s_g range where the division-free rounding is provably exact (no subnormal intermediates).
 _SG_MIN = 2.0**-60
 _SG_MAX = 2.0**60
@@ -68,20 +69,57 @@ def _e2m1_times_scale(a, s, r):
 
 
 @triton.jit
-def _table_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, NC: tl.constexpr):
-    """Per tensor e: s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0), s_g = fp32(g / 2688);
-    one IEEE division per candidate here instead of one per block and candidate in the sweep. Program 0 also
-    clears the 4 value flags (one launch fewer per call)."""
-    e = tl.program_id(0).to(tl.int64)
-    fi = tl.arange(0, 4)
-    tl.store(flag_ptr + fi, tl.zeros([4], tl.int32), mask=fi + e * 4 < 4)  # program 0 only
+def _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, e, NC: tl.constexpr):
+    """Tensor e: s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0), s_g = fp32(g / 2688), one
+    IEEE division per candidate here instead of one per block and candidate in the sweep. Flags: 1 g not
+    finite or negative, 2 s_g outside the range where the division-free rounding is exact (the host then uses
+    the reference); the two literals below are _SG_MIN = 2^-60 and _SG_MAX = 2^60."""
     c = tl.arange(0, 128)
     ok = c < NC
-    sg = tl.div_rn(tl.load(g_ptr + e), 2688.0)
+    g = tl.load(g_ptr + e)
+    sg = tl.div_rn(g, 2688.0)
     s = tl.load(v_ptr + c, mask=ok, other=0.0) * sg
     r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
     tl.store(s_ptr + e * NC + c, s, mask=ok)
     tl.store(r_ptr + e * NC + c, r, mask=ok)
+    tl.atomic_max(flag_ptr + 1, 1, mask=(g != g) | (g < 0) | (g == float("inf")))
+    tl.atomic_max(flag_ptr + 2, 1, mask=(sg != 0) & ((sg < 8.673617379884035e-19) | (sg > 1.152921504606847e18)))
+
+
+@triton.jit
+def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stride_wc, SR: tl.constexpr,
+               SC: tl.constexpr):
+    """Flag 0 if any of rows [p * SR, (p + 1) * SR) of w (viewed as [E * cout, cin]) is not finite."""
+    rr = p * SR + tl.arange(0, SR).to(tl.int64)
+    e = rr // cout
+    base = e * stride_we + (rr - e * cout) * stride_wr
+    n_bad = tl.zeros([SR, SC], tl.int32)
+    for k in range(0, cin, SC):
+        cols = k + tl.arange(0, SC)
+        m = (rr < n_rows)[:, None] & (cols < cin)[None, :]
+        x = tl.load(w_ptr + base[:, None] + cols[None, :].to(tl.int64) * stride_wc, mask=m, other=0.0)
+        n_bad += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+    tl.atomic_max(flag_ptr, 1, mask=tl.sum(tl.sum(n_bad, axis=1), axis=0) > 0)
+
+
+@triton.jit
+def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, status_ptr, w_ptr, n_e, n_hb, n_rows,
+                 cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
+                 NC: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
+    """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
+    [0, n_e): candidate tables and global-amax flags; then n_hb programs (FACTOR): one Hessian block each
+    (_factor_block, worst status to flag 3); then (SCAN) programs of SR weight rows each: flag 0 on a
+    non-finite weight. Flags must be zero on entry."""
+    pid = tl.program_id(0)
+    if pid < n_e:
+        _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64), NC)
+    elif pid < n_e + n_hb:
+        if FACTOR:
+            _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64), True)
+    else:
+        if SCAN:
+            _scan_rows(w_ptr, flag_ptr, (pid - n_e - n_hb).to(tl.int64), n_rows, cout, cin, stride_we, stride_wr,
+                       stride_wc, SR, SC)
 
 
 @triton.jit
@@ -180,7 +218,6 @@ def _sweep_kernel(
     mu_ptr,
     nohalf_ptr,
     out_ptr,
-    flag_ptr,
     stats_ptr,
     cout,
     nb,
@@ -192,7 +229,6 @@ def _sweep_kernel(
     HESSIAN: tl.constexpr,
     PRUNE: tl.constexpr,
     QUAD: tl.constexpr,
-    CHECK: tl.constexpr,
     STATS: tl.constexpr,
     UNROLL: tl.constexpr,
     SPARSE_BOUND: tl.constexpr,
@@ -211,17 +247,8 @@ def _sweep_kernel(
     neg = w < 0
     m = tl.max(a, axis=1)
     g = tl.load(g_ptr + e)
-    sg = tl.div_rn(g, 2688.0)
     s_ptr = s_tab_ptr + e * NC  # this tensor's candidate tables
     r_ptr = r_tab_ptr + e * NC
-    # Value checks on the device (flags read once by the host): 0 non-finite w, 1 bad g, 2 g outside the
-    # range where the division-free rounding is exact (the host then uses the reference).
-    if CHECK:
-        n_bad = tl.sum(((w != w) | (tl.abs(w) == float("inf"))).to(tl.int32))
-        tl.atomic_max(flag_ptr, 1, mask=n_bad > 0)
-        tl.atomic_max(flag_ptr + 1, 1, mask=(g != g) | (g < 0) | (g == float("inf")))
-    tl.atomic_max(flag_ptr + 2, 1, mask=(sg != 0) & ((sg < 8.673617379884035e-19) | (sg > 1.152921504606847e18)))
-    # (those two literals are _SG_MIN = 2^-60 and _SG_MAX = 2^60)
     if HESSIAN:
         f = tl.load(f_ptr + e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :])
         mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
@@ -280,11 +307,16 @@ def _sweep_kernel(
 
 
 @triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, FLAG: tl.constexpr):
-    """One 16x16 block per program: float64 Cholesky H = L L^T of the symmetrised block and
-    mu_i = 1 / (H^-1)_ii. status: 0 done; 1 a pivot at or below 1e-12 of its diagonal (singular, zero or
-    not positive definite: the host redoes the block by eigendecomposition); 2 non-finite input."""
-    pid = tl.program_id(0).to(tl.int64)
+def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr):
+    """One 16x16 block per program (_factor_block)."""
+    _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, status_ptr, tl.program_id(0).to(tl.int64), False)
+
+
+@triton.jit
+def _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
+    """Block pid: float64 Cholesky H = L L^T of the symmetrised block and mu_i = 1 / (H^-1)_ii. status:
+    0 done; 1 a pivot at or below 1e-12 of its diagonal (singular, zero or not positive definite: the host
+    redoes the block by eigendecomposition); 2 non-finite input. FLAG: also max the status into flag_ptr."""
     i = tl.arange(0, 16)
     h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
     a = (h + tl.trans(h)) * 0.5
@@ -320,15 +352,19 @@ def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, FLAG: tl.constexp
         tl.atomic_max(flag_ptr, status, mask=status > 0)
 
 
-def _factor(h: torch.Tensor, flag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F, mu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation.
-    flag: optional int32 [1] that receives max(flag, worst status)."""
+def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h as contiguous fp32, F, mu, status) buffers for _factor_block."""
     hc = h.float().contiguous()
-    n = hc.numel() // 256
     f = torch.empty_like(hc)
     mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
-    status = torch.empty(n, dtype=torch.int32, device=h.device)
-    _factor_kernel[(n,)](hc, f, mu, status, status if flag is None else flag, FLAG=flag is not None)
+    status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
+    return hc, f, mu, status
+
+
+def _factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, mu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation."""
+    hc, f, mu, status = _factor_buffers(h)
+    _factor_kernel[(status.numel(),)](hc, f, mu, status)
     return f, mu, status
 
 
@@ -358,7 +394,7 @@ def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _tables(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 values fp32 [126], int32 [126]: the largest c' >= c whose value has no half among the
     candidates, -1 if none), cached per device."""
     v = fp8_e4m3_values().tolist()
@@ -391,8 +427,11 @@ def search_triton(
     maxnreg: int | None = None,
     sync: bool = True,
 ) -> torch.Tensor:
-    """Kernel path of search_scales (see search_scales for shapes). One host synchronisation per call.
+    """Kernel path of search_scales (see search_scales for shapes).
 
+    Two launches: _prep_kernel (candidate tables, Hessian factors, value checks) and the sweep. The host waits
+    once, for the prep kernel's flags only (copied before the sweep is queued), so the call returns while the
+    sweep still runs and the next call's host work overlaps it.
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0)
         run on the device and raise the messages of fp4cal.validation.
     factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
@@ -409,24 +448,38 @@ def search_triton(
     w3 = w if stack else w.unsqueeze(0)
     n_e, cout, cin = w3.shape
     nb = cin // BLOCK
+    dev = w.device
     g1 = g.float().reshape(-1).expand(n_e).contiguous()
-    v_tab, nohalf = _tables(str(w.device))
-    s_tab = torch.empty(n_e, N_CAND, dtype=torch.float32, device=w.device)
-    r_tab = torch.empty_like(s_tab)
-    flags = torch.empty(4, dtype=torch.int32, device=w.device)  # cleared by _table_kernel
-    _table_kernel[(n_e,)](g1, v_tab, s_tab, r_tab, flags, NC=N_CAND)
-    out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=w.device)
+    v_tab, nohalf = _tables(dev)
+    tabs = torch.empty(2, n_e, N_CAND, dtype=torch.float32, device=dev)
+    s_tab, r_tab = tabs[0], tabs[1]
+    flags = torch.zeros(4, dtype=torch.int32, device=dev)  # 0 bad w, 1 bad g, 2 g out of range, 3 factor status
     hess = method == "local_hessian"
     status = None
+    n_hb = 0
     if hess:
         if factor is None:
-            f, mu, status = _factor(hessian, flags[3:])
+            hc, f, mu, status = _factor_buffers(hessian)
+            n_hb = status.numel()
         else:
             f, mu = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
         f = mu = v_tab  # unused placeholder pointers
         stride_fe = 0
+    n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
+    _prep_kernel[(n_e + n_hb + n_scan,)](
+        g1, v_tab, s_tab, r_tab, flags, hc if n_hb else flags, f if n_hb else flags, mu if n_hb else flags,
+        status if n_hb else flags, w3, n_e, n_hb, n_e * cout, cout, cin, w3.stride(0), w3.stride(1), w3.stride(2),
+        FACTOR=n_hb > 0, SCAN=n_scan > 0, NC=N_CAND, SR=_SCAN_ROWS, SC=128,
+    )  # fmt: skip
+    host_flags = None
+    if sync and dev.type == "cuda":  # copy the flags before the sweep is queued: they are ready long before it
+        host_flags = torch.empty(4, dtype=torch.int32, pin_memory=True)
+        host_flags.copy_(flags, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     if block_rows is None:
         block_rows = 64 if hess else 128  # measured on H100 (BENCHMARKS.md)
     if maxnreg is None:
@@ -435,9 +488,9 @@ def search_triton(
     def launch():
         grid = (triton.cdiv(cout, block_rows), nb, n_e)
         _sweep_kernel[grid](
-            w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags, flags if stats is None else stats, cout, nb,
+            w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-            HESSIAN=hess, PRUNE=prune, QUAD=quad, CHECK=not checked, STATS=stats is not None, UNROLL=unroll,
+            HESSIAN=hess, PRUNE=prune, QUAD=quad, STATS=stats is not None, UNROLL=unroll,
             SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND,
             num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
@@ -445,7 +498,11 @@ def search_triton(
     launch()
     if not sync:
         return out if stack else out[0]
-    bad_w, bad_g, out_of_range, fstatus = flags.tolist()  # the one synchronisation
+    if host_flags is not None:
+        ready.synchronize()  # the one host wait: prep kernel and flag copy, not the sweep
+        bad_w, bad_g, out_of_range, fstatus = host_flags.tolist()
+    else:  # interpreter (CPU tensors): everything has run already
+        bad_w, bad_g, out_of_range, fstatus = flags.tolist()
     if bad_w:
         check_finite(w, "w")
     if fstatus == 2:
@@ -454,7 +511,7 @@ def search_triton(
         check_global_amax_values(g)
     if out_of_range:
         return search_reference(w, method, g, hessian)
-    if fstatus == 1:  # rare: a singular block; refactor those blocks and sweep again
+    if fstatus == 1:  # rare: a singular block; refactor those blocks and sweep again (queued after the first)
         _refactor_by_eigh(hessian, f, mu, status)
         launch()
     return out if stack else out[0]
