@@ -64,8 +64,8 @@ def search_scales(
         backend = "reference"
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' was asked for but the triton package is not importable")
-    # The kernel path scans values (finite, g >= 0) on the device inside its own launches and raises the same
-    # messages, so that a call costs one host synchronisation instead of one per check.
+    # The kernel path scans values (finite, g >= 0) on the device inside its own prep launch and raises the same
+    # messages; the host waits for that launch only, not for the sweep (see kernels.search_triton).
     scan = backend == "reference"
     check_weight(w, "w", allow_stack=True, values=scan)
     g = check_global_amax(global_amax, w, values=scan)
