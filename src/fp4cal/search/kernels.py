@@ -24,14 +24,19 @@ Candidates that cannot win are skipped, with proofs (each block walks its own co
 - MSE, top: if every x <= 3 at candidate c and v_c / 2 is also a candidate, the grid of v_c / 2 contains
   the grid of v_c on [0, 3 s_c], so every |dw| is no larger there: c is dominated by a smaller candidate.
 - local-Hessian, top: from the first candidate at which every weight rounds to 0 on, all losses equal
-  w^T H w, and ties go to the smaller candidate. Going up from the MSE top, a weight that rounded to 0
-  stays 0, so mu_i * w_i^2 bounds every higher candidate's loss from below, where
+  w^T H w, and ties go to the smaller candidate. Going up from the MSE top, a weight with |w| <= s_c / 4
+  rounds to 0 (fp32(|w| / s_c) <= 1/4, the tie going to the even 0) and stays 0 for every larger candidate,
+  so mu_i * w_i^2 over those weights bounds every higher candidate's loss from below, where
   mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii.
 - bottom: a weight that clips (|w| >= 6 s_c) has error |w| - 6 s_c, which only grows for smaller
   candidates: sum of those errors^2 (MSE) or max_i mu_i * error_i^2 (Hessian) bounds every smaller
   candidate's loss from below. A block stops when the bound exceeds its best loss (with 1e-4 slack).
 
-Where the quadratic form runs: each H_j is factored once (float64 Cholesky in a small Triton kernel; zero
+Launches: _prep_kernel computes the candidate tables, factors the Hessian blocks and scans the values
+(finite weights, g >= 0) in one launch; the host copies its flags before queuing _sweep_kernel and waits for
+those alone, so a call returns while its sweep runs.
+
+Where the quadratic form runs: each H_j is factored once (float64 Cholesky in _prep_kernel; zero
 pivots of a singular H give zero columns), so the loss is a sum of squares ||dw^T F_j||^2 from a
 [rows x 16] @ [16 x 16] tensor-core product with 3xTF32 error compensation, which keeps float32 accuracy
 (plain TF32 does not, and changes picks).
