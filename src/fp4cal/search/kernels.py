@@ -353,7 +353,7 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.cons
     n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
     status = tl.where(n_bad > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0))
     tl.store(status_ptr + pid, status)
-    if FLAG:  # the worst status, for the sweep's single host read
+    if FLAG:  # the worst status, for the host's single read of the prep flags
         tl.atomic_max(flag_ptr, status, mask=status > 0)
 
 
@@ -473,9 +473,10 @@ def search_triton(
         f = mu = v_tab  # unused placeholder pointers
         stride_fe = 0
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
+    factor_bufs = (hc, f, mu, status) if n_hb else (flags,) * 4  # placeholders when nothing is factored here
     _prep_kernel[(n_e + n_hb + n_scan,)](
-        g1, v_tab, s_tab, r_tab, flags, hc if n_hb else flags, f if n_hb else flags, mu if n_hb else flags,
-        status if n_hb else flags, w3, n_e, n_hb, n_e * cout, cout, cin, w3.stride(0), w3.stride(1), w3.stride(2),
+        g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
+        w3.stride(0), w3.stride(1), w3.stride(2),
         FACTOR=n_hb > 0, SCAN=n_scan > 0, NC=N_CAND, SR=_SCAN_ROWS, SC=128,
     )  # fmt: skip
     host_flags = None
