@@ -183,7 +183,7 @@ def test_hessian_factor(hkind, device_for_kernels):
     from fp4cal.search.kernels import hessian_factor
 
     h = make_hessian(hkind, 64, device_for_kernels, seed=12)
-    f, mu = hessian_factor(h)
+    f, mu, nu = hessian_factor(h)
     h64, f64 = h.double().cpu(), f.double().cpu()
     scale = torch.diagonal(h64, dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
     assert torch.allclose((f64 @ f64.transpose(-1, -2)) / scale, h64 / scale, atol=1e-5, rtol=0)
@@ -199,3 +199,44 @@ def test_hessian_factor(hkind, device_for_kernels):
     exact = 1.0 / torch.diagonal(torch.linalg.inv(h64[pos]), dim1=-2, dim2=-1)
     assert bool((m[pos] <= exact * (1 + 1e-7)).all())
     assert torch.allclose(m[pos], exact, rtol=1e-4)
+    # nu_i = lambda H_ii with lambda Gershgorin's bound for D^-1/2 H D^-1/2 (0 for singular blocks), so that
+    # dw^T H dw >= sum_i nu_i dw_i^2: H - diag(nu) is positive semi-definite
+    n = nu.double().cpu()
+    assert bool((n >= 0).all()) and bool((n[~pos] == 0).all())
+    d = torch.diagonal(h64, dim1=-2, dim2=-1)
+    isd = torch.where(d > 0, d.clamp_min(1e-300).rsqrt(), torch.zeros_like(d))
+    corr = h64.abs() * isd[..., :, None] * isd[..., None, :]
+    radius = (corr.sum(-1) - torch.where(d > 0, 1.0, 0.0)).amax(-1)
+    lam = (1 - radius).clamp_min(0)
+    assert torch.allclose(n[pos], (lam[:, None] * d)[pos], rtol=1e-5, atol=0)
+    if hkind == "diag":
+        assert bool((n[pos] > 0).all())
+    low = torch.linalg.eigvalsh(h64 - torch.diag_embed(n))[..., 0]
+    assert bool((low >= -1e-6 * d.amax(-1).clamp_min(1e-30)).all()), low.min()  # fp32 H is PSD to ~1e-7
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "outliers", "threshold"])
+def test_pruning_error_floors(kind):
+    """The per-weight error floors the sweep's bounds rest on, checked on every candidate with the reference
+    numerics (fp32, bit for bit as the kernels round):
+    - up: from candidate c on, |dw_i| >= min(|w_i|, max(fp32(s_c / 2 - |w_i|), 0));
+    - down: at c and below, a weight with |w_i| >= fp32(6 s_c) has |dw_i| >= fp32(|w_i| - fp32(6 s_c))."""
+    from fp4cal.numerics import global_scale
+    from fp4cal.search.reference import block_error, candidate_block_scales
+
+    w, g = make_weight(kind, 64, 256, torch.float32, seed=5)
+    g = check_global_amax(g, w)
+    s = candidate_block_scales(global_scale(g))
+    wb = w.reshape(64, 16, 16)
+    a = wb.abs()
+    err = torch.stack([block_error(wb, s[c].expand(64, 16)).abs() for c in range(s.numel())])  # [126, 64, 16, 16]
+    suffix_min = torch.flip(torch.cummin(torch.flip(err, [0]), 0).values, [0])  # min over c' >= c
+    below_min = torch.cummin(err, 0).values  # min over c' <= c
+    sc = s[:, None, None, None]
+    up_floor = torch.minimum(a, (sc * 0.5 - a).clamp_min(0.0))
+    assert bool((suffix_min >= up_floor).all())
+    six = sc * 6.0
+    down_floor = torch.where(a >= six, a - six, torch.zeros_like(a))
+    assert bool((below_min >= down_floor).all())
+    # the floors are not vacuous: each binds somewhere
+    assert bool((up_floor > 0).any()) and bool((down_floor > 0).any())

@@ -24,13 +24,18 @@ Candidates that cannot win are skipped, with proofs (each block walks its own co
 - MSE, top: if every x <= 3 at candidate c and v_c / 2 is also a candidate, the grid of v_c / 2 contains
   the grid of v_c on [0, 3 s_c], so every |dw| is no larger there: c is dominated by a smaller candidate.
 - local-Hessian, top: from the first candidate at which every weight rounds to 0 on, all losses equal
-  w^T H w, and ties go to the smaller candidate. Going up from the MSE top, a weight with |w| <= s_c / 4
-  rounds to 0 (fp32(|w| / s_c) <= 1/4, the tie going to the even 0) and stays 0 for every larger candidate,
-  so mu_i * w_i^2 over those weights bounds every higher candidate's loss from below, where
-  mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii.
+  w^T H w, and ties go to the smaller candidate. Going up from the MSE top: at every candidate c' >= c a
+  weight is quantized to 0 or to a level >= s_c' / 2 >= s_c / 2, so its error is at least
+  l_i = min(|w_i|, max(s_c / 2 - |w_i|, 0)) (fp32 rounding is monotone, so this holds for the fp32 errors).
+  Two lower bounds of dw^T H dw for any |dw_i| >= l_i follow: max_i mu_i l_i^2, where
+  mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii, and sum_i nu_i l_i^2, where nu_i = lambda H_ii and
+  lambda = 1 - max_i sum_{k != i} |H_ik| / sqrt(H_ii H_kk) (Gershgorin: the smallest eigenvalue of
+  D^-1/2 H D^-1/2, D = diag(H), is at least lambda; nu = 0 when lambda <= 0).
 - bottom: a weight that clips (|w| >= 6 s_c) has error |w| - 6 s_c, which only grows for smaller
   candidates: sum of those errors^2 (MSE) or max_i mu_i * error_i^2 (Hessian) bounds every smaller
   candidate's loss from below. A block stops when the bound exceeds its best loss (with 1e-4 slack).
+  Both walks test their bound at the next candidate they would try (its s), which covers it and every
+  candidate beyond.
 
 Launches: _prep_kernel computes the candidate tables, factors the Hessian blocks and scans the values
 (finite weights, g >= 0) in one launch; the host copies its flags before queuing _sweep_kernel and waits for
@@ -108,7 +113,8 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 
 
 @triton.jit
-def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, status_ptr, w_ptr, n_e, n_hb, n_rows,
+def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, w_ptr, n_e, n_hb,
+                 n_rows,
                  cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
                  NC: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
@@ -120,7 +126,7 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, sta
         _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64), NC)
     elif pid < n_e + n_hb:
         if FACTOR:
-            _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64), True)
+            _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64), True)
     else:
         if SCAN:
             _scan_rows(w_ptr, flag_ptr, (pid - n_e - n_hb).to(tl.int64), n_rows, cout, cin, stride_we, stride_wr,
@@ -177,25 +183,25 @@ def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
     better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
+    c = c - 1
     if PRUNE and BOUND:  # the bound holds for every smaller candidate, so checking it on some steps only is safe
-        # a >= 6 s clips: q = fp32(6 s) exactly, so the error is written without q, which lets the compiler
-        # compute it in the reduction's layout without redoing the rounding there
-        six_s = 6.0 * s[:, None]
+        # at the next candidate c (and below): a >= 6 s clips, q = fp32(6 s) exactly, so the error is written
+        # without q, which lets the compiler compute it in the reduction's layout without redoing the rounding
+        six_s = 6.0 * tl.load(s_ptr + tl.maximum(c, 0))[:, None]
         err = tl.where(a >= six_s, a - six_s, 0.0)
         if HESSIAN:
             bound = tl.max(err * err * mu, axis=1)
         else:
             bound = tl.sum(err * err, axis=1)
         active = active & ~(bound > best * 1.0001)
-    c = c - 1
     return best, best_idx, active & (c >= 0), c
 
 
 @triton.jit
-def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC: tl.constexpr, QUAD: tl.constexpr,
-             BOUND: tl.constexpr):
-    """Try candidate c (per block) and move up one; a block whose zeroed-weight bound exceeds its best, or
-    that has tried its first all-zero candidate, stops."""
+def _step_up(a, neg, f, mu, nu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC: tl.constexpr,
+             QUAD: tl.constexpr, BOUND: tl.constexpr):
+    """Try candidate c (per block) and move up one; a block whose upward bound exceeds its best, or that has
+    tried its first all-zero candidate, stops."""
     cc = tl.minimum(c, NC - 1)
     s, r = _candidate(s_ptr, r_ptr, cc)
     loss, q = _block_loss(a, neg, s, r, f, True, QUAD)
@@ -204,11 +210,14 @@ def _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx, zero_at, NC
     best_idx = tl.where(better, cc, best_idx)
     c = c + 1
     active = active & (c <= zero_at)
-    if BOUND:  # zeroed weights stay zero for every larger candidate: checking on some steps only is safe
-        # a <= s / 4 implies fp32(a / s) <= 1/4, which rounds to 0 (the tie goes to the even 0): a subset of
-        # the zeroed weights, so still a lower bound, found without the rounding (see _step_down)
-        zeroed = tl.where(a <= 0.25 * s[:, None], a, 0.0)
-        active = active & ~(tl.max(zeroed * zeroed * mu, axis=1) > best * 1.0001)
+    if BOUND:  # the bound holds for every candidate from the next one up: checking on some steps only is safe
+        # every error from candidate c up is at least min(a, s_c / 2 - a) (module docstring), written without
+        # the rounding (see _step_down)
+        half = 0.5 * tl.load(s_ptr + tl.minimum(c, NC - 1))[:, None]
+        low = tl.minimum(a, tl.maximum(half - a, 0.0))
+        low2 = low * low
+        bound = tl.maximum(tl.max(low2 * mu, axis=1), tl.sum(low2 * nu, axis=1))
+        active = active & ~(bound > best * 1.0001)
     return best, best_idx, active, c
 
 
@@ -221,6 +230,7 @@ def _sweep_kernel(
     r_tab_ptr,
     f_ptr,
     mu_ptr,
+    nu_ptr,
     nohalf_ptr,
     out_ptr,
     stats_ptr,
@@ -257,9 +267,11 @@ def _sweep_kernel(
     if HESSIAN:
         f = tl.load(f_ptr + e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :])
         mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
+        nu = tl.load(nu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
     else:
         f = tl.zeros([16, 16], tl.float32)
         mu = tl.full([1, 16], 1.0, tl.float32)
+        nu = mu
     if PRUNE:
         first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC)
         nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
@@ -296,7 +308,7 @@ def _sweep_kernel(
             it2 += UNROLL
             work += n_active * UNROLL
             for u in tl.static_range(UNROLL):
-                best, best_idx, active, c = _step_up(a, neg, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
+                best, best_idx, active, c = _step_up(a, neg, f, mu, nu, s_ptr, r_ptr, c, active, best, best_idx,
                                                      zero_at, NC, QUAD, (u == UNROLL - 1) or not SPARSE_BOUND)
             n_active = tl.sum(active.to(tl.int32))
 
@@ -312,19 +324,21 @@ def _sweep_kernel(
 
 
 @triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr, status_ptr):
+def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr):
     """One 16x16 block per program (_factor_block)."""
-    _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, status_ptr, tl.program_id(0).to(tl.int64), False)
+    _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, status_ptr, tl.program_id(0).to(tl.int64), False)
 
 
 @triton.jit
-def _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
-    """Block pid: float64 Cholesky H = L L^T of the symmetrised block and mu_i = 1 / (H^-1)_ii. status:
+def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
+    """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H^-1)_ii and
+    nu_i = lambda H_ii with lambda the Gershgorin bound of the module docstring (both 0 if singular). status:
     0 done; 1 a pivot at or below 1e-12 of its diagonal (singular, zero or not positive definite: the host
     redoes the block by eigendecomposition); 2 non-finite input. FLAG: also max the status into flag_ptr."""
     i = tl.arange(0, 16)
     h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
     a = (h + tl.trans(h)) * 0.5
+    a0 = a
     diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
     lower = tl.zeros([16, 16], tl.float64)
     singular = tl.zeros([1], tl.int32)
@@ -348,8 +362,15 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.cons
         x = tl.where(i[:, None] == k, row[None, :], x)
     hinv = tl.sum(x * x, axis=0)
     mu = tl.where(tl.sum(singular) > 0, 0.0, (1.0 - 1e-6) / hinv)
+    # Gershgorin on D^-1/2 H D^-1/2 (unit diagonal): every eigenvalue is >= 1 - (largest off-diagonal row sum)
+    isd = 1.0 / tl.sqrt(tl.where(diag0 > 0, diag0, 1.0))
+    corr = tl.abs(a0) * isd[:, None] * isd[None, :]
+    radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
+    lam = tl.where(tl.sum(singular) > 0, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
+    nu = lam * diag0
     tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
+    tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
     n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
     status = tl.where(n_bad > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0))
     tl.store(status_ptr + pid, status)
@@ -357,45 +378,49 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.cons
         tl.atomic_max(flag_ptr, status, mask=status > 0)
 
 
-def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h as contiguous fp32, F, mu, status) buffers for _factor_block."""
+def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(h as contiguous fp32, F, mu, nu, status) buffers for _factor_block."""
     hc = h.float().contiguous()
     f = torch.empty_like(hc)
     mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
+    nu = torch.empty_like(mu)
     status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
-    return hc, f, mu, status
+    return hc, f, mu, nu, status
 
 
-def _factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F, mu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation."""
-    hc, f, mu, status = _factor_buffers(h)
-    _factor_kernel[(status.numel(),)](hc, f, mu, status)
-    return f, mu, status
+def _factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(F, mu, nu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation."""
+    hc, f, mu, nu, status = _factor_buffers(h)
+    _factor_kernel[(status.numel(),)](hc, f, mu, nu, status)
+    return f, mu, nu, status
 
 
-def _refactor_by_eigh(h: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, status: torch.Tensor) -> None:
-    """Blocks with status 1: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = 0."""
+def _refactor_by_eigh(h: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor,
+                      status: torch.Tensor) -> None:
+    """Blocks with status 1: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = 0."""
     sel = (status == 1).reshape(h.shape[:-2])
     hs = h.double()[sel]
     lam, vec = torch.linalg.eigh((hs + hs.transpose(-1, -2)) / 2)
     f[sel] = (vec * lam.clamp_min(0).sqrt().unsqueeze(-2)).float()  # not triangular: only F F^T matters
     mu[sel] = 0.0
+    nu[sel] = 0.0
 
 
-def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu fp32 [..., 16]).
+def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu, nu fp32 [..., 16]).
 
     F F^T = H, so dw^T H dw = ||F^T dw||^2 (float64 Cholesky in a Triton kernel, float64 eigendecomposition
     for blocks that are singular or not positive definite); mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii,
-    a lower bound used to end sweeps early (0 for singular blocks). Raises on non-finite h.
+    a lower bound used to end sweeps early (0 for singular blocks), and nu_i = lambda H_ii with H >= diag(nu)
+    (module docstring). Raises on non-finite h.
     """
-    f, mu, status = _factor(h)
+    f, mu, nu, status = _factor(h)
     worst = int(status.max())
     if worst == 2:
         check_finite(h, "hessian")
     if worst == 1:
-        _refactor_by_eigh(h, f, mu, status)
-    return f, mu
+        _refactor_by_eigh(h, f, mu, nu, status)
+    return f, mu, nu
 
 
 @functools.cache
@@ -424,7 +449,7 @@ def search_triton(
     num_warps: int = 4,
     quad: str = "tf32x3",
     prune: bool = True,
-    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+    factor: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     checked: bool = True,
     stats: torch.Tensor | None = None,
     unroll: int = 2,
@@ -464,16 +489,16 @@ def search_triton(
     n_hb = 0
     if hess:
         if factor is None:
-            hc, f, mu, status = _factor_buffers(hessian)
+            hc, f, mu, nu, status = _factor_buffers(hessian)
             n_hb = status.numel()
         else:
-            f, mu = factor
+            f, mu, nu = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
-        f = mu = v_tab  # unused placeholder pointers
+        f = mu = nu = v_tab  # unused placeholder pointers
         stride_fe = 0
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
-    factor_bufs = (hc, f, mu, status) if n_hb else (flags,) * 4  # placeholders when nothing is factored here
+    factor_bufs = (hc, f, mu, nu, status) if n_hb else (flags,) * 5  # placeholders when nothing is factored here
     _prep_kernel[(n_e + n_hb + n_scan,)](
         g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
         w3.stride(0), w3.stride(1), w3.stride(2),
@@ -494,7 +519,7 @@ def search_triton(
     def launch():
         grid = (triton.cdiv(cout, block_rows), nb, n_e)
         _sweep_kernel[grid](
-            w3, g1, v_tab, s_tab, r_tab, f, mu, nohalf, out, flags if stats is None else stats, cout, nb,
+            w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, STATS=stats is not None, UNROLL=unroll,
             SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND,
@@ -518,6 +543,6 @@ def search_triton(
     if out_of_range:
         return search_reference(w, method, g, hessian)
     if fstatus == 1:  # rare: a singular block; refactor those blocks and sweep again (queued after the first)
-        _refactor_by_eigh(hessian, f, mu, status)
+        _refactor_by_eigh(hessian, f, mu, nu, status)
         launch()
     return out if stack else out[0]
