@@ -323,6 +323,153 @@ def _sweep_kernel(
         tl.store(stats_ptr + pid * 3 + 2, work)
 
 
+# ---- Row-per-thread local-Hessian sweep: each thread owns one block (16 weights) ----
+# Why: in the tile kernel above, the quadratic form goes through a tensor-core product whose operands and
+# results change layout (shared memory and barriers every candidate), and each block's sums are
+# cross-thread reductions. With one block per thread, every per-block quantity is thread-local: the
+# 16 x 16 triangular product is 136 fp32 FMAs on registers, sums and maxima are plain arithmetic,
+# and a program can be as small as one warp (32 blocks), which also shrinks the wait for a tile's slowest
+# block.
+
+
+@triton.jit
+def _round_signed(w, s, r):
+    """q = fp32(sign(w) * E2M1(fp32(|w| / s)) * s), with r = fp32(1 / s): _e2m1_times_scale on signed
+    values. The magic number 1.5 * 2^(E+22) keeps x + magic in one binade for either sign, so the add rounds
+    |x| to the E2M1 step 2^(E-1) with ties to even for both signs."""
+    x0 = w * r
+    res = tl.fma(-x0, s, w)
+    x = tl.fma(res, r, x0)
+    xb = x.to(tl.int32, bitcast=True) & 0x7F800000
+    xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of |x| clamped to [0, 2]
+    magic = (xb + ((22 << 23) | (1 << 22))).to(tl.float32, bitcast=True)
+    lvl = tl.minimum(tl.maximum((x + magic) - magic, -6.0), 6.0)
+    return lvl * s
+
+
+@triton.jit
+def _rows_loss(w, s, r, fb):
+    """Loss ||F^T dw||^2 of each thread's block at scale s, r [BR]; w: 16-tuple of [BR] fp32 (signed);
+    fb: pointer to the block column's lower-triangular F (row-major 16 x 16, F[i, k] = 0 for i < k)."""
+    d = ()
+    for k in tl.static_range(16):
+        d = d + (w[k] - _round_signed(w[k], s, r),)
+    loss = tl.zeros(s.shape, tl.float32)
+    for k in tl.static_range(16):
+        z = d[k] * tl.load(fb + k * 17)
+        for i in tl.static_range(k + 1, 16):
+            z = tl.fma(d[i], tl.load(fb + i * 16 + k), z)
+        loss = tl.fma(z, z, loss)
+    return loss
+
+
+@triton.jit
+def _rows_clip_bound(w, mb, six_s):
+    """max_k mu_k * max(|w_k| - fp32(6 s), 0)^2 (the clipping bound, see the module docstring)."""
+    bound = tl.zeros(six_s.shape, tl.float32)
+    for k in tl.static_range(16):
+        err = tl.maximum(tl.abs(w[k]) - six_s, 0.0)
+        bound = tl.maximum(bound, err * err * tl.load(mb + k))
+    return bound
+
+
+@triton.jit
+def _rows_up_bound(w, mb, nb_, half_s):
+    """max(max_k mu_k l_k^2, sum_k nu_k l_k^2), l_k = min(|w_k|, max(s / 2 - |w_k|, 0)) (upward bound)."""
+    bmax = tl.zeros(half_s.shape, tl.float32)
+    bsum = tl.zeros(half_s.shape, tl.float32)
+    for k in tl.static_range(16):
+        a = tl.abs(w[k])
+        low = tl.minimum(a, tl.maximum(half_s - a, 0.0))
+        low2 = low * low
+        bmax = tl.maximum(bmax, low2 * tl.load(mb + k))
+        bsum = bsum + low2 * tl.load(nb_ + k)
+    return tl.maximum(bmax, bsum)
+
+
+@triton.jit
+def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, nohalf_ptr, out_ptr,
+                       stats_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
+                       STATS: tl.constexpr, UNROLL: tl.constexpr, BR: tl.constexpr, NC: tl.constexpr):
+    """Local-Hessian sweep, one block per thread: same windows, bounds and tie rules as _sweep_kernel."""
+    pid_r = tl.program_id(0)
+    j = tl.program_id(1).to(tl.int64)
+    e = tl.program_id(2).to(tl.int64)
+    rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+    rmask = rows < cout
+    wrow = w_ptr + e * stride_we + rows * stride_wr + j * 16 * stride_wc
+    w = ()
+    m = tl.zeros([BR], tl.float32)
+    for k in tl.static_range(16):
+        wk = tl.load(wrow + k * stride_wc, mask=rmask, other=0.0).to(tl.float32)
+        w = w + (wk,)
+        m = tl.maximum(m, tl.abs(wk))
+    g = tl.load(g_ptr + e)
+    s_ptr = s_tab_ptr + e * NC
+    r_ptr = r_tab_ptr + e * NC
+    fb = f_ptr + e * stride_fe + j * 256
+    mb = mu_ptr + e * (stride_fe // 16) + j * 16
+    nb_ = nu_ptr + e * (stride_fe // 16) + j * 16
+    first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC)
+    nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
+    top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
+    best = tl.full([BR], float("inf"), tl.float32)
+    best_idx = tl.zeros([BR], tl.int32)
+
+    # Phase 1: down from the MSE top until the clipping bound (at the next candidate) ends each block.
+    c = top
+    active = c >= 0
+    n_active = tl.sum(active.to(tl.int32))
+    it1 = 0
+    it2 = 0
+    work = 0
+    while n_active > 0:
+        it1 += UNROLL
+        work += n_active * UNROLL
+        for u in tl.static_range(UNROLL):
+            cc = tl.maximum(c, 0)
+            loss = _rows_loss(w, tl.load(s_ptr + cc), tl.load(r_ptr + cc), fb)
+            better = active & (loss <= best)  # descending: '<=' keeps the smaller candidate on ties
+            best = tl.where(better, loss, best)
+            best_idx = tl.where(better, cc, best_idx)
+            c = c - 1
+            if u == UNROLL - 1:
+                bound = _rows_clip_bound(w, mb, 6.0 * tl.load(s_ptr + tl.maximum(c, 0)))
+                active = active & ~(bound > best * 1.0001)
+            active = active & (c >= 0)
+        n_active = tl.sum(active.to(tl.int32))
+
+    # Phase 2: up from the MSE top until the upward bound ends each block or its first all-zero candidate.
+    zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, NC), NC - 1)
+    c = top + 1
+    active = c <= zero_at
+    n_active = tl.sum(active.to(tl.int32))
+    while n_active > 0:
+        it2 += UNROLL
+        work += n_active * UNROLL
+        for u in tl.static_range(UNROLL):
+            cc = tl.minimum(c, NC - 1)
+            loss = _rows_loss(w, tl.load(s_ptr + cc), tl.load(r_ptr + cc), fb)
+            better = active & (loss < best)  # ascending: strict '<' keeps the smaller candidate
+            best = tl.where(better, loss, best)
+            best_idx = tl.where(better, cc, best_idx)
+            c = c + 1
+            active = active & (c <= zero_at)
+            if u == UNROLL - 1:
+                bound = _rows_up_bound(w, mb, nb_, 0.5 * tl.load(s_ptr + tl.minimum(c, NC - 1)))
+                active = active & ~(bound > best * 1.0001)
+        n_active = tl.sum(active.to(tl.int32))
+
+    v_best = tl.load(v_ptr + best_idx).to(tl.float64)
+    amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)
+    tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
+    if STATS:
+        pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
+        tl.store(stats_ptr + pid * 3, it1)
+        tl.store(stats_ptr + pid * 3 + 1, it2)
+        tl.store(stats_ptr + pid * 3 + 2, work)
+
+
 @triton.jit
 def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr):
     """One 16x16 block per program (_factor_block)."""
@@ -401,7 +548,9 @@ def _refactor_by_eigh(h: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: to
     sel = (status == 1).reshape(h.shape[:-2])
     hs = h.double()[sel]
     lam, vec = torch.linalg.eigh((hs + hs.transpose(-1, -2)) / 2)
-    f[sel] = (vec * lam.clamp_min(0).sqrt().unsqueeze(-2)).float()  # not triangular: only F F^T matters
+    fe = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)  # F F^T = H, not triangular
+    # F^T = Q R gives F F^T = R^T R: R^T is a lower-triangular factor, which the row kernel's product assumes
+    f[sel] = torch.linalg.qr(fe.transpose(-1, -2)).R.transpose(-1, -2).float()
     mu[sel] = 0.0
     nu[sel] = 0.0
 
@@ -446,7 +595,7 @@ def search_triton(
     g: torch.Tensor,
     hessian: torch.Tensor | None = None,
     block_rows: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     quad: str = "tf32x3",
     prune: bool = True,
     factor: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -456,6 +605,7 @@ def search_triton(
     sparse_bound: bool = True,
     maxnreg: int | None = None,
     sync: bool = True,
+    layout: str = "rows",
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
@@ -466,10 +616,14 @@ def search_triton(
         run on the device and raise the messages of fp4cal.validation.
     factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
     stats: optional int32 [programs, 3] filled with per-program iteration counts (benchmark diagnostics).
-    maxnreg: register cap per thread (None: 96 for local_hessian, measured on H100, none for mse; 0: none):
-        the local-Hessian sweep wants ~120 registers, which allows 4 programs per SM; 96 allows 5.
+    maxnreg: register cap per thread (None: measured on H100: 168 for the rows layout, which wants ~240 and
+        runs 8 one-warp programs per SM uncapped; 96 for the tile layout, which wants ~120 (4 programs per SM,
+        96 allows 5); none for mse; 0: no cap).
     sync=False: return right after the launches, without reading the value flags (benchmarks only: lets a
         CUDA graph capture the call to time the GPU work alone).
+    layout: local_hessian only: "rows" (_sweep_rows_kernel, one block per thread, block_rows = 32 * num_warps)
+        or "tile" (_sweep_kernel, tiles with a tensor-core product; the options quad, prune, sparse_bound
+        apply to it only).
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     from fp4cal.search.reference import search_reference
@@ -511,12 +665,33 @@ def search_triton(
         ready = torch.cuda.Event()
         ready.record()
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
+    if layout not in ("rows", "tile"):
+        raise ValueError(f"layout must be 'rows' or 'tile', got {layout!r}")
+    rows_layout = hess and layout == "rows"
+    if num_warps is None:
+        # rows: one warp (32 blocks) per program, measured fastest on H100 (BENCHMARKS.md); Triton's interpreter
+        # (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster
+        num_warps = (1 if dev.type == "cuda" else 4) if rows_layout else 4
+    if rows_layout:
+        if block_rows is None:
+            block_rows = 32 * num_warps
+        if block_rows != 32 * num_warps:
+            raise ValueError(f"layout 'rows' runs one block per thread: block_rows must be 32 * num_warps, "
+                             f"got {block_rows} and {num_warps}")
     if block_rows is None:
         block_rows = 64 if hess else 128  # measured on H100 (BENCHMARKS.md)
     if maxnreg is None:
-        maxnreg = 96 if hess else 0  # measured on H100 (BENCHMARKS.md)
+        maxnreg = (168 if rows_layout else 96) if hess else 0  # measured on H100 (BENCHMARKS.md)
 
     def launch():
+        if rows_layout:
+            _sweep_rows_kernel[(triton.cdiv(cout, block_rows), nb, n_e)](
+                w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
+                w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
+                STATS=stats is not None, UNROLL=unroll, BR=block_rows, NC=N_CAND,
+                num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
+            )  # fmt: skip
+            return
         grid = (triton.cdiv(cout, block_rows), nb, n_e)
         _sweep_kernel[grid](
             w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
