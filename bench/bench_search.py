@@ -27,7 +27,8 @@ LAYERS = 36
 N_CAND = 126
 # Counted per weight x candidate (see BENCHMARKS.md): rounding + error + loss, FP32-pipe instructions.
 OPS_MSE = 14
-OPS_HESS = 16  # plus the 16x16 product on tensor cores (3 tf32 passes)
+# Row kernel: 12 rounding + 1 error + 136 / 16 = 8.5 FMAs of the triangular product + 1 loss.
+OPS_HESS = 22.5
 
 
 def make_case(cout, cin, tokens=4096, seed=0, dev="cuda"):
@@ -62,7 +63,7 @@ def dump_ir(out_dir):
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    for fn in (kernels._sweep_kernel,):
+    for fn in (kernels._sweep_kernel, kernels._sweep_rows_kernel):
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for i, k in enumerate(dev_cache[0].values()):
                 k._init_handles()
@@ -137,8 +138,8 @@ def run_variants(w, h, g):
     out = []
     fac = kernels.hessian_factor(h)
     fns = {}
-    for kw in ({}, {"maxnreg": 0}, {"unroll": 4}, {"maxnreg": 80}, {"unroll": 4, "maxnreg": 0},
-               {"unroll": 4, "maxnreg": 80}, {"block_rows": 32}):
+    for kw in ({}, {"maxnreg": 0}, {"maxnreg": 128}, {"maxnreg": 200}, {"num_warps": 2}, {"num_warps": 2, "maxnreg": 0},
+               {"layout": "tile"}):
         fns[f"hess {kw}"] = lambda kw=kw: kernels.search_triton(w, "local_hessian", g, h, factor=fac, **kw)
     for kw in ({}, {"unroll": 4}, {"maxnreg": 48}):
         fns[f"mse {kw}"] = lambda kw=kw: kernels.search_triton(w, "mse", g, None, **kw)
@@ -151,12 +152,13 @@ def run_variants(w, h, g):
         out.append((k, 0, 0, t))
     from fp4cal.validation import check_hessian, check_weight
 
-    for method, br in (("mse", 128), ("local_hessian", 64), ("local_hessian", 32)):
+    for method, br, layout in (("mse", 128, "tile"), ("local_hessian", 32, "rows"), ("local_hessian", 64, "tile")):
         progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
         st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
-        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st)
+        nw = br // 32 if layout == "rows" and method != "mse" else 4
+        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st, layout=layout, num_warps=nw)
         st = st.double()
-        print(f"window stats {method} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
+        print(f"window stats {method} {layout} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
               f"{st[:, 0].max():.0f}, phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
               f"per-block candidates {st[:, 2].sum() / (w.numel() / 16):.1f} of 126")
 

@@ -63,6 +63,32 @@ def test_hessian_parity_small(hkind, wkind, device_for_kernels):
     _assert_parity(w, g, "local_hessian", h, f"hessian {hkind} {wkind}")
 
 
+@pytest.mark.parametrize("hkind", ["psd", "range", "lowrank"])
+def test_hessian_parity_tile_layout(hkind, device_for_kernels):
+    """The tile layout (tensor-core product) stays a tested alternative to the default row layout."""
+    from fp4cal.search.kernels import search_triton
+
+    w, g = make_weight("normal", 72, 64, torch.bfloat16, device_for_kernels, seed=8)
+    gg = check_global_amax(g, w)
+    h = make_hessian(hkind, 64, device_for_kernels, seed=9)
+    got = search_triton(w, "local_hessian", gg, h, layout="tile")
+    rep = compare_picks(w, gg, got, search_reference(w, "local_hessian", gg, h), h)
+    print(f"tile layout {hkind}: {rep.differing} differing of {rep.blocks} blocks, {rep.ties} float64 ties")
+    assert rep.bad == 0
+
+
+def test_layout_options_are_checked(device_for_kernels):
+    from fp4cal.search.kernels import search_triton
+
+    w, g = make_weight("normal", 32, 32, torch.float32, device_for_kernels, seed=1)
+    gg = check_global_amax(g, w)
+    h = make_hessian("psd", 32, device_for_kernels)
+    with pytest.raises(ValueError, match="layout must be 'rows' or 'tile', got 'diagonal'"):
+        search_triton(w, "local_hessian", gg, h, layout="diagonal")
+    with pytest.raises(ValueError, match="block_rows must be 32 \\* num_warps, got 64 and 1"):
+        search_triton(w, "local_hessian", gg, h, block_rows=64, num_warps=1)
+
+
 def test_identity_hessian_equals_mse(device_for_kernels):
     w, g = make_weight("outliers", 40, 64, torch.bfloat16, device_for_kernels, seed=5)
     gg = check_global_amax(g, w)
