@@ -202,6 +202,11 @@ def host_overhead(name, cout, cin):
             phases["cpu launches"] += (t2 - t1) * 1e3 / n
             phases["wait for GPU"] += (t3 - t2) * 1e3 / n
         row.update(phases)
+        if hh is None:  # one launch (the sweep checks values and computes its scales) vs two, interleaved
+            def call(fused):
+                return lambda: kernels.search_triton(w, "mse", g, None, checked=False, fused=fused)
+
+            row.update(bench_rounds({"one launch": call(True), "two launches": call(False)}, rounds=3))
         if hh is not None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -124,6 +124,35 @@ def test_global_amax_zero_and_out_of_range(device_for_kernels):
     assert torch.equal(_kernel_search(tiny, "mse", gt, None), search_reference(tiny, "mse", gt))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_mse_one_launch_and_two_launch_paths(fused, device_for_kernels):
+    """Small mse calls run as one launch (the sweep computes its scales and checks the values itself); both
+    paths give the reference's picks, find one bad weight in a strided stack, check g, and send s_g outside the
+    exact range to the reference."""
+    from fp4cal.search.kernels import search_triton
+
+    dev = device_for_kernels
+    for kind in ("outliers", "threshold"):
+        w, g = make_weight(kind, 40, 64, torch.float32, dev, seed=11)
+        gg = check_global_amax(g, w)
+        got = search_triton(w, "mse", gg, None, checked=False, fused=fused)
+        rep = compare_picks(w, gg, got, search_reference(w, "mse", gg), None)
+        print(f"mse fused={fused} {kind}: {rep.differing} differing of {rep.blocks} blocks, {rep.ties} float64 ties")
+        assert rep.bad == 0
+    w = (torch.randn(3, 48, 32, device=dev) * 0.02).transpose(1, 2)
+    w[2, 31, 47] = float("nan")
+    with pytest.raises(ValueError, match="w has 1 non-finite"):
+        search_triton(w, "mse", torch.full((3,), 0.1, device=dev), None, checked=False, fused=fused)
+    w = torch.randn(4, 32, device=dev)
+    with pytest.raises(ValueError, match="global_amax must be >= 0"):
+        search_triton(w, "mse", torch.tensor(-1.0, device=dev), None, checked=False, fused=fused)
+    tiny = torch.randn(8, 32, device=dev) * 1e-20
+    gt = tiny.abs().amax()
+    assert torch.equal(search_triton(tiny, "mse", gt, None, fused=fused), search_reference(tiny, "mse", gt))
+    with pytest.raises(ValueError, match="fused=True is for the mse sweep"):
+        search_triton(w, "local_hessian", w.abs().amax(), make_hessian("psd", 32, dev), fused=True)
+
+
 # ---- dispatch rules ------------------------------------------------------------------------------------------
 
 

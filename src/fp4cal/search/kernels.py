@@ -63,6 +63,9 @@ _SCAN_ROWS = 16  # weight rows per value-scan program of _prep_kernel
 # s_g range where the division-free rounding is provably exact (no subnormal intermediates).
 _SG_MIN = 2.0**-60
 _SG_MAX = 2.0**60
+# mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
+# launch costs 0.05-0.09 ms of host time, more than such a sweep runs on the GPU (0.05 ms for 1024 x 4096).
+_FUSED_MAX_WEIGHTS = 1 << 23
 
 
 @triton.jit
@@ -134,13 +137,28 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
 
 
 @triton.jit
-def _candidate(s_ptr, r_ptr, c):
-    """Block scale s_c and r_c = fp32(1 / s_c) of index tensor c, from this tensor's tables."""
-    return tl.load(s_ptr + c), tl.load(r_ptr + c)
+def _scale(s_ptr, c, sg, FUSED: tl.constexpr):
+    """Block scale s_c of index tensor c: from this tensor's table, or (FUSED: s_ptr holds the FP8 values)
+    fp32(v_c * s_g), the table's own arithmetic."""
+    if FUSED:
+        return tl.load(s_ptr + c) * sg
+    else:
+        return tl.load(s_ptr + c)
 
 
 @triton.jit
-def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr):
+def _candidate(s_ptr, r_ptr, c, sg, FUSED: tl.constexpr):
+    """Block scale s_c and r_c = fp32(1 / s_c) of index tensor c (see _scale; r as _table_row computes it)."""
+    s = _scale(s_ptr, c, sg, FUSED)
+    if FUSED:
+        r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    else:
+        r = tl.load(r_ptr + c)
+    return s, r
+
+
+@triton.jit
+def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr, sg=1.0, FUSED: tl.constexpr = False):
     """Per block, the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32 block maxima.
 
     fp32(m / s_c) falls as c rises, so a 7-step binary search over the 126 candidates finds it.
@@ -150,7 +168,7 @@ def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr):
     for _ in range(7):
         mid = (lo + hi) // 2
         ok = mid < NC
-        s, r = _candidate(s_ptr, r_ptr, tl.minimum(mid, NC - 1))
+        s, r = _candidate(s_ptr, r_ptr, tl.minimum(mid, NC - 1), sg, FUSED)
         x0 = m * r
         x = tl.fma(tl.fma(-x0, s, m), r, x0)
         below = (x <= T) & ok
@@ -174,11 +192,11 @@ def _block_loss(a, neg, s, r, f, HESSIAN: tl.constexpr, QUAD: tl.constexpr):
 
 
 @triton.jit
-def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
-               HESSIAN: tl.constexpr, PRUNE: tl.constexpr, QUAD: tl.constexpr, BOUND: tl.constexpr):
+def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, sg, c, active, best, best_idx, HESSIAN: tl.constexpr,
+               PRUNE: tl.constexpr, QUAD: tl.constexpr, BOUND: tl.constexpr, FUSED: tl.constexpr):
     """Try candidate c (per block) and move down one; a block whose clipping bound exceeds its best stops."""
     cc = tl.maximum(c, 0)
-    s, r = _candidate(s_ptr, r_ptr, cc)
+    s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
     loss, q = _block_loss(a, neg, s, r, f, HESSIAN, QUAD)
     better = active & (loss <= best)  # descending c: '<=' keeps the smaller candidate on ties
     best = tl.where(better, loss, best)
@@ -187,7 +205,7 @@ def _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
     if PRUNE and BOUND:  # the bound holds for every smaller candidate, so checking it on some steps only is safe
         # at the next candidate c (and below): a >= 6 s clips, q = fp32(6 s) exactly, so the error is written
         # without q, which lets the compiler compute it in the reduction's layout without redoing the rounding
-        six_s = 6.0 * tl.load(s_ptr + tl.maximum(c, 0))[:, None]
+        six_s = 6.0 * _scale(s_ptr, tl.maximum(c, 0), sg, FUSED)[:, None]
         err = tl.where(a >= six_s, a - six_s, 0.0)
         if HESSIAN:
             bound = tl.max(err * err * mu, axis=1)
@@ -203,7 +221,7 @@ def _step_up(a, neg, f, mu, nu, s_ptr, r_ptr, c, active, best, best_idx, zero_at
     """Try candidate c (per block) and move up one; a block whose upward bound exceeds its best, or that has
     tried its first all-zero candidate, stops."""
     cc = tl.minimum(c, NC - 1)
-    s, r = _candidate(s_ptr, r_ptr, cc)
+    s, r = _candidate(s_ptr, r_ptr, cc, 1.0, False)
     loss, q = _block_loss(a, neg, s, r, f, True, QUAD)
     better = active & (loss < best)  # ascending c: strict '<' keeps the smaller candidate
     best = tl.where(better, loss, best)
@@ -249,6 +267,7 @@ def _sweep_kernel(
     SPARSE_BOUND: tl.constexpr,
     BR: tl.constexpr,
     NC: tl.constexpr,
+    FUSED: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
@@ -262,8 +281,20 @@ def _sweep_kernel(
     neg = w < 0
     m = tl.max(a, axis=1)
     g = tl.load(g_ptr + e)
-    s_ptr = s_tab_ptr + e * NC  # this tensor's candidate tables
-    r_ptr = r_tab_ptr + e * NC
+    if FUSED:  # one launch for small MSE calls: scales computed here from v (s_tab_ptr), values checked here
+        sg = tl.div_rn(g, 2688.0)
+        s_ptr = s_tab_ptr
+        r_ptr = r_tab_ptr
+        bad = (w != w) | (tl.abs(w) == float("inf"))
+        tl.atomic_max(stats_ptr, 1, mask=tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0)
+        first_prog = (pid_r == 0) & (j == 0)
+        tl.atomic_max(stats_ptr + 1, 1, mask=first_prog & ((g != g) | (g < 0) | (g == float("inf"))))
+        tl.atomic_max(stats_ptr + 2, 1, mask=first_prog & (sg != 0) & ((sg < 8.673617379884035e-19) |
+                                                                       (sg > 1.152921504606847e18)))
+    else:
+        sg = 1.0
+        s_ptr = s_tab_ptr + e * NC  # this tensor's candidate tables
+        r_ptr = r_tab_ptr + e * NC
     if HESSIAN:
         f = tl.load(f_ptr + e * stride_fe + j * 256 + cols[:, None] * 16 + cols[None, :])
         mu = tl.load(mu_ptr + e * (stride_fe // 16) + j * 16 + cols)[None, :]
@@ -273,7 +304,7 @@ def _sweep_kernel(
         mu = tl.full([1, 16], 1.0, tl.float32)
         nu = mu
     if PRUNE:
-        first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC)
+        first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC, sg, FUSED)
         nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
         top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
     else:
@@ -293,8 +324,9 @@ def _sweep_kernel(
         it1 += UNROLL
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
-            best, best_idx, active, c = _step_down(a, neg, m, f, mu, s_ptr, r_ptr, c, active, best, best_idx,
-                                                   HESSIAN, PRUNE, QUAD, (u == UNROLL - 1) or not SPARSE_BOUND)
+            best, best_idx, active, c = _step_down(a, neg, m, f, mu, s_ptr, r_ptr, sg, c, active, best, best_idx,
+                                                   HESSIAN, PRUNE, QUAD, (u == UNROLL - 1) or not SPARSE_BOUND,
+                                                   FUSED)
         n_active = tl.sum(active.to(tl.int32))
 
     # Phase 2 (local-Hessian only): from the MSE top up, until the zeroed-weight bound ends each block
@@ -316,7 +348,7 @@ def _sweep_kernel(
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
     amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)  # float64 '/' is IEEE division
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
-    if STATS:  # per program: phase-1 and phase-2 iterations, block-candidates actually needed
+    if STATS and not FUSED:  # per program: phase-1 and phase-2 iterations, block-candidates actually needed
         pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
         tl.store(stats_ptr + pid * 3, it1)
         tl.store(stats_ptr + pid * 3 + 1, it2)
@@ -606,6 +638,7 @@ def search_triton(
     maxnreg: int | None = None,
     sync: bool = True,
     layout: str = "rows",
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
@@ -624,6 +657,9 @@ def search_triton(
     layout: local_hessian only: "rows" (_sweep_rows_kernel, one block per thread, block_rows = 32 * num_warps)
         or "tile" (_sweep_kernel, tiles with a tensor-core product; the options quad, prune, sparse_bound
         apply to it only).
+    fused: mse only: one launch, the sweep computing its candidate scales and checking the values itself, and
+        the host waiting for it (None: for weights of at most 2^23 elements, where the host cost of a second
+        launch exceeds the overlap it buys; see BENCHMARKS.md).
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     from fp4cal.search.reference import search_reference
@@ -633,12 +669,21 @@ def search_triton(
     n_e, cout, cin = w3.shape
     nb = cin // BLOCK
     dev = w.device
+    hess = method == "local_hessian"
+    if layout not in ("rows", "tile"):
+        raise ValueError(f"layout must be 'rows' or 'tile', got {layout!r}")
+    if fused is None:
+        fused = not hess and stats is None and w3.numel() <= _FUSED_MAX_WEIGHTS
+    if fused and (hess or stats is not None):
+        raise ValueError("fused=True is for the mse sweep without stats")
     g1 = g.float().reshape(-1).expand(n_e).contiguous()
     v_tab, nohalf = _tables(dev)
-    tabs = torch.empty(2, n_e, N_CAND, dtype=torch.float32, device=dev)
-    s_tab, r_tab = tabs[0], tabs[1]
     flags = torch.zeros(4, dtype=torch.int32, device=dev)  # 0 bad w, 1 bad g, 2 g out of range, 3 factor status
-    hess = method == "local_hessian"
+    if fused:
+        s_tab = r_tab = v_tab  # the sweep computes s and r from the FP8 values
+    else:
+        tabs = torch.empty(2, n_e, N_CAND, dtype=torch.float32, device=dev)
+        s_tab, r_tab = tabs[0], tabs[1]
     status = None
     n_hb = 0
     if hess:
@@ -653,20 +698,19 @@ def search_triton(
         stride_fe = 0
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
     factor_bufs = (hc, f, mu, nu, status) if n_hb else (flags,) * 5  # placeholders when nothing is factored here
-    _prep_kernel[(n_e + n_hb + n_scan,)](
-        g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
-        w3.stride(0), w3.stride(1), w3.stride(2),
-        FACTOR=n_hb > 0, SCAN=n_scan > 0, NC=N_CAND, SR=_SCAN_ROWS, SC=128,
-    )  # fmt: skip
+    if not fused:
+        _prep_kernel[(n_e + n_hb + n_scan,)](
+            g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
+            w3.stride(0), w3.stride(1), w3.stride(2),
+            FACTOR=n_hb > 0, SCAN=n_scan > 0, NC=N_CAND, SR=_SCAN_ROWS, SC=128,
+        )  # fmt: skip
     host_flags = None
-    if sync and dev.type == "cuda":  # copy the flags before the sweep is queued: they are ready long before it
+    if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
         host_flags = torch.empty(4, dtype=torch.int32, pin_memory=True)
         host_flags.copy_(flags, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
-    if layout not in ("rows", "tile"):
-        raise ValueError(f"layout must be 'rows' or 'tile', got {layout!r}")
     rows_layout = hess and layout == "rows"
     if num_warps is None:
         # rows: one warp (32 blocks) per program, measured fastest on H100 (BENCHMARKS.md); Triton's interpreter
@@ -697,7 +741,7 @@ def search_triton(
             w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
             w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
             HESSIAN=hess, PRUNE=prune, QUAD=quad, STATS=stats is not None, UNROLL=unroll,
-            SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND,
+            SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND, FUSED=fused,
             num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
 
@@ -707,7 +751,7 @@ def search_triton(
     if host_flags is not None:
         ready.synchronize()  # the one host wait: prep kernel and flag copy, not the sweep
         bad_w, bad_g, out_of_range, fstatus = host_flags.tolist()
-    else:  # interpreter (CPU tensors): everything has run already
+    else:  # fused (waits for the sweep) or interpreter (CPU tensors: everything has run already)
         bad_w, bad_g, out_of_range, fstatus = flags.tolist()
     if bad_w:
         check_finite(w, "w")
