@@ -380,28 +380,35 @@ def _round_signed(w, s, r):
 
 
 @triton.jit
-def _rows_loss(w, s, r, fb):
-    """Loss ||F^T dw||^2 of each thread's block at scale s, r [BR]; w: 16-tuple of [BR] fp32 (signed);
-    fb: pointer to the block column's lower-triangular F (row-major 16 x 16, F[i, k] = 0 for i < k)."""
+def _rows_loss(w, s, r, fb, HESSIAN: tl.constexpr):
+    """Loss of each thread's block at scale s, r [BR]: ||F^T dw||^2 (HESSIAN) or sum dw^2; w: 16-tuple of
+    [BR] fp32 (signed); fb: the block column's lower-triangular F (row-major 16 x 16, F[i, k] = 0 for i < k)."""
     d = ()
     for k in tl.static_range(16):
         d = d + (w[k] - _round_signed(w[k], s, r),)
     loss = tl.zeros(s.shape, tl.float32)
     for k in tl.static_range(16):
-        z = d[k] * tl.load(fb + k * 17)
-        for i in tl.static_range(k + 1, 16):
-            z = tl.fma(d[i], tl.load(fb + i * 16 + k), z)
+        if HESSIAN:
+            z = d[k] * tl.load(fb + k * 17)
+            for i in tl.static_range(k + 1, 16):
+                z = tl.fma(d[i], tl.load(fb + i * 16 + k), z)
+        else:
+            z = d[k]
         loss = tl.fma(z, z, loss)
     return loss
 
 
 @triton.jit
-def _rows_clip_bound(w, mb, six_s):
-    """max_k mu_k * max(|w_k| - fp32(6 s), 0)^2 (the clipping bound, see the module docstring)."""
+def _rows_clip_bound(w, mb, six_s, HESSIAN: tl.constexpr):
+    """The clipping bound (module docstring), e_k = max(|w_k| - fp32(6 s), 0): max_k mu_k e_k^2 (HESSIAN) or
+    sum_k e_k^2."""
     bound = tl.zeros(six_s.shape, tl.float32)
     for k in tl.static_range(16):
         err = tl.maximum(tl.abs(w[k]) - six_s, 0.0)
-        bound = tl.maximum(bound, err * err * tl.load(mb + k))
+        if HESSIAN:
+            bound = tl.maximum(bound, err * err * tl.load(mb + k))
+        else:
+            bound = tl.fma(err, err, bound)
     return bound
 
 
@@ -422,8 +429,10 @@ def _rows_up_bound(w, mb, nb_, half_s):
 @triton.jit
 def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, nohalf_ptr, out_ptr,
                        stats_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
-                       STATS: tl.constexpr, UNROLL: tl.constexpr, BR: tl.constexpr, NC: tl.constexpr):
-    """Local-Hessian sweep, one block per thread: same windows, bounds and tie rules as _sweep_kernel."""
+                       HESSIAN: tl.constexpr, STATS: tl.constexpr, UNROLL: tl.constexpr, BR: tl.constexpr,
+                       NC: tl.constexpr, FUSED: tl.constexpr):
+    """One block per thread: same windows, bounds and tie rules as _sweep_kernel (with prune); FUSED as there
+    (mse: candidate scales computed here, values checked here, flags in stats_ptr)."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64)
@@ -437,12 +446,26 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         w = w + (wk,)
         m = tl.maximum(m, tl.abs(wk))
     g = tl.load(g_ptr + e)
-    s_ptr = s_tab_ptr + e * NC
-    r_ptr = r_tab_ptr + e * NC
+    if FUSED:
+        sg = tl.div_rn(g, 2688.0)
+        s_ptr = s_tab_ptr
+        r_ptr = r_tab_ptr
+        bad = tl.zeros([BR], tl.int32)
+        for k in tl.static_range(16):
+            bad = bad | ((w[k] != w[k]) | (tl.abs(w[k]) == float("inf"))).to(tl.int32)
+        tl.atomic_max(stats_ptr, 1, mask=tl.max(bad) > 0)
+        first_prog = (pid_r == 0) & (j == 0)
+        tl.atomic_max(stats_ptr + 1, 1, mask=first_prog & ((g != g) | (g < 0) | (g == float("inf"))))
+        tl.atomic_max(stats_ptr + 2, 1, mask=first_prog & (sg != 0) & ((sg < 8.673617379884035e-19) |
+                                                                       (sg > 1.152921504606847e18)))
+    else:
+        sg = 1.0
+        s_ptr = s_tab_ptr + e * NC
+        r_ptr = r_tab_ptr + e * NC
     fb = f_ptr + e * stride_fe + j * 256
     mb = mu_ptr + e * (stride_fe // 16) + j * 16
     nb_ = nu_ptr + e * (stride_fe // 16) + j * 16
-    first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC)
+    first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC, sg, FUSED)
     nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
     top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
     best = tl.full([BR], float("inf"), tl.float32)
@@ -460,28 +483,34 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.maximum(c, 0)
-            loss = _rows_loss(w, tl.load(s_ptr + cc), tl.load(r_ptr + cc), fb)
+            s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
+            loss = _rows_loss(w, s, r, fb, HESSIAN)
             better = active & (loss <= best)  # descending: '<=' keeps the smaller candidate on ties
             best = tl.where(better, loss, best)
             best_idx = tl.where(better, cc, best_idx)
             c = c - 1
             if u == UNROLL - 1:
-                bound = _rows_clip_bound(w, mb, 6.0 * tl.load(s_ptr + tl.maximum(c, 0)))
+                bound = _rows_clip_bound(w, mb, 6.0 * _scale(s_ptr, tl.maximum(c, 0), sg, FUSED), HESSIAN)
                 active = active & ~(bound > best * 1.0001)
             active = active & (c >= 0)
         n_active = tl.sum(active.to(tl.int32))
 
-    # Phase 2: up from the MSE top until the upward bound ends each block or its first all-zero candidate.
-    zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, NC), NC - 1)
-    c = top + 1
-    active = c <= zero_at
+    # Phase 2 (local-Hessian): up from the MSE top until the upward bound ends each block or its first all-zero
+    # candidate.
+    if HESSIAN:
+        zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, NC), NC - 1)
+        c = top + 1
+        active = c <= zero_at
+    else:
+        zero_at = top
+        active = tl.zeros([BR], tl.int1)
     n_active = tl.sum(active.to(tl.int32))
     while n_active > 0:
         it2 += UNROLL
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.minimum(c, NC - 1)
-            loss = _rows_loss(w, tl.load(s_ptr + cc), tl.load(r_ptr + cc), fb)
+            loss = _rows_loss(w, tl.load(s_ptr + cc), tl.load(r_ptr + cc), fb, HESSIAN)
             better = active & (loss < best)  # ascending: strict '<' keeps the smaller candidate
             best = tl.where(better, loss, best)
             best_idx = tl.where(better, cc, best_idx)
@@ -495,7 +524,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
     amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
-    if STATS:
+    if STATS and not FUSED:
         pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
         tl.store(stats_ptr + pid * 3, it1)
         tl.store(stats_ptr + pid * 3 + 1, it2)
@@ -654,9 +683,9 @@ def search_triton(
         96 allows 5); none for mse; 0: no cap).
     sync=False: return right after the launches, without reading the value flags (benchmarks only: lets a
         CUDA graph capture the call to time the GPU work alone).
-    layout: local_hessian only: "rows" (_sweep_rows_kernel, one block per thread, block_rows = 32 * num_warps)
-        or "tile" (_sweep_kernel, tiles with a tensor-core product; the options quad, prune, sparse_bound
-        apply to it only).
+    layout: "rows" (_sweep_rows_kernel, one block per thread, block_rows = 32 * num_warps) or "tile"
+        (_sweep_kernel: tiles of block_rows blocks, the local-Hessian product on tensor cores; the options quad,
+        prune, sparse_bound apply to it only).
     fused: mse only: one launch, the sweep computing its candidate scales and checking the values itself, and
         the host waiting for it (None: for weights of at most 2^23 elements, where the host cost of a second
         launch exceeds the overlap it buys; see BENCHMARKS.md).
@@ -711,7 +740,7 @@ def search_triton(
         ready = torch.cuda.Event()
         ready.record()
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
-    rows_layout = hess and layout == "rows"
+    rows_layout = layout == "rows"
     if num_warps is None:
         # rows: one warp (32 blocks) per program, measured fastest on H100 (BENCHMARKS.md); Triton's interpreter
         # (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster
@@ -732,7 +761,7 @@ def search_triton(
             _sweep_rows_kernel[(triton.cdiv(cout, block_rows), nb, n_e)](
                 w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
                 w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-                STATS=stats is not None, UNROLL=unroll, BR=block_rows, NC=N_CAND,
+                HESSIAN=hess, STATS=stats is not None, UNROLL=unroll, BR=block_rows, NC=N_CAND, FUSED=fused,
                 num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
             )  # fmt: skip
             return
