@@ -50,6 +50,7 @@ pivots of a singular H give zero columns), so the loss is a sum of squares ||dw^
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -633,6 +634,21 @@ def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return f, mu, nu
 
 
+_thread_state = threading.local()
+
+
+def _pinned_flags(dev: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """A pinned int32 [4] host buffer and an event, reused by this thread's calls on dev (each call reads its
+    flags before returning, so reuse is safe within a thread; allocating them cost ~20 us of host time)."""
+    cache = getattr(_thread_state, "flags", None)
+    if cache is None:
+        cache = _thread_state.flags = {}
+    key = dev.index
+    if key not in cache:
+        cache[key] = (torch.empty(4, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+    return cache[key]
+
+
 @functools.cache
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 values fp32 [126], int32 [126]: the largest c' >= c whose value has no half among the
@@ -705,7 +721,10 @@ def search_triton(
         fused = not hess and stats is None and w3.numel() <= _FUSED_MAX_WEIGHTS
     if fused and (hess or stats is not None):
         raise ValueError("fused=True is for the mse sweep without stats")
-    g1 = g.float().reshape(-1).expand(n_e).contiguous()
+    if g.dtype == torch.float32 and g.numel() == n_e and g.is_contiguous():
+        g1 = g  # already one fp32 value per tensor (host time matters on small calls)
+    else:
+        g1 = g.float().reshape(-1).expand(n_e).contiguous()
     v_tab, nohalf = _tables(dev)
     flags = torch.zeros(4, dtype=torch.int32, device=dev)  # 0 bad w, 1 bad g, 2 g out of range, 3 factor status
     if fused:
@@ -735,9 +754,8 @@ def search_triton(
         )  # fmt: skip
     host_flags = None
     if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
-        host_flags = torch.empty(4, dtype=torch.int32, pin_memory=True)
+        host_flags, ready = _pinned_flags(dev)
         host_flags.copy_(flags, non_blocking=True)
-        ready = torch.cuda.Event()
         ready.record()
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     rows_layout = layout == "rows"
