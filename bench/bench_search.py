@@ -64,7 +64,7 @@ def dump_ir(out_dir):
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    for fn in (kernels._sweep_kernel, kernels._sweep_rows_kernel):
+    for fn in (kernels._sweep_kernel, kernels._sweep_rows_kernel):  # re-exported by kernels
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for i, k in enumerate(dev_cache[0].values()):
                 k._init_handles()

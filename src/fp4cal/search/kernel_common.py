@@ -1,0 +1,78 @@
+"""Triton helpers shared by the two sweep kernels: exact division-free E2M1 rounding and candidate scales.
+
+The math (and why each step is exact) is in fp4cal.search.kernels' docstring.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _e2m1_times_scale(a, s, r):
+    """q = fp32(E2M1(fp32(a / s)) * s) for a >= 0, with r = fp32(1 / s) (s == r == 0 gives q = 0)."""
+    x0 = a * r
+    res = tl.fma(-x0, s, a)
+    x = tl.fma(res, r, x0)
+    xb = x.to(tl.int32, bitcast=True) & 0x7F800000
+    xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of x clamped to [0, 2]
+    magic = (xb + (22 << 23)).to(tl.float32, bitcast=True)
+    lvl = tl.minimum((x + magic) - magic, 6.0)
+    return lvl * s
+
+
+@triton.jit
+def _scale(s_ptr, c, sg, FUSED: tl.constexpr):
+    """Block scale s_c of index tensor c: from this tensor's table, or (FUSED: s_ptr holds the FP8 values)
+    fp32(v_c * s_g), the table's own arithmetic."""
+    if FUSED:
+        return tl.load(s_ptr + c) * sg
+    else:
+        return tl.load(s_ptr + c)
+
+
+@triton.jit
+def _candidate(s_ptr, r_ptr, c, sg, FUSED: tl.constexpr):
+    """Block scale s_c and r_c = fp32(1 / s_c) of index tensor c (see _scale; r as _table_row computes it)."""
+    s = _scale(s_ptr, c, sg, FUSED)
+    if FUSED:
+        r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    else:
+        r = tl.load(r_ptr + c)
+    return s, r
+
+
+@triton.jit
+def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr, sg=1.0, FUSED: tl.constexpr = False):
+    """Per block, the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32 block maxima.
+
+    fp32(m / s_c) falls as c rises, so a 7-step binary search over the 126 candidates finds it.
+    """
+    lo = tl.zeros(m.shape, tl.int32)
+    hi = tl.full(m.shape, NC, tl.int32)
+    for _ in range(7):
+        mid = (lo + hi) // 2
+        ok = mid < NC
+        s, r = _candidate(s_ptr, r_ptr, tl.minimum(mid, NC - 1), sg, FUSED)
+        x0 = m * r
+        x = tl.fma(tl.fma(-x0, s, m), r, x0)
+        below = (x <= T) & ok
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below | ~ok, lo, mid + 1)
+    return lo
+
+
+@triton.jit
+def _round_signed(w, s, r):
+    """q = fp32(sign(w) * E2M1(fp32(|w| / s)) * s), with r = fp32(1 / s): _e2m1_times_scale on signed
+    values. The magic number 1.5 * 2^(E+22) keeps x + magic in one binade for either sign, so the add rounds
+    |x| to the E2M1 step 2^(E-1) with ties to even for both signs."""
+    x0 = w * r
+    res = tl.fma(-x0, s, w)
+    x = tl.fma(res, r, x0)
+    xb = x.to(tl.int32, bitcast=True) & 0x7F800000
+    xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of |x| clamped to [0, 2]
+    magic = (xb + ((22 << 23) | (1 << 22))).to(tl.float32, bitcast=True)
+    lvl = tl.minimum(tl.maximum((x + magic) - magic, -6.0), 6.0)
+    return lvl * s
