@@ -286,7 +286,8 @@ def search_triton(
 
     Two launches: _prep_kernel (candidate tables, Hessian factors, value checks) and the sweep. The host waits
     once, for the prep kernel's flags only (copied before the sweep is queued), so the call returns while the
-    sweep still runs and the next call's host work overlaps it.
+    sweep still runs and the next call's host work overlaps it. Small mse calls are one launch (fused).
+    num_warps: None: 1 for the rows layout on CUDA (4 in Triton's interpreter), 4 for the tile layout.
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0)
         run on the device and raise the messages of fp4cal.validation.
     factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
