@@ -110,8 +110,7 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 
 @triton.jit
 def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, w_ptr, n_e, n_hb,
-                 n_rows,
-                 cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
+                 n_rows, cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
                  NC: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
     [0, n_e): candidate tables and global-amax flags; then n_hb programs (FACTOR): one Hessian block each
@@ -372,23 +371,18 @@ def search_triton(
     if maxnreg is None:
         maxnreg = (168 if rows_layout else 96) if hess else 0  # measured on H100 (BENCHMARKS.md)
 
+    # Both sweeps take the same arguments; the tile layout has three more options.
+    grid = (triton.cdiv(cout, block_rows), nb, n_e)
+    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
+            w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
+    opts = dict(HESSIAN=hess, STATS=stats is not None, UNROLL=unroll, BR=block_rows, NC=N_CAND, FUSED=fused,
+                num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}))
+    if not rows_layout:
+        opts.update(PRUNE=prune, QUAD=quad, SPARSE_BOUND=sparse_bound)
+    sweep = _sweep_rows_kernel if rows_layout else _sweep_kernel
+
     def launch():
-        if rows_layout:
-            _sweep_rows_kernel[(triton.cdiv(cout, block_rows), nb, n_e)](
-                w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
-                w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-                HESSIAN=hess, STATS=stats is not None, UNROLL=unroll, BR=block_rows, NC=N_CAND, FUSED=fused,
-                num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
-            )  # fmt: skip
-            return
-        grid = (triton.cdiv(cout, block_rows), nb, n_e)
-        _sweep_kernel[grid](
-            w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
-            w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-            HESSIAN=hess, PRUNE=prune, QUAD=quad, STATS=stats is not None, UNROLL=unroll,
-            SPARSE_BOUND=sparse_bound, BR=block_rows, NC=N_CAND, FUSED=fused,
-            num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}),
-        )  # fmt: skip
+        sweep[grid](*args, **opts)
 
     launch()
     if not sync:
