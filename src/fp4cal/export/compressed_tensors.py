@@ -31,8 +31,10 @@ from fp4cal.export.base import (
 NAME = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
 SG_METADATA_KEY = "fp4cal_global_scale"
-# The compressed-tensors release whose on-disk layout the fallback config (no library installed) follows.
-LAYOUT_VERSION = "0.20.0"
+# The fallback config (written when compressed-tensors is not installed) follows the on-disk layout of
+# compressed-tensors 0.20. It carries no "version" key: that key names the library release that wrote the
+# file, and fp4cal is not that library (loaders do not require the key; a test proves the library parses
+# the fallback).
 
 
 def module_tensors(qm: QuantizedModule, w4a4: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -63,8 +65,9 @@ def _weights_args() -> dict:
 
 def _static_config(ignore: list[str], w4a4: bool) -> dict:
     """The quantization_config compressed-tensors 0.20 writes (ModelCompressor.update_config) for
-    the NVFP4A16 / NVFP4 presets targeting Linear; used when the library is not installed. A test
-    checks it equals what the library itself writes."""
+    the NVFP4A16 / NVFP4 presets targeting Linear, less its "version" key (the writing library's release);
+    used when the library is not installed. A test checks it equals what the library itself writes, but
+    for that key."""
     inputs = None
     if w4a4:
         inputs = {**_weights_args(), "dynamic": "local", "observer": "static_minmax"}
@@ -87,7 +90,6 @@ def _static_config(ignore: list[str], w4a4: bool) -> dict:
         "quantization_status": "compressed",
         "sparsity_config": {},
         "transform_config": {},
-        "version": LAYOUT_VERSION,
     }
 
 
