@@ -27,6 +27,11 @@ class WeightResult:
         for expert stacks are listed in expert_fallback.
     transposed: the parameter is stored [E, cin, cout] in the model (e.g. gpt-oss experts); shape, block_amax
         and block_scale above are still in [..., cout, cin] layout, so writers must transpose the parameter.
+    codes: packed E2M1 codes, uint8 [..., cout, cin/2] (fp4cal.numerics.quantize's layout), when the rounding
+        is not round-to-nearest of the weight with these scales (GPTQ moves codes); None: writers and
+        fake-quantization quantize the weight themselves with block_amax / global_amax.
+    hessian_fallback_blocks: (local_hessian) blocks searched with the squared error instead, because their
+        16x16 Hessian carried no information (e.g. input channels never active in the calibration data).
     """
 
     name: str
@@ -45,6 +50,8 @@ class WeightResult:
     fallback: str | None = None
     expert_fallback: dict[int, str] = field(default_factory=dict)
     transposed: bool = False
+    codes: torch.Tensor | None = None
+    hessian_fallback_blocks: int = 0
 
 
 @dataclass
