@@ -90,8 +90,15 @@ def test_overwrite_refused_then_allowed(tmp_path):
     with pytest.raises(FileExistsError, match="not empty.*overwrite=True"):
         fp4cal.export(result, model, target)
     assert _snapshot(target) == {target.joinpath("keep.txt").relative_to(target): b"precious"}
-    fp4cal.export(result, model, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
+    # overwrite=True replaces only an NVFP4 checkpoint: a directory of user files is refused, untouched
+    with pytest.raises(export_io.UnsafeOutputError, match=r"not an NVFP4 checkpoint.*keep.txt"):
+        fp4cal.export(result, model, target, overwrite=True)
+    assert _snapshot(target) == {target.joinpath("keep.txt").relative_to(target): b"precious"}
+    (target / "keep.txt").unlink()
+    fp4cal.export(result, model, target)
+    (target / "stale.txt").write_text("from the previous export")
+    fp4cal.export(result, model, target, overwrite=True)  # an fp4cal checkpoint is replaced whole
+    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
     assert _siblings(target) == []
     empty = tmp_path / "empty"
     empty.mkdir()

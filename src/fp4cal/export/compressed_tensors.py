@@ -31,6 +31,11 @@ from fp4cal.export.base import (
 NAME = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
 SG_METADATA_KEY = "fp4cal_global_scale"
+# Tensor suffixes of one quantized module (shared with the loader and fp4cal check).
+CODES, BLOCK_SCALE, GLOBAL_SCALE = "weight_packed", "weight_scale", "weight_global_scale"
+INPUT_SCALE = "input_global_scale"
+GLOBAL_IS_RECIPROCAL = True  # weight_global_scale is 1 / s_g: dequantized = E2M1 * v / weight_global_scale
+GLOBAL_SHAPES = ((1,), ())  # compressed-tensors writes [1]
 # The fallback config (written when compressed-tensors is not installed) follows the on-disk layout of
 # compressed-tensors 0.20. It carries no "version" key: that key names the library release that wrote the
 # file, and fp4cal is not that library (loaders do not require the key; a test proves the library parses
@@ -142,7 +147,10 @@ def detect(config: dict) -> bool:
 
 
 def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")]
+    """Modules with any NVFP4 tensor (a module missing one of its tensors is still listed, so the loader
+    can name what is missing)."""
+    found = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((f".{CODES}", f".{BLOCK_SCALE}", f".{GLOBAL_SCALE}"))}
+    return sorted(found)
 
 
 def decode(tensors: dict[str, torch.Tensor], module: str, metadata: dict[str, dict], dtype=torch.float32):
@@ -152,7 +160,14 @@ def decode(tensors: dict[str, torch.Tensor], module: str, metadata: dict[str, di
     v = tensors[f"{module}.weight_scale"]
     exact = metadata.get(SG_METADATA_KEY, {}).get(module)
     if exact is not None:
-        return dequantize_module(codes, v, torch.tensor(float.fromhex(exact), dtype=torch.float32), dtype)
+        try:
+            s_g = float.fromhex(exact)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"header metadata {SG_METADATA_KEY}[{module!r}] is {exact!r}; expected the module's global scale "
+                "as a float hex string (e.g. '0x1.0p-8')"
+            ) from None
+        return dequantize_module(codes, v, torch.tensor(s_g, dtype=torch.float32), dtype)
     return dequantize_divide(codes, v, tensors[f"{module}.weight_global_scale"], dtype)
 
 

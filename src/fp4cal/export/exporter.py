@@ -275,7 +275,7 @@ def export(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fmt = FORMATS[format]
     shard_bytes = parse_size(max_shard_size)
-    check_out_dir(Path(out_dir).absolute(), overwrite)  # fail before any work
+    check_out_dir(out_dir, overwrite)  # fail before any work: unsafe paths, non-checkpoint directories
     src = _source_dir(model, source_dir)
 
     transposed = [n for n, wr in result.weights.items() if getattr(wr, "transposed", False)]

@@ -3,19 +3,28 @@
 Nothing is written half: export() writes into a hidden temporary directory next to ``out_dir`` and
 renames it into place only after every file is complete. An exception (or Ctrl-C) removes the
 temporary directory and leaves ``out_dir`` exactly as it was; a hard kill can leave the hidden
-``.<name>.*.fp4cal-partial`` directory behind, never a half checkpoint under ``out_dir``.
+``.<name>.<pid>-*.fp4cal-partial`` directory behind, never a half checkpoint under ``out_dir``, and the next
+export or load() of that directory removes it (recover_interrupted). A kill between the two renames of a
+replacement is finished or rolled back the same way, from a journal written before the first rename.
+
+Output paths are checked before any work (check_out_dir): unsafe paths (empty, ".", home, a filesystem
+root, the working directory or its ancestors) are refused, and overwrite=True replaces only a directory
+that is an NVFP4 checkpoint (checkpoint_kind). These helpers are public so every writer uses the same rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,41 +73,240 @@ def parse_size(size: int | str, name: str = "max_shard_size") -> int:
     return value
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty existing directory (or a file) unless overwrite is set."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"out_dir {str(out_dir)!r} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"out_dir {str(out_dir)!r} exists and is not empty; pass overwrite=True to replace it"
-            )
+class UnsafeOutputError(ValueError):
+    """An output path that fp4cal refuses to write or replace (it could destroy user data)."""
+
+
+class CheckpointRecoveryWarning(UserWarning):
+    """An interrupted export was finished or rolled back, or leftovers of a killed run were removed."""
+
+
+NVFP4_CT_FORMATS = ("nvfp4-pack-quantized",)
+NVFP4_MO_ALGOS = ("NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "MIXED_PRECISION")
+
+
+def checkpoint_kind(directory: str | os.PathLike) -> str | None:
+    """Why ``directory`` counts as an NVFP4 checkpoint that export(overwrite=True) may replace, or None.
+
+    The rule (written down in docs/reliability.md): a directory is replaceable when its config.json has a
+    ``quantization_config`` that is compressed-tensors with format nvfp4-pack-quantized, or ModelOpt
+    (quant_method "modelopt*") with an NVFP4 quant_algo, or when it has a ModelOpt hf_quant_config.json
+    with an NVFP4 quant_algo. fp4cal writes both files on every export, so every fp4cal checkpoint qualifies;
+    a directory of anything else (source code, a home directory, an unquantized model) never does.
+    """
+    d = Path(directory)
+    try:
+        q = read_json(d / "config.json").get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        q = {}
+    if isinstance(q, dict):
+        if q.get("quant_method") == "compressed-tensors" and q.get("format") in NVFP4_CT_FORMATS:
+            return f"config.json has a compressed-tensors {q.get('format')} quantization_config"
+        if str(q.get("quant_method", "")).lower().startswith("modelopt") and q.get("quant_algo") in NVFP4_MO_ALGOS:
+            return f"config.json has a ModelOpt {q.get('quant_algo')} quantization_config"
+    try:
+        h = read_json(d / "hf_quant_config.json").get("quantization") or {}
+    except (OSError, ValueError, AttributeError):
+        h = {}
+    if isinstance(h, dict) and h.get("quant_algo") in NVFP4_MO_ALGOS:
+        return f"hf_quant_config.json has quant_algo {h.get('quant_algo')}"
+    return None
+
+
+def check_output_path(path: str | os.PathLike, what: str = "out_dir") -> Path:
+    """The absolute, resolved ``path``; UnsafeOutputError for a path that must never be written over.
+
+    Refused: an empty string, a filesystem root, the home directory or an ancestor of it, the current
+    working directory or an ancestor of it (``"."`` and ``".."`` included). ``what`` names the argument.
+    """
+    if path is None or isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    raw = os.fspath(path)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if raw.strip() == "":
+        raise UnsafeOutputError(f"{what} is an empty string; give the directory to write, e.g. 'out/model-nvfp4'")
+    out = Path(raw).expanduser().resolve()
+    if out.parent == out:
+        raise UnsafeOutputError(f"{what} {raw!r} is a filesystem root ({out}); refusing to write there")
+    home = Path.home().resolve()
+    if out == home or out in home.parents:
+        raise UnsafeOutputError(
+            f"{what} {raw!r} is the home directory {home} or an ancestor of it; refusing to write there"
+        )
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise UnsafeOutputError(
+            f"{what} {raw!r} is the current working directory {cwd} or an ancestor of it; refusing to write there "
+            "(give a new sub-directory)"
+        )
+    return out
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, what: str = "out_dir") -> Path:
+    """Check that ``out_dir`` may be written; returns it absolute and resolved. Raises before any work:
+
+    - UnsafeOutputError for the paths check_output_path refuses;
+    - FileExistsError for a file, or a non-empty directory when ``overwrite`` is False;
+    - UnsafeOutputError for a non-empty directory that is not an NVFP4 checkpoint (checkpoint_kind), even
+      with ``overwrite=True``: overwrite replaces checkpoints, never arbitrary directories.
+    """
+    out = check_output_path(out_dir, what)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise FileExistsError(f"{what} {str(out_dir)!r} exists and is not a directory")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{what} {str(out_dir)!r} exists and is not empty; pass overwrite=True to replace it "
+                    "(only an existing NVFP4 checkpoint can be replaced)"
+                )
+            if checkpoint_kind(out) is None:
+                names = sorted(p.name for p in out.iterdir())
+                raise UnsafeOutputError(
+                    f"{what} {str(out_dir)!r} is not an NVFP4 checkpoint (no config.json with an NVFP4 "
+                    f"quantization_config, no NVFP4 hf_quant_config.json; it holds {names[:5]}"
+                    f"{' ...' if len(names) > 5 else ''}); overwrite=True only replaces a checkpoint, so "
+                    "nothing was written: choose a new or empty directory"
+                )
+    return out
+
+
+def user_mode(directory: bool = True) -> int:
+    """The permission bits a new directory (0o777) or file (0o666) gets under the process umask."""
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    if mask is None:  # not Linux: os.umask is the only portable read (it sets, so set it back)
+        mask = os.umask(0o22)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def make_staging_dir(out: Path, kind: str = "partial") -> Path:
+    """A new hidden directory ``.<name>.<pid>-<random>.fp4cal-<kind>`` beside ``out``, with the umask's mode
+    (mkdtemp alone gives 0700, which other users of a shared model directory could not read)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=f".fp4cal-{kind}", dir=out.parent))
+    os.chmod(tmp, user_mode(True))
+    return tmp
+
+
+def _journal(out: Path) -> Path:
+    return out.parent / f".{out.name}.fp4cal-swap.json"
+
+
+def _pid_alive(name: str) -> bool:
+    """Whether the process whose pid is encoded in a staging name (``.<out>.<pid>-<rand>.fp4cal-*``) still runs."""
+    m = re.search(r"\.(\d+)-[^.]*\.fp4cal-(?:partial|old)$", name)
+    if not m:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(out_dir: str | os.PathLike, warn: bool = True) -> list[str]:
+    """Finish or roll back a replacement of ``out_dir`` that a killed process left half done, and remove the
+    staging directories of killed runs. Returns what was done (one sentence each), also issued as a
+    CheckpointRecoveryWarning when ``warn``. Called by export (before writing) and load (before reading).
+
+    The swap (staged_directory) writes a journal ``.<name>.fp4cal-swap.json`` naming the complete new
+    directory and the place of the old one before renaming anything, and removes it after. With a journal:
+    out_dir missing and the new directory present -> the new one is renamed into place (finished); out_dir
+    missing and only the old one present -> the old one is renamed back (rolled back); out_dir present ->
+    the leftover old (or unused new) directory is removed. Without a journal, staging directories whose
+    writer process no longer runs are removed (a partial one was never complete).
+    """
+    out = Path(out_dir).expanduser().absolute()
+    done: list[str] = []
+    if not out.parent.is_dir():
+        return done
+    journal = _journal(out)
+    if journal.exists():
+        try:
+            j = read_json(journal)
+            new, old = out.parent / j["new"], out.parent / j["old"]
+        except (OSError, ValueError, KeyError, TypeError):
+            new = old = None
+        if new is None:
+            done.append(f"removed the unreadable swap journal {journal.name}")
+        elif not out.exists():
+            if new.is_dir():
+                os.rename(new, out)
+                done.append(f"finished an interrupted export: moved the complete new checkpoint {new.name} to {out}")
+                if old.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    done.append(f"removed the replaced checkpoint {old.name}")
+            elif old.is_dir():
+                os.rename(old, out)
+                done.append(f"rolled back an interrupted export: restored the previous checkpoint {out} "
+                            f"from {old.name}")
+        else:
+            for leftover, what in ((old, "replaced checkpoint"), (new, "unused new checkpoint")):
+                if leftover.exists():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    done.append(f"removed the {what} {leftover.name} left by an interrupted export of {out}")
+        journal.unlink(missing_ok=True)
+    own = re.compile(rf"\.{re.escape(out.name)}\.[^.]+\.fp4cal-(?:partial|old)")  # not those of 'name.x'
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.fp4cal-*")):
+        if not own.fullmatch(p.name) or not p.is_dir() or _pid_alive(p.name):
+            continue
+        if p.name.endswith(".fp4cal-old") and not out.exists():
+            os.rename(p, out)  # a pre-journal run died between its renames: the old checkpoint is all there is
+            done.append(f"rolled back an interrupted export: restored the previous checkpoint {out} from {p.name}")
+            continue
+        if p.name.endswith((".fp4cal-partial", ".fp4cal-old")):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}, left beside {out.name} by a killed fp4cal run")
+    if warn:
+        for msg in done:
+            warnings.warn(f"fp4cal: {msg}", CheckpointRecoveryWarning, stacklevel=3)
+    return done
 
 
 @contextlib.contextmanager
 def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out_dir``; on success it replaces ``out_dir``.
 
-    On any exception the temporary directory is deleted and ``out_dir`` is untouched. When replacing
-    an existing directory, the old one is renamed aside first and deleted only after the new one is in
-    place, so at every instant ``out_dir`` is either the old checkpoint or the complete new one.
+    out_dir is checked first (check_out_dir: unsafe paths and non-checkpoint directories are refused) and
+    leftovers of interrupted runs are recovered (recover_interrupted). On any exception the temporary
+    directory is deleted and ``out_dir`` is untouched. When replacing an existing directory, a journal is
+    written, the old one renamed aside, the new one renamed in, and the old one deleted: at every instant
+    ``out_dir`` is the old checkpoint, the complete new one, or (after a kill between the two renames)
+    missing with the journal saying which of the two to restore, which the next export or load() does.
+    Directories get the user's umask.
     """
-    out = Path(out_dir).absolute()
-    check_out_dir(out, overwrite)
+    out = check_out_dir(out_dir, overwrite)
+    recover_interrupted(out)
+    out = check_out_dir(out_dir, overwrite)  # recovery may have restored a directory
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".fp4cal-partial", dir=out.parent))
+    tmp = make_staging_dir(out)
     try:
         yield tmp
         check_out_dir(out, overwrite)  # someone may have written there meanwhile
         if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.fp4cal-old"
+            old = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.fp4cal-old"
+            journal = _journal(out)
+            write_json_atomic(journal, {"out": out.name, "new": tmp.name, "old": old.name})
             os.rename(out, old)
             try:
                 os.rename(tmp, out)
             except BaseException:
                 os.rename(old, out)
+                journal.unlink(missing_ok=True)
                 raise
             shutil.rmtree(old, ignore_errors=True)
+            journal.unlink(missing_ok=True)
         else:
             os.rename(tmp, out)
     finally:
@@ -180,19 +388,45 @@ def write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
         f.write("\n")
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """write_json to a temporary name, flushed to disk, then renamed over ``path`` (never a half file)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as what it claims to be; the message names the file."""
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint directory (via the index file when there is one)."""
     d = Path(directory)
     if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(d)!r} does not exist")
+        what = "is a file, not a directory" if d.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint directory {str(d)!r} {what}")
     index = d / SAFE_WEIGHTS_INDEX_NAME
     if index.exists():
-        files = sorted(set(read_json(index)["weight_map"].values()))
+        try:
+            weight_map = read_json(index)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); expected JSON with a "
+                "'weight_map' of tensor name -> shard file"
+            ) from None
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) {missing[:3]} that are missing from {str(d)!r}")
         return [d / f for f in files]
     single = d / SAFE_WEIGHTS_NAME
     if single.exists():
@@ -203,18 +437,77 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     return found
 
 
-def read_tensors(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """All tensors of a checkpoint, and the merged JSON metadata entries of its shard headers."""
+@dataclass
+class CheckpointTensors:
+    """Everything read from a checkpoint's shards.
+
+    tensors: name -> tensor as stored. metadata: fp4cal header entries (key -> {module: value}) merged over
+    shards. file_of: name -> the shard file it came from (for error messages).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, dict]
+    file_of: dict[str, Path]
+
+
+def _open_shard(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a bad file
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(
+            f"{path}: cannot read as safetensors ({e}); the file ({size} bytes) is truncated or corrupt "
+            "(an interrupted download or copy?): expected an 8-byte header length, a JSON header and the "
+            "tensor data it describes"
+        ) from None
+
+
+def read_checkpoint(directory: str | os.PathLike) -> CheckpointTensors:
+    """All tensors of a checkpoint with their shard file, and the merged fp4cal metadata of the shard headers.
+
+    Raises FileNotFoundError (no directory / no shards) or CheckpointError naming the file for truncated or
+    corrupt shards, bad header metadata, duplicate tensor names across shards, and index entries that point
+    at the wrong shard.
+    """
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, dict] = {}
+    file_of: dict[str, Path] = {}
     for path in checkpoint_files(directory):
-        with safe_open(str(path), framework="pt") as f:
+        with _open_shard(path) as f:
             for key, value in (f.metadata() or {}).items():
                 if key.startswith("fp4cal"):
-                    metadata.setdefault(key, {}).update(json.loads(value))
+                    try:
+                        entries = json.loads(value)
+                        if not isinstance(entries, dict):
+                            raise ValueError("not a JSON object")
+                    except ValueError as e:
+                        raise CheckpointError(
+                            f"{path}: header metadata {key!r} is corrupt ({e}); expected a JSON object of "
+                            "module -> value as fp4cal writes it"
+                        ) from None
+                    metadata.setdefault(key, {}).update(entries)
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    return tensors, metadata
+                if name in tensors:
+                    raise CheckpointError(f"tensor {name!r} is stored twice: in {file_of[name]} and in {path}")
+                try:
+                    tensors[name] = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(
+                        f"{path}: cannot read tensor {name!r} ({e}); the file is truncated or corrupt"
+                    ) from None
+                file_of[name] = path
+    index = Path(directory) / SAFE_WEIGHTS_INDEX_NAME
+    if index.exists():
+        for name, shard in read_json(index)["weight_map"].items():
+            if name not in tensors:
+                raise CheckpointError(f"{index} maps tensor {name!r} to {shard}, which does not hold it")
+    return CheckpointTensors(tensors, metadata, file_of)
+
+
+def read_tensors(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """All tensors of a checkpoint, and the merged JSON metadata entries of its shard headers."""
+    ck = read_checkpoint(directory)
+    return ck.tensors, ck.metadata
 
 
 def copy_aux_files(source_dir: Path, target_dir: Path) -> list[str]:

@@ -11,8 +11,9 @@ from torch import nn
 
 from fp4cal.export import compressed_tensors as ct_format
 from fp4cal.export import modelopt as mo_format
-from fp4cal.export.io import read_json, read_tensors
+from fp4cal.export.io import CheckpointError, CheckpointTensors, read_checkpoint, read_json, recover_interrupted
 from fp4cal.export.layout import checkpoint_pieces
+from fp4cal.validation import BLOCK, FLOAT_DTYPES
 
 
 def detect_format(directory: Path, config: dict):
@@ -33,19 +34,97 @@ def detect_format(directory: Path, config: dict):
     )
 
 
+def check_module_tensors(ck: CheckpointTensors, fmt, module: str) -> None:
+    """Refuse (CheckpointError naming the file, the tensor and what was expected) a quantized module whose
+    tensors are missing, of the wrong dtype or shape, or whose scales would dequantize to NaN / inf / silent
+    zeros: block scales must be finite FP8, the global scale finite and positive (ModelOpt's weight_scale_2
+    may be 0 only for an all-zero weight)."""
+    names = {k: f"{module}.{getattr(fmt, k)}" for k in ("CODES", "BLOCK_SCALE", "GLOBAL_SCALE")}
+    t = ck.tensors
+    present = [n for n in names.values() if n in t]
+    for n in names.values():
+        if n not in t:
+            where = ck.file_of[present[0]] if present else "the checkpoint"
+            raise CheckpointError(
+                f"{where}: quantized module {module!r} has {present} but no tensor {n!r}; an NVFP4 "
+                f"{fmt.NAME} module stores {list(names.values())}"
+            )
+    codes, v, gs = (t[names[k]] for k in ("CODES", "BLOCK_SCALE", "GLOBAL_SCALE"))
+
+    def bad(name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{ck.file_of[name]}: tensor {name!r} {what}")
+
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise bad(names["CODES"], f"is {codes.dtype} {tuple(codes.shape)}; expected uint8 [out, in/2] E2M1 codes")
+    cout, cin = codes.shape[0], codes.shape[1] * 2
+    if cin % BLOCK:
+        raise bad(names["CODES"], f"has shape {tuple(codes.shape)}: in = {cin} is not a multiple of {BLOCK}")
+    if v.dtype != torch.float8_e4m3fn or tuple(v.shape) != (cout, cin // BLOCK):
+        raise bad(names["BLOCK_SCALE"], f"is {v.dtype} {tuple(v.shape)}; expected float8_e4m3fn "
+                  f"[{cout}, {cin // BLOCK}] (one FP8 scale per 16 inputs of the {tuple(codes.shape)} codes)")
+    if bool(torch.isnan(v.float()).any()):
+        raise bad(names["BLOCK_SCALE"], f"has {int(torch.isnan(v.float()).sum())} NaN FP8 code(s); expected finite")
+    if gs.dtype not in FLOAT_DTYPES or gs.numel() != 1:
+        raise bad(names["GLOBAL_SCALE"], f"is {gs.dtype} {tuple(gs.shape)}; expected one float32 value")
+    g = float(gs.float().reshape(()))
+    if not torch.isfinite(gs.float()).all() or g < 0:
+        raise bad(names["GLOBAL_SCALE"], f"is {g}; expected a finite, positive global scale")
+    if g == 0 and (fmt.GLOBAL_IS_RECIPROCAL or bool((codes & 0x77).any())):
+        meaning = "1 / s_g: dividing by 0 gives inf / NaN weights" if fmt.GLOBAL_IS_RECIPROCAL else (
+            "s_g: the module's non-zero codes would all dequantize to 0")
+        raise bad(names["GLOBAL_SCALE"], f"is 0; expected a positive global scale (it is {meaning})")
+
+
+def check_dtype(dtype, name: str = "dtype", allow_none: bool = True) -> None:
+    """A float dtype for dequantized weights: integer dtypes would truncate every NVFP4 value (mostly to 0)."""
+    if dtype is None and allow_none:
+        return
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(
+            f"{name} must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16 or torch.float64), "
+            f"got {dtype!r}"
+        )
+
+
+def _checkpoint_dir(path) -> Path:
+    if path is None or isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint directory (str or os.PathLike), got {type(path).__name__}")
+    d = Path(path).expanduser()
+    recover_interrupted(d)  # a killed export may have left the directory mid-swap: finish or roll back
+    if not d.exists():
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    if not d.is_dir():
+        raise NotADirectoryError(f"checkpoint path {str(path)!r} is a file; expected a checkpoint directory")
+    if not (d / "config.json").exists() and not (d / mo_format.HF_QUANT_CONFIG).exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no config.json (nor hf_quant_config.json); expected an NVFP4 checkpoint directory"
+        )
+    return d
+
+
 def load_state_dict(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors with every quantized module's ``<module>.weight`` dequantized to ``dtype``
-    (its packed codes and scales removed); other tensors (embeddings, norms, ignored layers) as stored."""
-    d = Path(path)
-    config = read_json(d / "config.json") if (d / "config.json").exists() else {}
+    (its packed codes and scales removed); other tensors (embeddings, norms, ignored layers) as stored.
+    Raises FileNotFoundError / CheckpointError naming the file and tensor for a missing, truncated or corrupt
+    checkpoint and for scales that would give NaN, inf or silently zero weights."""
+    check_dtype(dtype, allow_none=False)
+    d = _checkpoint_dir(path)
+    try:
+        config = read_json(d / "config.json") if (d / "config.json").exists() else {}
+    except ValueError as e:
+        raise CheckpointError(f"{d / 'config.json'}: not valid JSON ({e})") from None
     fmt = detect_format(d, config)
-    tensors, metadata = read_tensors(d)
+    ck = read_checkpoint(d)
     dense = {}
     consumed = set()
-    for module in fmt.quantized_modules(tensors):
-        dense[f"{module}.weight"] = fmt.decode(tensors, module, metadata, dtype)
+    for module in fmt.quantized_modules(ck.tensors):
+        check_module_tensors(ck, fmt, module)
+        try:
+            dense[f"{module}.weight"] = fmt.decode(ck.tensors, module, ck.metadata, dtype)
+        except ValueError as e:  # a corrupt header entry (the message names the module)
+            raise CheckpointError(f"{ck.file_of[f'{module}.{fmt.CODES}']}: {e}") from None
         consumed.update(fmt.companion_names(module))
-    for name, t in tensors.items():
+    for name, t in ck.tensors.items():
         if name not in consumed:
             dense[name] = t
     return dense
@@ -129,9 +208,10 @@ def load(
         ``dtype`` (default float32, which holds every NVFP4 value exactly).
     fp4cal checkpoints dequantize bit-identically to fp4cal.numerics.dequantize of the exported weights.
     """
-    d = Path(path)
+    check_dtype(dtype)
     if not as_model:
-        return load_state_dict(d, dtype or torch.float32)
+        return load_state_dict(path, dtype or torch.float32)
+    d = _checkpoint_dir(path)
     model = _build_model(d, dtype)
     dense = load_state_dict(d, torch.float32)
     _fill(model, dense)

@@ -24,6 +24,10 @@ from fp4cal.export.base import QuantizedModule, dequantize_module, input_scale
 
 NAME = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"
+# Tensor suffixes of one quantized module (shared with the loader and fp4cal check).
+CODES, BLOCK_SCALE, GLOBAL_SCALE, INPUT_SCALE = "weight", "weight_scale", "weight_scale_2", "input_scale"
+GLOBAL_IS_RECIPROCAL = False  # weight_scale_2 is s_g itself: dequantized = E2M1 * v * weight_scale_2
+GLOBAL_SHAPES = ((), (1,))  # ModelOpt writes [] ; engines also accept [1]
 
 
 def _producer() -> dict:
@@ -85,7 +89,10 @@ def detect(config: dict) -> bool:
 
 
 def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [k[: -len(".weight_scale_2")] for k in tensors if k.endswith(".weight_scale_2")]
+    """Modules with any NVFP4 scale tensor (a module missing one of its tensors is still listed, so the
+    loader can name what is missing instead of passing the rest on as dense tensors)."""
+    found = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((f".{BLOCK_SCALE}", f".{GLOBAL_SCALE}"))}
+    return sorted(found)
 
 
 def decode(tensors: dict[str, torch.Tensor], module: str, metadata: dict[str, dict], dtype=torch.float32):
