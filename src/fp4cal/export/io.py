@@ -194,6 +194,18 @@ def make_staging_dir(out: Path, kind: str = "partial") -> Path:
     return tmp
 
 
+def apply_user_mode(directory: Path) -> None:
+    """Give every file and directory under ``directory`` (itself included) the umask's mode: some writers
+    (safetensors' save_file, tempfile) create 0600 files, which other users of a shared model store cannot read."""
+    dmode, fmode = user_mode(True), user_mode(False)
+    os.chmod(directory, dmode)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dmode)
+        for name in files:
+            os.chmod(os.path.join(root, name), fmode)
+
+
 def _journal(out: Path) -> Path:
     return out.parent / f".{out.name}.fp4cal-swap.json"
 
@@ -289,10 +301,11 @@ def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     out = check_out_dir(out_dir, overwrite)
     recover_interrupted(out)
     out = check_out_dir(out_dir, overwrite)  # recovery may have restored a directory
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # mkdir applies the umask itself
     tmp = make_staging_dir(out)
     try:
         yield tmp
+        apply_user_mode(tmp)
         check_out_dir(out, overwrite)  # someone may have written there meanwhile
         if out.exists():
             old = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.fp4cal-old"
