@@ -14,6 +14,7 @@ Windows are then taken at evenly spaced offsets over the split's text, so a few 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,8 +61,32 @@ def _half(text: str, split: str) -> str:
     return text[:cut] if split == "calib" else text[cut:]
 
 
+BINARY_SNIFF_BYTES = 1 << 16
+MAX_UNDECODABLE = 0.01  # fraction of the first 64 KiB that may fail to decode as UTF-8 (a stray Latin-1 byte is fine)
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a calibration / evaluation file, decoded as UTF-8 (undecodable bytes replaced).
+
+    Raises ValueError naming the file when it is empty or not text: a NUL byte, or more than 1% of its first
+    64 KiB not decodable as UTF-8 (a binary file would otherwise "calibrate" on garbage tokens and exit 0)."""
+    data = Path(path).read_bytes()
+    head = data[:BINARY_SNIFF_BYTES]
+    if not data.strip():
+        raise ValueError(f"text file {str(path)!r} is empty; expected UTF-8 text")
+    if b"\x00" in head:
+        raise ValueError(f"{str(path)!r} is not a text file (it contains NUL bytes); expected UTF-8 text")
+    bad = head.decode("utf-8", errors="replace").count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_UNDECODABLE * len(head) + 3:  # +3: a multi-byte character cut at the 64 KiB boundary
+        raise ValueError(
+            f"{str(path)!r} is not a text file: {bad} of its first {len(head)} bytes are not valid UTF-8; "
+            "expected UTF-8 text"
+        )
+    return data.decode("utf-8", errors="replace")
+
+
 def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+    return read_text_file(path)
 
 
 def load_texts(source: str | Path | Sequence[str] | None = None, split: str = "calib") -> list[str]:
@@ -72,7 +97,12 @@ def load_texts(source: str | Path | Sequence[str] | None = None, split: str = "c
     _check_split(split)
     if source is None:
         return [_read(p) for p in shakespeare_files(split)]
-    if isinstance(source, (str, Path)) and not (isinstance(source, str) and "\n" in source):
+    if isinstance(source, bytes) or not isinstance(source, (str, os.PathLike, Sequence)):
+        raise TypeError(
+            f"source must be None (bundled text), a text file or directory path, or a list of strings; "
+            f"got {type(source).__name__}"
+        )
+    if isinstance(source, (str, os.PathLike)) and not (isinstance(source, str) and "\n" in source):
         path = Path(source)
         if path.is_dir():
             files = sorted(path.glob("*.txt"))
@@ -99,6 +129,11 @@ def token_windows(tokenizer, texts: Sequence[str], samples: int, seq_len: int) -
     windows are spread evenly. Each window is tokenized with the tokenizer's special tokens (e.g. BOS, or
     [CLS] ... [SEP]) and truncated to seq_len.
     """
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a callable Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    for name, value in (("samples", samples), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if samples < 1 or seq_len < 2:
         raise ValueError(f"samples must be >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
     text = "\n\n".join(texts)
@@ -126,6 +161,11 @@ def token_windows(tokenizer, texts: Sequence[str], samples: int, seq_len: int) -
 
 def to_batches(ids: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Split token ids [N, L] into dicts {input_ids, attention_mask} of at most batch_size rows."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids must be an int64 tensor [N, L] of token ids, got {type(ids).__name__} "
+                        f"{getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [

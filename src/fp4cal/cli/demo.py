@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fp4cal.cli.common import CliError, parse_device
 from fp4cal.numerics import fake_quantize
 from fp4cal.search import search_scales
 from fp4cal.validation import BLOCK
@@ -131,15 +132,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise DemoError(f"--device {name!r} is not a torch device ({e})") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {name!r} was asked for but CUDA is not available")
-    return device
+        return parse_device(name)
+    except CliError as e:
+        raise DemoError(str(e)) from None
 
 
 def _table(f, path: Path, methods: list[str], limit: int | None, device: torch.device) -> int:

@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from fp4cal.cli.quantize import DTYPES, _resolve_device, load_model_for_run
+from fp4cal.calib.data import read_text_file
+from fp4cal.cli.common import CliError, check_min, check_report_dir, parse_device
+from fp4cal.cli.quantize import DTYPES, load_model_for_run
 
 DEFAULT_METHODS = "max,mse,local_hessian"
 
@@ -44,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MoE experts with fewer routed tokens fall back to mse (default: 16)")
     p.add_argument("--no-modelopt-check", action="store_true",
                    help="skip the ModelOpt cross-check (it runs only on CUDA when ModelOpt imports)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace report.md / report.json / layers.png of an earlier fp4cal report in REPORT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -63,7 +67,7 @@ def _whole(source: str) -> list[str]:
         files = [path]
     else:
         raise FileNotFoundError(f"text {source!r} is neither a file nor a directory")
-    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    return [read_text_file(p) for p in files]
 
 
 def _same(a: str | None, b: str | None) -> bool:
@@ -92,9 +96,12 @@ def make_batches(tokenizer, calib: str | None, held_out: str | None, samples: in
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("samples", "eval_samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:  # every argument and the report directory are checked before any work
+        check_min(args, ("samples", "eval_samples", "seq_len", "batch_size", "min_expert_tokens"))
+        parse_device(args.device)
+        check_report_dir(args.out, "--out", args.overwrite)
+    except CliError as e:
+        return _fail(str(e))
     from fp4cal.calib.calibrate import DEFAULT_MIN_EXPERT_TOKENS
     from fp4cal.calib.targets import DEFAULT_EXCLUDE
     from fp4cal.eval import check_methods, evaluate, format_summary, write_report
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     try:
-        device = _resolve_device(args.device)
+        device = parse_device(args.device)
         model, tokenizer, _ = load_model_for_run(args, device)
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         return _fail(str(e))
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         methods,
         exclude=list(DEFAULT_EXCLUDE) + list(args.exclude),
         include=args.include,
-        min_expert_tokens=args.min_expert_tokens or DEFAULT_MIN_EXPERT_TOKENS,
+        min_expert_tokens=DEFAULT_MIN_EXPERT_TOKENS if args.min_expert_tokens is None else args.min_expert_tokens,
         model_name=f"{label} ({type(model).__name__})",
         progress=not args.no_progress,
         modelopt_check=not args.no_modelopt_check,
@@ -137,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     res.timings["total"] = time.perf_counter() - t0  # up to the report itself, whose files cannot time their writing
     t1 = time.perf_counter()
     paths = write_report(res, args.out)
+    from fp4cal.export.io import user_mode
+
+    for path in paths.values():  # the report's atomic writes go through mkstemp (0600): give the umask's mode
+        os.chmod(path, user_mode(directory=False))
     print(format_summary(res))
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - t1:.2f} s")
     return 0

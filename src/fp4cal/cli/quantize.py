@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
 from fp4cal.search import METHODS
 
 FORMATS = ("compressed-tensors", "modelopt")
@@ -68,17 +69,6 @@ def _load_exporter():
         return f"{type(e).__name__}: {e}"
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but CUDA is not available")
-    return dev
-
-
 def under_launcher() -> bool:
     """True when this process was started by torchrun / torch.distributed.run (its rank variables are set)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -115,7 +105,7 @@ def _relaunch(args: argparse.Namespace) -> int:
 
     import fp4cal
 
-    dev = _resolve_device(args.device)
+    dev = parse_device(args.device)
     if dev.type == "cuda":
         if dev.index is not None:
             return _fail(f"--device {args.device} names one GPU, but with --nproc each process takes the GPU of its "
@@ -144,7 +134,7 @@ def _init_distributed(args: argparse.Namespace):
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if args.nproc > 1 and args.nproc != world:
         raise ValueError(f"--nproc {args.nproc} but the launcher started WORLD_SIZE = {world} processes")
-    dev = _resolve_device(args.device)
+    dev = parse_device(args.device)
     if dev.type == "cuda":
         if dev.index is not None and world > 1:
             raise ValueError(f"--device {args.device} names one GPU, but each of the {world} processes takes the GPU "
@@ -239,9 +229,13 @@ def format_summary(result, header: str, phases: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("samples", "seq_len", "batch_size", "nproc"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:  # every argument and output path is checked before minutes of loading and calibration
+        check_min(args, ("samples", "seq_len", "batch_size", "nproc", "min_expert_tokens"))
+        parse_device(args.device)
+        if args.out is not None:
+            check_output_dir(args.out, "--out", getattr(args, "overwrite", None))
+    except CliError as e:
+        return _fail(str(e))
     exporter = None
     if args.out is not None:
         exporter = _load_exporter()
@@ -288,7 +282,7 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     t0 = time.perf_counter()
     err = None
     try:
-        device = _resolve_device(args.device) if ctx is None else ctx[2]
+        device = parse_device(args.device) if ctx is None else ctx[2]
         model, tokenizer, desc = load_model_for_run(args, device)
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         err = str(e)
@@ -308,7 +302,7 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     kwargs = dict(
         exclude=list(DEFAULT_EXCLUDE) + list(args.exclude),
         include=args.include,
-        min_expert_tokens=args.min_expert_tokens or DEFAULT_MIN_EXPERT_TOKENS,
+        min_expert_tokens=DEFAULT_MIN_EXPERT_TOKENS if args.min_expert_tokens is None else args.min_expert_tokens,
         progress=not args.no_progress,
     )
     if ctx is None:
