@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("fp4cal.cli.demo", "max / MSE scale search on the bundled real model, per-layer error table"),
     "quantize": ("fp4cal.cli.quantize", "calibrate a model and (optionally) export an NVFP4 checkpoint"),
     "eval": ("fp4cal.cli.evaluate", "compare scale-search methods on held-out data and write a report"),
+    "check": ("fp4cal.cli.check", "what vLLM / SGLang / TensorRT-LLM / transformers would reject in a checkpoint"),
 }
 
 

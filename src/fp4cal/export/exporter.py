@@ -16,6 +16,7 @@ from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.export import compressed_tensors as ct_format
 from fp4cal.export import modelopt as mo_format
 from fp4cal.export.base import QuantizedModule
+from fp4cal.export.check import check_export
 from fp4cal.export.io import (
     ShardedWriter,
     check_out_dir,
@@ -227,7 +228,10 @@ def _source_dir(model: nn.Module, source_dir: str | os.PathLike | None) -> Path 
     return None
 
 
-def _write_config(model: nn.Module, directory: Path, qconfig: dict) -> None:
+def _write_config(model: nn.Module, directory: Path, qconfig: dict, bf16_default: bool = False) -> None:
+    """config.json with ``quantization_config``. bf16_default: a float32 config gets dtype bfloat16 (MoE
+    compressed-tensors checkpoints: transformers decompresses fused experts to bfloat16, so a float32 default
+    fails in from_pretrained with a dtype mismatch; the stored tensors keep their dtype)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         data = {}
@@ -235,6 +239,10 @@ def _write_config(model: nn.Module, directory: Path, qconfig: dict) -> None:
         config.save_pretrained(directory)
         with open(directory / "config.json") as f:
             data = json.load(f)
+    if bf16_default:
+        for key in ("dtype", "torch_dtype"):
+            if str(data.get(key, "")).endswith("float32"):
+                data[key] = "bfloat16"
     data["quantization_config"] = qconfig
     write_json(directory / "config.json", data)
 
@@ -309,10 +317,12 @@ def export(
                     writer.add(ckpt_name, t, meta)
                     meta = None  # header entries go with the module's first tensor
         writer.close()
-        _write_config(model, tmp, fmt.quantization_config(ignore, w4a4))
+        moe = any(e.weight is not None and e.tensor.dim() == 3 for e in entries)
+        _write_config(model, tmp, fmt.quantization_config(ignore, w4a4), bf16_default=moe and fmt is ct_format)
         for filename, data in fmt.extra_files(ignore, w4a4).items():
             write_json(tmp / filename, data)
         if src is not None:
             copy_aux_files(src, tmp)
         _write_generation_config(model, tmp)
+        check_export(tmp, format)  # what the engines' loaders need (docs/export.md); raises before the rename
     return Path(out_dir)

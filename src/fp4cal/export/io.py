@@ -463,7 +463,8 @@ class CheckpointTensors:
     file_of: dict[str, Path]
 
 
-def _open_shard(path: Path):
+def open_shard(path: Path):
+    """safe_open(path) for torch tensors; CheckpointError naming the file when it is truncated or corrupt."""
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a bad file
@@ -486,7 +487,7 @@ def read_checkpoint(directory: str | os.PathLike) -> CheckpointTensors:
     metadata: dict[str, dict] = {}
     file_of: dict[str, Path] = {}
     for path in checkpoint_files(directory):
-        with _open_shard(path) as f:
+        with open_shard(path) as f:
             for key, value in (f.metadata() or {}).items():
                 if key.startswith("fp4cal"):
                     try:
