@@ -251,17 +251,68 @@ def calibrate(
     Returns a CalibrationResult; weights left in high precision are in result.skipped with the reason.
     """
     t0 = time.perf_counter()
+    check_calibration_inputs(model, batches)
     targets, skipped = prepare_targets(model, method, min_expert_tokens, exclude, include, stacklevel=2)
     device = model_device(model)
     stats = capture_pass(model, batches, targets, method, progress)
     if stats.forward_calls == 0:
         raise ValueError("batches was empty: calibration needs at least one batch")
+    check_hessians(stats)
     _sync(device)
     t1 = time.perf_counter()
     result = solve(targets, stats, method, min_expert_tokens, progress, backend)
     _sync(device)
     return finish(result, model, skipped, {"capture": t1 - t0, "search": time.perf_counter() - t1},
                   fake_quantize, device, t0)
+
+
+def check_calibration_inputs(model: nn.Module, batches: Iterable) -> None:
+    """calibrate()'s argument checks, before any forward: TypeError / ValueError naming the argument for a model
+    that is not an nn.Module or has weights on the meta device (no data), and for batches that are not an
+    iterable of batches (None, a number, a str, a bare tensor) or that hold meta tensors."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(
+                f"model tensor {name!r} is on the meta device (shape {tuple(t.shape)}, no data): load the weights "
+                "(e.g. from_pretrained without a meta device_map) before calibrating"
+            )
+    if isinstance(batches, (str, bytes, torch.Tensor)) or not isinstance(batches, Iterable):
+        hint = "; wrap a single batch in a list: [batch]" if isinstance(batches, torch.Tensor) else ""
+        raise TypeError(
+            "batches must be an iterable of model inputs (e.g. a list of input_ids tensors or of dicts), "
+            f"got {type(batches).__name__}{hint}"
+        )
+    if isinstance(batches, Sequence):  # a generator is checked as it runs (capture)
+        for i, batch in enumerate(batches):
+            values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) \
+                else [batch]
+            for v in values:
+                if isinstance(v, torch.Tensor) and v.is_meta:
+                    raise ValueError(f"batches[{i}] holds a tensor on the meta device (shape {tuple(v.shape)}, "
+                                     "no data); calibration needs real inputs")
+
+
+def check_hessians(stats: CaptureStats) -> None:
+    """Raise ValueError naming the layer when an input Hessian is not finite in float32 (activations so large
+    that x^T x overflows: e.g. an fp16 model whose activations are near the fp16 limit), before any search."""
+    for name, slot in stats.inputs.items():
+        acc = getattr(slot, "hessian", None)
+        if slot.name != name or acc is None or acc.n == 0:
+            continue
+        if not bool(torch.isfinite(acc.normalized()).all()):
+            raise ValueError(
+                f"the input Hessian of layer {name} (shared by {list(slot.members)}) is not finite in float32: its "
+                f"activations reach max |x| = {float(slot.amax.max()):.3e}, whose squares overflow; calibrate "
+                "with smaller activations (check the data, the model dtype, or exclude this layer)"
+            )
+    for name, st in stats.experts.items():
+        for label, accs in (("routed input", st.in_hessians), ("intermediate activations", st.mid_hessians)):
+            bad = [e for e, a in enumerate(accs or []) if a.n and not bool(torch.isfinite(a.normalized()).all())]
+            if bad:
+                raise ValueError(f"the {label} Hessians of experts {bad} of layer {name} are not finite in float32 "
+                                 "(activations too large); check the data or exclude this layer")
 
 
 def finish(

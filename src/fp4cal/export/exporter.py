@@ -281,6 +281,8 @@ def export(
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(result, CalibrationResult):
+        raise TypeError(f"result must be a fp4cal CalibrationResult (from calibrate), got {type(result).__name__}")
     fmt = FORMATS[format]
     shard_bytes = parse_size(max_shard_size)
     check_out_dir(out_dir, overwrite)  # fail before any work: unsafe paths, non-checkpoint directories
