@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fp4cal.calib.data import load_texts, read_text_file, to_batches, token_windows
+from fp4cal.cli import evaluate as cli_evaluate  # imported before any patch: it binds quantize's loader
 from fp4cal.cli import main
 from fp4cal.cli import quantize as cli_quantize
 from fp4cal.cli.common import CliError, check_output_dir, check_report_dir, parse_device
@@ -23,7 +24,7 @@ def no_work(monkeypatch):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(cli_quantize, "load_model_for_run", boom)
-    monkeypatch.setattr("fp4cal.cli.evaluate.load_model_for_run", boom)
+    monkeypatch.setattr(cli_evaluate, "load_model_for_run", boom)
 
 
 def _one_line_error(capsys, command: str, text: str) -> str:
