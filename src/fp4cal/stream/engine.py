@@ -115,7 +115,8 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _peak_cpu_bytes() -> int:
+def peak_cpu_bytes() -> int:
+    """The process's peak resident set size in bytes (Linux ru_maxrss)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -403,7 +404,7 @@ def quantize_checkpoint(
     return StreamReport(
         result=result, out_dir=out_path, description=desc, timings=dict(clock.t), background=dict(busy),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-        peak_cpu_bytes=_peak_cpu_bytes(), resumed_layers=resumed, layers=n_layers,
+        peak_cpu_bytes=peak_cpu_bytes(), resumed_layers=resumed, layers=n_layers,
         activations_on_device=on_device, activation_bytes=act_bytes,
     )
 
