@@ -27,14 +27,14 @@ def build(arch: str, seed: int = 0):
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(**_common(intermediate_size=128))
     elif arch == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(**_common(intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+        cfg = tf.Qwen3MoeConfig(**_common(intermediate_size=128, moe_intermediate_size=32, num_experts=4,
                                           num_experts_per_tok=2))
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(**_common(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2))
     elif arch == "deepseek_v3":
         cfg = tf.DeepseekV3Config(
             hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-            first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+            first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
             topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
             v_head_dim=16, num_attention_heads=4, num_key_value_heads=4, vocab_size=V, max_position_embeddings=64,
         )

@@ -8,7 +8,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import stream_cases as cases  # noqa: E402
-
 from fp4cal.calib.calibrate import calibrate, fake_quantize_model  # noqa: E402
 from fp4cal.export import export  # noqa: E402
 from fp4cal.export.io import read_tensors  # noqa: E402
@@ -56,35 +55,44 @@ def whole_model(src, batches, method, out=None, **kw):
     return result, model
 
 
-@pytest.mark.parametrize(
-    "arch,method",
-    [("llama", "local_hessian"), ("qwen3", "mse"), ("qwen3_moe", "local_hessian"), ("mixtral", "mse"),
-     ("deepseek_v3", "local_hessian"), ("gpt_oss", "local_hessian")],
-)
-def test_float_streaming_equals_whole_model(tmp_path, arch, method):
+# The reference search costs ~2.5 s per weight on a shared CI core: the Hessian-weighted comparison is made on
+# the weights of the last layer fed by routed tokens or the MLP (whose inputs went through every earlier layer);
+# the whole checkpoint is compared with method "max" (captured input amax and token counts, exported bytes).
+LAST_LAYER = r"layers\.1\.mlp\.(down_proj|experts)$"
+HESSIAN_ARCHS = ("llama", "qwen3_moe", "deepseek_v3")  # dense, routed experts, MLA + shared/routed experts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+def test_float_streaming_equals_whole_model(tmp_path, arch):
     src = cases.save(arch, tmp_path / "src")
     b = cases.batches()
     export_ok = arch != "gpt_oss"  # transposed expert stacks: export() does not write them yet
-    ref, _ = whole_model(src, b, method, tmp_path / "ref" if export_ok else None, min_expert_tokens=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rep = quantize_checkpoint(src, tmp_path / "out" if export_ok else None, b, method=method, device="cpu",
-                                  min_expert_tokens=2)
+    ref, _ = whole_model(src, b, "max", tmp_path / "ref" if export_ok else None)
+    rep = quantize_checkpoint(src, tmp_path / "out" if export_ok else None, b, method="max", device="cpu")
     assert same_weights(ref, rep.result) == []
     assert rep.result.forward_calls == ref.forward_calls == len(b)
     assert rep.result.skipped == ref.skipped
     if export_ok:
         same_checkpoint(tmp_path / "ref", tmp_path / "out")
         assert not list(tmp_path.glob(".*fp4cal-stream"))  # the staging directory is gone
+    if arch not in HESSIAN_ARCHS:
+        return
+    ref, _ = whole_model(src, b, "local_hessian", include=LAST_LAYER, min_expert_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = quantize_checkpoint(src, None, b, method="local_hessian", device="cpu", include=LAST_LAYER,
+                                  min_expert_tokens=2)
+    assert len(ref.weights) >= 1 and same_weights(ref, rep.result) == []
+    assert all(wr.method == "local_hessian" for wr in rep.result.weights.values())
 
 
-def test_bfloat16_sharded_checkpoint_with_tied_embeddings(tmp_path):
+def test_bfloat16_sharded_checkpoint(tmp_path):
     """A bf16 checkpoint split over several shards; the reader follows the index."""
     src = cases.save("qwen3", tmp_path / "src", dtype=torch.bfloat16, shard="60KB")
     assert (src / "model.safetensors.index.json").exists()
     b = cases.batches()
-    ref, _ = whole_model(src, b, "mse", tmp_path / "ref")
-    rep = quantize_checkpoint(src, tmp_path / "out", b, method="mse", device="cpu", max_shard_size="30KB")
+    ref, _ = whole_model(src, b, "max", tmp_path / "ref")
+    rep = quantize_checkpoint(src, tmp_path / "out", b, method="max", device="cpu", max_shard_size="30KB")
     assert same_weights(ref, rep.result) == []
     same_checkpoint(tmp_path / "ref", tmp_path / "out")
 
@@ -97,13 +105,14 @@ def test_quantized_propagation_equals_layer_by_layer_fake_quantized_calibration(
     model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     ref_weights = {}
     for i in range(model.config.num_hidden_layers):
-        r = calibrate(model, b, "local_hessian", include=rf"\.layers\.{i}\.")
+        r = calibrate(model, b, "mse", include=rf"\.layers\.{i}\.(self_attn\.o_proj|mlp\.down_proj)$")
         fake_quantize_model(model, r)
         ref_weights.update(r.weights)
-    rep = quantize_checkpoint(src, None, b, method="local_hessian", device="cpu", propagation="quantized")
-    flt = quantize_checkpoint(src, None, b, method="local_hessian", device="cpu")
-    ref = type(rep.result)(method="local_hessian", weights=ref_weights)
+    kw = dict(method="mse", device="cpu", include=r"(self_attn\.o_proj|mlp\.down_proj)$")
+    rep = quantize_checkpoint(src, None, b, propagation="quantized", **kw)
+    flt = quantize_checkpoint(src, None, b, **kw)
+    ref = type(rep.result)(method="mse", weights=ref_weights)
     assert same_weights(ref, rep.result) == []
     # layer 0 sees the same inputs either way; later layers see different ones
-    later = [n for n in same_weights(flt.result, rep.result)]
+    later = same_weights(flt.result, rep.result)
     assert later and all(".layers.0." not in n for n in later)

@@ -70,6 +70,26 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's header in place with its ``__metadata__`` keys sorted.
+
+    safetensors keeps the metadata in a hash map whose iteration order changes from process to process, so
+    the same tensors and metadata give different bytes in two runs; a resumed run must end byte-identical to
+    an uninterrupted one. Same keys and values, so the same length: the data offsets do not move."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        out = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        out.update(header)
+        new = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:  # cannot happen for a header safetensors wrote; keep the file as it is
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
 class Staging:
     """One run's staging directory. ``fingerprint``: what makes two runs the same (config, shards, arguments,
     calibration data); ``resume``: pick up a matching earlier run (else start afresh)."""
@@ -200,6 +220,7 @@ class Staging:
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file(tensors, str(tmp), metadata=header)
+            canonical_header(tmp)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
