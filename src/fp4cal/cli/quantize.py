@@ -218,6 +218,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+_MEMORY_FRACTION: dict[str, float] = {}  # what --gpu-memory-fraction set, per device (torch cannot be asked)
+
+
 def checkpoint_bytes(model_dir: Path) -> int:
     """Bytes of the safetensors files of a checkpoint directory (0 when it has none)."""
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
@@ -229,8 +232,7 @@ def _available_memory(device) -> int:
 
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        frac = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        cap = total * frac(device) if frac is not None else total
+        cap = total * _MEMORY_FRACTION.get(str(device), 1.0)
         return int(min(free, cap - torch.cuda.memory_reserved(device)))
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -333,7 +335,10 @@ def run(args: argparse.Namespace) -> int:
         if args.gpu_memory_fraction is not None and device.type == "cuda":
             import torch
 
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction, device)
+            _MEMORY_FRACTION[str(device)] = args.gpu_memory_fraction
         model_path, label = _model_path(args.model_dir)
         if not (model_path / "config.json").is_file():
             return _fail(f"MODEL_DIR {str(model_path)!r} has no config.json; expected a Hugging Face model directory")
@@ -460,13 +465,16 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
 
         hf_logging.disable_progress_bar()
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    budget = args.activation_budget
+    if budget is None and device.type == "cuda":
+        budget = _available_memory(device) // 4
     try:
         rep = quantize_checkpoint(
             model_path, args.out, None, texts=args.calib, samples=args.samples, seq_len=args.seq_len,
             batch_size=args.batch_size, method=args.method, format=args.format, propagation=args.propagation,
             device=device, dtype=dtype, exclude=list(DEFAULT_EXCLUDE) + list(args.exclude), include=args.include,
             min_expert_tokens=args.min_expert_tokens or DEFAULT_MIN_EXPERT_TOKENS,
-            activation_budget=args.activation_budget, resume=not args.restart, progress=not args.no_progress,
+            activation_budget=budget, resume=not args.restart, progress=not args.no_progress,
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         return _fail(str(e).strip("'\""))

@@ -278,12 +278,14 @@ def quantize_checkpoint(
                                      if head_out is not None else [])} - {t.name for t in outside_targets}
     outside = [e for e in layer_entries[n_layers] if e.name not in skip_head]
     _load_into(model, outside, owners, reader, dev)
-    init_non_persistent_buffers(model, model, dev) if False else _init_outside_buffers(model, layers, dev)
+    _init_outside_buffers(model, layers, dev)
     extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
     hessians = method == "local_hessian"
     with ActivationCapture(model, outside_targets, hessians) as cap_out:
         captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
         cap_out.check()
+    # the modules outside the layers leave the device until the end (re-read there for writing)
+    _unload([e for e in outside if e.name not in {tg.name for tg in outside_targets}], owners)
     head_targets = [t for t in outside_targets if _reached(t, cap_out.stats)]
     tail_targets = [t for t in outside_targets if not _reached(t, cap_out.stats)]
     weights: dict[str, WeightResult] = {}
@@ -369,7 +371,8 @@ def quantize_checkpoint(
 
         # -- outside the layers: the tail pass (weights after the layers), their tensors, the side files --------
         if tail_targets:
-            _load_into(model, [e for e in layer_entries[n_layers] if e.name in skip_head], owners, reader, dev)
+            _load_into(model, [e for e in layer_entries[n_layers] if _current(owners[e.name]).is_meta],
+                       owners, reader, dev)
             with ActivationCapture(model, tail_targets, hessians) as cap_tail:
                 layer_inputs.replay_outputs(model, layers, hidden_states, store, batches, dev, extras)
                 cap_tail.check()
@@ -444,6 +447,17 @@ def _load_into(model, entries: list[Entry], owners, reader: CheckpointReader, de
         set_tensor(owners[name], value)
 
 
+def _current(owner: list[tuple[nn.Module, str, bool]]) -> torch.Tensor:
+    """The tensor a module holds now for one model tensor (meta when not loaded)."""
+    module, attr, is_param = owner[0]
+    return module._parameters[attr] if is_param else module._buffers[attr]
+
+
+def _unload(entries: list[Entry], owners) -> None:
+    for e in entries:
+        set_tensor(owners[e.name], torch.empty(tuple(e.tensor.shape), dtype=e.tensor.dtype, device="meta"))
+
+
 def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], calls, store, device: torch.device, keep: bool):
     """Run every batch through one layer; returns the outputs (in the store) when ``keep``."""
     outs = []
@@ -468,8 +482,7 @@ def _unit_tensors(entries: list[Entry], weights: dict[str, WeightResult], format
     input_amax = fused_checks(weights, w4a4)
     items = []
     for e in entries:
-        module, attr, is_param = owners[e.name][0]
-        value = module._parameters[attr] if is_param else module._buffers[attr]
+        value = _current(owners[e.name])
         if value.is_meta:
             if reader is None:
                 raise RuntimeError(f"{e.name} is not loaded")
