@@ -322,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(exporter, str):  # fail before spending minutes on calibration
             return _fail(f"export is unavailable (fp4cal.export could not be imported: {exporter})", 3)
     distributed = under_launcher()
+    if args.streaming and (distributed or args.nproc > 1):
+        return _fail("--streaming with --nproc is not implemented yet; pass --no-streaming (or drop --nproc)")
     if args.nproc > 1 and not distributed:
         try:
             return _relaunch(args)
@@ -347,8 +349,6 @@ def run(args: argparse.Namespace) -> int:
             return _run_streaming(args, model_path, label, device, why)
         args.path_reason = why
         return _run(args, exporter, None)
-    if args.streaming:
-        return _fail("--streaming with --nproc is not implemented yet; pass --no-streaming (or drop --nproc)")
     import torch.distributed as dist
 
     try:
