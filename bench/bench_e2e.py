@@ -189,7 +189,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--method", default="local_hessian")
     ap.add_argument("--memory-fraction", type=float, default=None,
-                    help="streaming's GPU cap, fraction of the card (default: 20 %% of the bf16 model's size)")
+                    help="streaming's GPU cap, fraction of the card (default: 25 %% of the bf16 model's size, at "
+                    "least 6 GiB: the embedding and one batch's temporaries must fit)")
     ap.add_argument("--runs", default="stream-cold,stream,whole,mo-cold,mo",
                     help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo")
     ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp dir)")
@@ -222,7 +223,7 @@ def main() -> int:
     print(f"reading the checkpoint (page cache as it is): {read_s:.2f} s for {size / 2**30:.2f} GiB", flush=True)
 
     total_gpu = torch.cuda.get_device_properties(0).total_memory if cuda else 0
-    frac = args.memory_fraction or (min(1.0, 0.2 * size / total_gpu) if cuda else None)
+    frac = args.memory_fraction or (min(1.0, max(0.25 * size, 6 * 2**30) / total_gpu) if cuda else None)
     texts = str(Path(args.assets) / "texts")
     base = [sys.executable, "-m", "fp4cal", "quantize", str(ckpt), "--calib", texts, "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--method", args.method,

@@ -198,7 +198,10 @@ def load_model(model_dir: str | None, device, dtype: str = "auto"):
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if torch.device(device).type == "cuda":  # straight onto the GPU, not through a whole copy in CPU memory
+        model = cls.from_pretrained(path, dtype=torch_dtype, device_map={"": torch.device(device)}).eval()
+    else:
+        model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     arch = (config.architectures or [type(model).__name__])[0]
     return model, tokenizer, f"{label or path.name} ({arch}, {cls.__name__})"
