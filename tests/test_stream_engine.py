@@ -116,3 +116,15 @@ def test_quantized_propagation_equals_layer_by_layer_fake_quantized_calibration(
     # layer 0 sees the same inputs either way; later layers see different ones
     later = same_weights(flt.result, rep.result)
     assert later and all(".layers.0." not in n for n in later)
+
+
+def test_weights_after_the_layers_are_captured_by_a_replay(tmp_path):
+    """lm_head quantized (exclude=()): it runs after the layers, so streaming captures it in a second forward
+    whose layers return the stored last outputs; results and bytes equal the whole-model path."""
+    src = cases.save("llama", tmp_path / "src")
+    b = cases.batches()
+    ref, _ = whole_model(src, b, "max", tmp_path / "ref", exclude=())
+    rep = quantize_checkpoint(src, tmp_path / "out", b, method="max", device="cpu", exclude=())
+    assert "lm_head.weight" in rep.result.weights
+    assert same_weights(ref, rep.result) == []
+    same_checkpoint(tmp_path / "ref", tmp_path / "out")
