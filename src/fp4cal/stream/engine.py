@@ -333,7 +333,7 @@ def quantize_checkpoint(
                 if dev.type == "cuda":
                     value.record_stream(torch.cuda.current_stream(dev))
                 set_tensor(owners[name], value)
-            init_non_persistent_buffers(model, layer, dev)
+            init_non_persistent_buffers(model, layer.modules(), dev)
             del loaded
             t = clock.add("read", t)
             calls = captured.calls[i]
@@ -426,19 +426,7 @@ def _reached(t: Target, stats) -> bool:
 
 def _init_outside_buffers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
     inside = {id(m) for m in layers.modules()}
-    for m in model.modules():
-        if id(m) not in inside and m._non_persistent_buffers_set:
-            init_non_persistent_buffers(model, _Only(m), device)
-
-
-class _Only:
-    """A module seen without its children (init_non_persistent_buffers walks root.modules())."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def modules(self):
-        return [self.module]
+    init_non_persistent_buffers(model, [m for m in model.modules() if id(m) not in inside], device)
 
 
 def _load_into(model, entries: list[Entry], owners, reader: CheckpointReader, device: torch.device) -> None:

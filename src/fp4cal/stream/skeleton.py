@@ -9,6 +9,7 @@ module at a time (set_tensor) and taken out again (release).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -106,11 +107,11 @@ def set_tensor(owners: list[tuple[nn.Module, str, bool]], value: torch.Tensor) -
             module._buffers[attr] = value
 
 
-def init_non_persistent_buffers(model: nn.Module, root: nn.Module, device: torch.device) -> None:
-    """Give the non-persistent buffers under ``root`` (rotary inv_freq, position_ids...) their values: computed
+def init_non_persistent_buffers(model: nn.Module, modules: Iterable[nn.Module], device: torch.device) -> None:
+    """Give the non-persistent buffers of ``modules`` (rotary inv_freq, position_ids...) their values: computed
     on the CPU by the model's own _init_weights, exactly as from_pretrained does, then moved to ``device``."""
     init = getattr(model, "_init_weights", None)
-    for module in root.modules():
+    for module in modules:
         names = [n for n in module._non_persistent_buffers_set if module._buffers.get(n) is not None]
         if not names:
             continue
