@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import stream_cases as cases
 from fp4cal.stream import quantize_checkpoint
-quantize_checkpoint({src!r}, {out!r}, cases.batches(), method="max", device="cpu", max_shard_size="40KB")
+quantize_checkpoint({src!r}, {out!r}, cases.batches(), method="max", device="cpu", max_shard_size="40KB"{extra})
 """
 
 
@@ -30,8 +30,8 @@ def files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
-def run_killed(src: Path, out: Path, fault: str) -> int:
-    code = RUN.format(tests=str(Path(__file__).parent), src=str(src), out=str(out))
+def run_killed(src: Path, out: Path, fault: str, extra: str = "") -> int:
+    code = RUN.format(tests=str(Path(__file__).parent), src=str(src), out=str(out), extra=extra)
     env = {**os.environ, "PYTHONPATH": SRC, staging_mod.FAULT_ENV: fault}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
 
@@ -59,6 +59,18 @@ def test_sigkill_then_rerun_resumes_and_ends_byte_identical(llama_src, tmp_path)
         assert rep.resumed_layers == resumed, fault
         assert files(out) == expected, fault
         assert not staging_mod.staging_path(out).exists()
+
+
+def test_resumed_after_the_last_unit_keeps_the_results_of_weights_outside_the_layers(llama_src, tmp_path):
+    """lm_head quantized (exclude=()): its result comes from the committed last unit, not a new capture."""
+    kw = dict(method="max", device="cpu", max_shard_size="40KB", exclude=())
+    ref = quantize_checkpoint(llama_src, tmp_path / "ref", cases.batches(), **kw)
+    out = tmp_path / "out"
+    assert run_killed(llama_src, out, "commit:3", ", exclude=()") == -9
+    rep = quantize_checkpoint(llama_src, out, cases.batches(), **kw)
+    assert rep.resumed_layers == 3 and files(out) == files(ref.out_dir)
+    a, b = ref.result.weights["lm_head.weight"], rep.result.weights["lm_head.weight"]
+    assert torch.equal(a.block_amax, b.block_amax) and torch.equal(a.input_amax, b.input_amax)
 
 
 def test_partial_run_of_another_model_is_refused(llama_src, tmp_path):

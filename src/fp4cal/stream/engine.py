@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import resource
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -241,63 +240,7 @@ def quantize_checkpoint(
     layer_targets = [[t for t in targets if unit_of.get(t.name, n_layers) == i] for i in range(n_layers + 1)]
     outside_targets = layer_targets[n_layers]
 
-    if batches is None:
-        batches = _batches_from_text(model_dir, texts, samples, seq_len, batch_size, data_cache)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches was empty: calibration needs at least one batch")
-    n_tokens, ids = _token_count_and_ids(batches)
-    hidden = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                     "hidden_size", 0)
-    act_bytes = 2 * n_tokens * int(hidden or 0) * torch.empty((), dtype=entries[0].tensor.dtype).element_size()
-    if dev.type == "cuda":
-        budget = parse_size(activation_budget, "activation_budget") if activation_budget not in (None, 0, "0") else (
-            0 if activation_budget in (0, "0") else torch.cuda.mem_get_info(dev)[0] // 4)
-        on_device = act_bytes <= budget
-    else:
-        on_device = True
-    store = layer_inputs.ActivationStore(dev, on_device)
-
-    staging = None
-    if out_dir is not None:
-        fp = {
-            "model_dir": str(model_dir.absolute()),
-            "config": fingerprint_hash({"config": config_bytes(model_dir).decode(errors="replace")}),
-            "shards": reader.shard_sizes(),
-            "method": method, "format": format, "propagation": propagation, "w4a4": w4a4,
-            "dtype": str(entries[0].tensor.dtype), "exclude": list(exclude or []) if not isinstance(exclude, str)
-            else [exclude], "include": include, "min_expert_tokens": min_expert_tokens,
-            "max_shard_bytes": shard_bytes, "data": tensor_digest(ids),
-        }
-        staging = Staging(Path(out_dir), fp, shard_bytes, resume=resume)
-    t = clock.add("setup", t_start)
-
-    # -- the modules outside the layers, and what the layers are called with --------------------------------
-    head_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip_head = {f"{n}" for n, p in (head_out.named_parameters(prefix=_module_name(model, head_out))
-                                     if head_out is not None else [])} - {t.name for t in outside_targets}
-    outside = [e for e in layer_entries[n_layers] if e.name not in skip_head]
-    _load_into(model, outside, owners, reader, dev)
-    _init_outside_buffers(model, layers, dev)
-    extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
-    hessians = method == "local_hessian"
-    with ActivationCapture(model, outside_targets, hessians) as cap_out:
-        captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
-        cap_out.check()
-    # the modules outside the layers leave the device until the end (re-read there for writing)
-    _unload([e for e in outside if e.name not in {tg.name for tg in outside_targets}], owners)
-    head_targets = [t for t in outside_targets if _reached(t, cap_out.stats)]
-    tail_targets = [t for t in outside_targets if not _reached(t, cap_out.stats)]
-    weights: dict[str, WeightResult] = {}
-    if head_targets:
-        with warnings.catch_warnings():
-            weights.update(solve(head_targets, cap_out.stats, method, min_expert_tokens, backend=backend).weights)
-        if propagation == "quantized":  # layer 0 must see the quantized modules before it
-            fake_quantize_weights(head_targets, weights)
-            captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
-    t = clock.add("embed", t)
-
-    # -- the layers -------------------------------------------------------------------------------------------
+    # layer 0 is read while the data is prepared and the embedding runs
     prefetch = Prefetcher()
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp4cal-write")
     writes: list[Future] = []
@@ -315,15 +258,75 @@ def quantize_checkpoint(
         staging.commit(unit, items, results)
         busy["write"] += time.perf_counter() - t0
 
-    hidden_states = captured.hidden
-    resumed = 0
-    iterator = range(n_layers)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="streaming layers", unit="layer")
+    prefetch.submit(0, lambda: read_layer(0))
     try:
-        prefetch.submit(0, lambda: read_layer(0))
+
+        if batches is None:
+            batches = _batches_from_text(model_dir, texts, samples, seq_len, batch_size, data_cache)
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches was empty: calibration needs at least one batch")
+        n_tokens, ids = _token_count_and_ids(batches)
+        hidden = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                         "hidden_size", 0)
+        act_bytes = 2 * n_tokens * int(hidden or 0) * torch.empty((), dtype=entries[0].tensor.dtype).element_size()
+        if dev.type == "cuda":
+            if activation_budget is None:
+                budget = torch.cuda.mem_get_info(dev)[0] // 4
+            elif isinstance(activation_budget, int) and activation_budget <= 0:
+                budget = 0  # everything in pinned CPU memory
+            else:
+                budget = parse_size(activation_budget, "activation_budget")
+            on_device = act_bytes <= budget
+        else:
+            on_device = True
+        store = layer_inputs.ActivationStore(dev, on_device)
+
+        staging = None
+        if out_dir is not None:
+            fp = {
+                "model_dir": str(model_dir.absolute()),
+                "config": fingerprint_hash({"config": config_bytes(model_dir).decode(errors="replace")}),
+                "shards": reader.shard_sizes(),
+                "method": method, "format": format, "propagation": propagation, "w4a4": w4a4,
+                "dtype": str(entries[0].tensor.dtype), "exclude": list(exclude or []) if not isinstance(exclude, str)
+                else [exclude], "include": include, "min_expert_tokens": min_expert_tokens,
+                "max_shard_bytes": shard_bytes, "data": tensor_digest(ids),
+            }
+            staging = Staging(Path(out_dir), fp, shard_bytes, resume=resume)
+        t = clock.add("setup", t_start)
+
+        # -- the modules outside the layers, and what the layers are called with --------------------------------
+        head_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip_head = {f"{n}" for n, p in (head_out.named_parameters(prefix=_module_name(model, head_out))
+                                         if head_out is not None else [])} - {t.name for t in outside_targets}
+        outside = [e for e in layer_entries[n_layers] if e.name not in skip_head]
+        _load_into(model, outside, owners, reader, dev)
+        _init_outside_buffers(model, layers, dev)
+        extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
+        hessians = method == "local_hessian"
+        with ActivationCapture(model, outside_targets, hessians) as cap_out:
+            captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
+            cap_out.check()
+        # the modules outside the layers leave the device until the end (re-read there for writing)
+        _unload([e for e in outside if e.name not in {tg.name for tg in outside_targets}], owners)
+        head_targets = [t for t in outside_targets if _reached(t, cap_out.stats)]
+        tail_targets = [t for t in outside_targets if not _reached(t, cap_out.stats)]
+        weights: dict[str, WeightResult] = {}
+        if head_targets:
+            weights.update(solve(head_targets, cap_out.stats, method, min_expert_tokens, backend=backend).weights)
+            if propagation == "quantized":  # layer 0 must see the quantized modules before it
+                fake_quantize_weights(head_targets, weights)
+                captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
+        t = clock.add("embed", t)
+
+        hidden_states = captured.hidden
+        resumed = 0
+        iterator = range(n_layers)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="streaming layers", unit="layer")
         for i in iterator:
             if i + 1 < n_layers:
                 prefetch.submit(i + 1, lambda j=i + 1: read_layer(j))
@@ -370,7 +373,9 @@ def quantize_checkpoint(
         t = clock.add("other", t)
 
         # -- outside the layers: the tail pass (weights after the layers), their tensors, the side files --------
-        if tail_targets:
+        if staging is not None and staging.committed(n_layers):
+            weights.update(staging.load_results(n_layers, dev))  # resumed after the last unit
+        elif tail_targets:
             _load_into(model, [e for e in layer_entries[n_layers] if _current(owners[e.name]).is_meta],
                        owners, reader, dev)
             with ActivationCapture(model, tail_targets, hessians) as cap_tail:
