@@ -10,8 +10,9 @@
      fp4cal whole       python -m fp4cal quantize CKPT --out OUT --no-streaming
      modelopt           from_pretrained(device_map="cuda") + mtq.quantize(local_hessian, layerwise) +
                         export_hf_checkpoint (a comparison only; needs modelopt importable)
-   "cold": TRITON_CACHE_DIR, TORCH_EXTENSIONS_DIR and FP4CAL_CACHE pointed at new empty folders; "warm": the
-   same folders again after a cold run. Calibration data: --samples x --seq-len tokens of --assets/texts.
+   "cold" (a run name ending in -cold): TRITON_CACHE_DIR, TORCH_EXTENSIONS_DIR and FP4CAL_CACHE pointed at new
+   empty folders; otherwise the folders of that tool (one for fp4cal's runs, one for ModelOpt's) as earlier
+   runs left them, so list a tool's cold run first. Calibration data: --samples x --seq-len tokens of --assets/texts.
 3. Prints one table: wall clock, the run's own phases, peak GPU / CPU memory, ratio to Model Optimizer (warm).
 
 Usage: python bench/bench_e2e.py --assets DIR [--layers 4] [--moe] [--runs stream-cold,stream,whole,mo-cold,mo]
@@ -228,12 +229,11 @@ def main() -> int:
     base = [sys.executable, "-m", "fp4cal", "quantize", str(ckpt), "--calib", texts, "--samples", str(args.samples),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--method", args.method,
             "--no-progress", "--device", "cuda" if cuda else "cpu"]
-    caches = {"cold": work / "cache-cold"}
     rows = []
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
         cold = run.endswith("-cold")
         kind = run.removesuffix("-cold")
-        cache = work / f"cache-{kind}"
+        cache = work / ("cache-mo" if kind == "mo" else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
             shutil.rmtree(cache)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -260,7 +260,6 @@ def main() -> int:
         rows.append(run_child(run, cmd, env, logs / f"{run}.log", args.timeout))
         rows[-1]["cold"] = cold
         shutil.rmtree(out, ignore_errors=True)
-        caches[kind] = cache
 
     ref = next((r["wall"] for r in rows if r["run"] == "mo" and r["rc"] == 0), None)
     shape = "tiny" if args.tiny else ("Qwen3-30B-A3B" if args.moe else "Qwen3-8B")
