@@ -388,17 +388,13 @@ def assign_owners(targets: list[Target], method: str, world: int) -> list[int]:
     return owners
 
 
+# Sent by broadcast as tensors (block_*), or recomputed by every rank (global_amax), not pickled.
+_BROADCAST_FIELDS = ("block_amax", "block_scale", "global_amax")
+
+
 def _scalars(wr: WeightResult) -> dict:
     """What the owner sends besides the block tensors (small; CPU tensors pickle portably)."""
-    return {
-        "method": wr.method,
-        "input_amax": None if wr.input_amax is None else wr.input_amax.cpu(),
-        "loss_max": wr.loss_max,
-        "loss_chosen": wr.loss_chosen,
-        "tokens": wr.tokens.cpu() if isinstance(wr.tokens, torch.Tensor) else wr.tokens,
-        "fallback": wr.fallback,
-        "expert_fallback": dict(wr.expert_fallback),
-    }
+    return wr.to_dict(exclude=_BROADCAST_FIELDS)
 
 
 def solve_distributed(
@@ -459,27 +455,17 @@ def solve_distributed(
             result.weights[t.name] = wr
             continue
         sc = scalars[t.name]
-        ia = sc["input_amax"]
-        tokens = sc["tokens"]
-        result.weights[t.name] = WeightResult(
-            name=t.name,
-            module_name=t.module_name,
-            kind=t.kind,
-            shape=tuple(w.shape),
-            method=sc["method"],
-            global_amax=amax[t.name].clone(),
-            block_amax=block_amax.to(w.device),
-            block_scale=codes.to(w.device).view(torch.float8_e4m3fn),
-            # where a single process would hold it: activation statistics live on the model's device
-            input_amax=None if ia is None else ia.to(device),
-            loss_max=sc["loss_max"],
-            loss_chosen=sc["loss_chosen"],
-            tokens=tokens.clone() if isinstance(tokens, torch.Tensor) else tokens,
-            fused_group=t.fused_group,
-            fallback=sc["fallback"],
-            expert_fallback=dict(sc["expert_fallback"]),
-            transposed=t.transposed,
-        )
+        wr = WeightResult.from_dict({
+            **sc,
+            "global_amax": amax[t.name],
+            "block_amax": block_amax.to(w.device),
+            "block_scale": codes.to(w.device).view(torch.float8_e4m3fn),
+        })  # tensors cloned
+        if wr.input_amax is not None:  # where a single process would hold it: on the model's device
+            wr.input_amax = wr.input_amax.to(device)
+        if wr.codes is not None:
+            wr.codes = wr.codes.to(w.device)
+        result.weights[t.name] = wr
     _sync(device)
     return result, {"search": t1 - t0, "gather": time.perf_counter() - t1}
 

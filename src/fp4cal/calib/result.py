@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -53,6 +53,45 @@ class WeightResult:
     codes: torch.Tensor | None = None
     hessian_fallback_blocks: int = 0
 
+    def to_dict(self, exclude: tuple[str, ...] = ()) -> dict:
+        """Every field (but those in ``exclude``) as plain Python values and CPU tensors: what torch.save
+        (weights_only) and pickling collectives carry portably. shape becomes a list; from_dict reverses it."""
+        out = {}
+        for f in fields(self):
+            if f.name in exclude:
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu()
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, dict):
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, device: torch.device | str | None = None) -> WeightResult:
+        """The WeightResult of to_dict's output (tensors moved to ``device`` when given; missing optional fields
+        take their defaults). Raises ValueError naming an unknown or missing field."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"WeightResult.from_dict: unknown field(s) {unknown}")
+        kw = {}
+        for k, v in data.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(device) if device is not None else v.clone()
+            elif k == "shape":
+                v = tuple(int(x) for x in v)
+            elif k == "expert_fallback":
+                v = {int(e): str(r) for e, r in v.items()}
+            kw[k] = v
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ValueError(f"WeightResult.from_dict: {e}") from None
+
 
 @dataclass
 class CalibrationResult:
@@ -64,3 +103,24 @@ class CalibrationResult:
     skipped: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     forward_calls: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain values and CPU tensors (see WeightResult.to_dict); from_dict reverses it."""
+        return {
+            "method": self.method,
+            "weights": {n: wr.to_dict() for n, wr in self.weights.items()},
+            "skipped": dict(self.skipped),
+            "timings": dict(self.timings),
+            "forward_calls": self.forward_calls,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, device: torch.device | str | None = None) -> CalibrationResult:
+        """The CalibrationResult of to_dict's output; weight tensors moved to ``device`` when given."""
+        return cls(
+            method=data["method"],
+            weights={n: WeightResult.from_dict(w, device) for n, w in data["weights"].items()},
+            skipped=dict(data.get("skipped", {})),
+            timings=dict(data.get("timings", {})),
+            forward_calls=int(data.get("forward_calls", 0)),
+        )

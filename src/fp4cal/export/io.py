@@ -305,26 +305,35 @@ def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     tmp = make_staging_dir(out)
     try:
         yield tmp
-        apply_user_mode(tmp)
-        check_out_dir(out, overwrite)  # someone may have written there meanwhile
-        if out.exists():
-            old = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.fp4cal-old"
-            journal = _journal(out)
-            write_json_atomic(journal, {"out": out.name, "new": tmp.name, "old": old.name})
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                journal.unlink(missing_ok=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-            journal.unlink(missing_ok=True)
-        else:
-            os.rename(tmp, out)
+        swap_into_place(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_into_place(new: Path, out: Path, overwrite: bool) -> None:
+    """Rename the complete directory ``new`` (on out's filesystem) to ``out``, recoverably: files get the
+    user's umask; an existing ``out`` (allowed by overwrite, checked again here) is replaced through a journal
+    ``.<name>.fp4cal-swap.json`` naming both directories (relative to out's parent), the old one renamed
+    aside, the new one renamed in, the old one deleted; a kill between the renames is finished or rolled back
+    by recover_interrupted. Shared by staged_directory and the streaming engine's staging directory."""
+    apply_user_mode(new)
+    check_out_dir(out, overwrite)  # someone may have written there meanwhile
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.fp4cal-old"
+    journal = _journal(out)
+    write_json_atomic(journal, {"out": out.name, "new": os.path.relpath(new, out.parent), "old": old.name})
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        journal.unlink(missing_ok=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    journal.unlink(missing_ok=True)
 
 
 def _nbytes(t: torch.Tensor) -> int:

