@@ -54,7 +54,7 @@ def test_search_matches_brute_force(nv, method, dtype):
     h = _hessian(64, seed=2) if method == "local_hessian" else None
     got = search_scales(w, method, hessian=h, backend="reference")
     _assert_same(got, nv.brute_force_search(w, method, None, h))
-    assert torch.equal(search_scales(w, method, hessian=h), got)  # default dispatch on CPU: the windowed torch path, same picks
+    assert torch.equal(search_scales(w, method, hessian=h), got)  # default on CPU: the torch path
     # Applying the result quantizes each block with exactly the scale the search evaluated.
     _assert_same(fake_quantize(w, got, dtype=torch.float32), nv.fake_quantize(w, got))
 

@@ -56,11 +56,13 @@ def block_error(wb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def block_loss(dw: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
-    """float64 loss of signed errors dw [R, nb, 16]: sum dw^2, or dw^T H_j dw with hessian [nb, 16, 16]."""
+    """float64 loss of signed errors dw [R, nb, 16]: sum dw^2, or dw^T H_j dw with hessian [nb, 16, 16].
+
+    The CPU path (windowed.py) calls this same function on subsets of rows, so both sum in the same order."""
     d = dw.double()
     if hessian is None:
         return (d * d).sum(-1)
-    return torch.einsum("rnk,nkl,rnl->rn", d, hessian.double(), d)
+    return (torch.einsum("rnk,nkl->rnl", d, hessian.double()) * d).sum(-1)
 
 
 def _search_2d(w: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from fp4cal.numerics import FP8_MAX, fp8_e4m3_values, global_scale, scale_candidates
 from fp4cal.search.hessian_blocks import with_fallback
-from fp4cal.search.reference import search_reference
+from fp4cal.search.reference import block_loss, search_reference
 from fp4cal.validation import BLOCK
 
 N_CAND = 126
@@ -53,24 +53,32 @@ def block_bounds(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """(mu, nu, sd) float64 [..., 16] of PSD blocks h [..., 16, 16], the lower-bound coefficients:
 
     mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H_AA^-1)_ii on the channels A whose row of H is non-zero (a zero
-    row does not enter the loss), 0 off A or when H_AA is singular; nu_i = lambda H_ii with lambda Gershgorin's
-    bound on the smallest eigenvalue of D^-1/2 H_AA D^-1/2 (0 if not positive); sd_i = sqrt(H_ii). All
-    slightly shrunk (mu, nu) or grown (sd) by _SLACK so that they stay bounds after rounding.
+    row does not enter the loss), 0 off A or when H_AA is singular; nu_i = lambda H_ii with lambda the smallest
+    eigenvalue of D^-1/2 H_AA D^-1/2, D = diag(H) (0 if not positive; the kernels use Gershgorin's bound on it);
+    sd_i = sqrt(H_ii). All slightly shrunk (mu, nu) or grown (sd) so that they stay bounds after rounding.
     """
     hd = h.double()
     hd = (hd + hd.transpose(-1, -2)) * 0.5
-    live = hd.abs().amax(-1) > 0  # [..., 16]
+    diag = torch.diagonal(hd, dim1=-2, dim2=-1)
+    live = diag > 0  # [..., 16]
+    # a zero diagonal with a non-zero row is not PSD-exact (only within tolerance): no bound for that block
+    odd = ((~live) & (hd.abs().amax(-1) > 0)).any(-1)
     eye = torch.eye(BLOCK, dtype=torch.float64, device=h.device)
     pair = live[..., :, None] & live[..., None, :]
     ha = torch.where(pair, hd, eye)  # dead channels become identity rows: H_AA on A, decoupled elsewhere
-    lam, vec = torch.linalg.eigh(ha)
-    definite = lam[..., 0] > 1e-10 * lam[..., -1].clamp_min(1e-300)
-    inv_diag = (vec * vec / torch.where(definite[..., None], lam, 1.0)[..., None, :]).sum(-1)
-    mu = torch.where(live & definite[..., None], (1 - _SLACK) / inv_diag, 0.0)
     d = torch.diagonal(ha, dim1=-2, dim2=-1)
     isd = d.clamp_min(1e-300).rsqrt()
-    lam_n = torch.linalg.eigvalsh(ha * isd[..., :, None] * isd[..., None, :])[..., 0]  # of D^-1/2 H_AA D^-1/2
-    lam_g = torch.where(definite, lam_n.clamp_min(0.0) * (1 - 1e3 * _SLACK), 0.0)
+    # N = D^-1/2 H_AA D^-1/2 (unit diagonal): scale-free, so channels of very different magnitude stay definite.
+    # (H_AA^-1)_ii = (N^-1)_ii / d_i, and H_AA >= lambda_min(N) D.
+    lam, vec = torch.linalg.eigh(ha * isd[..., :, None] * isd[..., None, :])
+    lmin = lam[..., 0]
+    definite = (lmin > 1e-10) & ~odd
+    safe = torch.where(definite[..., None], lam, 1.0)
+    ninv_diag = (vec * vec / safe[..., None, :]).sum(-1)
+    # float64 eigenvectors carry ~16 eps / lambda_min relative error into N^-1: shrink by that much more
+    shrink = (1 - _SLACK - 64 * 2.0**-52 / torch.where(definite, lmin, 1.0))[..., None]
+    mu = torch.where(live & definite[..., None], shrink * d / ninv_diag, 0.0)
+    lam_g = torch.where(definite, (lmin - 1e-13).clamp_min(0.0) * (1 - _SLACK), 0.0)
     nu = torch.where(live, lam_g[..., None] * d, 0.0)
     sd = torch.diagonal(hd, dim1=-2, dim2=-1).clamp_min(0).sqrt() * (1 + _SLACK)
     return mu, nu, sd
@@ -160,10 +168,7 @@ def _search_rows(wb: torch.Tensor, s_tab: torch.Tensor, bounds: tuple | None) ->
     def loss_of(r, c):
         wr = wb[r]
         q = _e2m1_times_scale(a[r], s_tab[c].unsqueeze(-1))
-        d = (wr - torch.copysign(q, wr)).double()  # = sign(w) * fp32(|w| - q): RNE is symmetric
-        if hd is None:
-            return (d * d).sum(-1)
-        return (torch.einsum("rnk,nkl->rnl", d, hd) * d).sum(-1)
+        return block_loss(wr - torch.copysign(q, wr), hd)  # = sign(w) * fp32(|w| - q): RNE is symmetric
 
     def walk(c, active, down):
         step = 0
