@@ -22,7 +22,8 @@ from fp4cal.calib.objective import block_scales, objectives
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
 from fp4cal.numerics import block_max, fake_quantize
-from fp4cal.search import METHODS, search_scales
+from fp4cal.search import METHODS, fallback_blocks, search_scales
+from fp4cal.search.hessian_blocks import with_fallback
 from fp4cal.validation import BLOCK
 
 DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singular: its argmin is not trustworthy
@@ -150,12 +151,21 @@ def solve_target(
             stacklevel=stacklevel + 1,
         )
     h = plan["hessian"]
+    n_fallback = 0
     if h is not None:
         h = h.to(w.device)
+        # blocks whose Hessian carries no information (zero trace) are searched with mse (issue 16); counted
+        # before the search is queued, so this read waits for the Hessian only, not for the sweep
+        n_fallback = fallback_blocks(h if h.dim() == w.dim() + 1 else h.expand(*w.shape[:-2], *h.shape), w.shape[-2])
+        if n_fallback:
+            listed = "zero-trace Hessian blocks (inputs never active in calibration)"
+            warnings.warn(f"{t.name}: {n_fallback} blocks had {listed}; they used mse", CalibrationWarning,
+                          stacklevel=stacklevel + 1)
     block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
     scale, _ = block_scales(block_amax, g)
     max_amax = block_max(w)  # w and g were already checked by the search above
-    loss_max, loss_chosen = objectives(w, [max_amax, block_amax], g, h)
+    # the losses of the objective each block was searched with (mse for the fallback blocks)
+    loss_max, loss_chosen = objectives(w, [max_amax, block_amax], g, None if h is None else with_fallback(h))
     return WeightResult(
         name=t.name,
         module_name=t.module_name,
@@ -173,6 +183,7 @@ def solve_target(
         fallback=plan["fallback"],
         expert_fallback=plan["expert_fallback"],
         transposed=t.transposed,
+        hessian_fallback_blocks=n_fallback,
     )
 
 
