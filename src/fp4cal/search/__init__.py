@@ -24,7 +24,15 @@ from fp4cal.validation import check_global_amax, check_hessian, check_weight
 
 METHODS = ("max", "mse", "local_hessian")
 BACKENDS = ("triton", "torch", "reference")
-__all__ = ["BACKENDS", "METHODS", "choose_backend", "fallback_blocks", "search_scales", "triton_available"]
+__all__ = ["BACKENDS", "METHODS", "choose_backend", "fallback_blocks", "search_scales", "triton_available", "warmup"]
+
+
+def warmup(methods, dtype: torch.dtype = torch.bfloat16, device="cuda"):
+    """Compile the search kernels a run will need in a background thread; returns a handle whose wait() gives
+    the seconds it took (fp4cal.search.precompile.warmup)."""
+    from fp4cal.search.precompile import warmup as _warmup
+
+    return _warmup(methods, dtype, device)
 
 
 def triton_available() -> bool:
