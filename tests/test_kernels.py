@@ -293,3 +293,27 @@ def test_pruning_error_floors(kind):
     assert bool((below_min >= down_floor).all())
     # the floors are not vacuous: each binds somewhere
     assert bool((up_floor > 0).any()) and bool((down_floor > 0).any())
+
+
+@pytest.mark.parametrize("method", ["mse", "local_hessian"])
+def test_epilogue_losses_match_the_reference_objective(method, device_for_kernels):
+    """search_scales_and_losses on the kernel path: the sweep's epilogue sums the float64 objective at the 'max'
+    scales (its own FP8 rounding of amax / 6 / s_g, ties to even, saturation, underflow to 0) and at the chosen
+    scales; equal to reference_losses (the calibration's report) to float64 summation order."""
+    from fp4cal.search import search_scales_and_losses
+    from fp4cal.search.reference import reference_losses
+
+    dev = device_for_kernels
+    w, g = make_weight("threshold", 32, 64, torch.float32, dev, seed=41)  # every weight on a rounding threshold
+    w[0, :16] = 1e-6  # a block whose max scale underflows to FP8 0
+    gg = check_global_amax(g, w) * 0.5  # below the true amax: large blocks saturate at 448
+    h = make_ill_hessian("deadblock", 64, dev, seed=42) if method == "local_hessian" else None
+    amax, losses = search_scales_and_losses(w, method, h, gg, backend="triton")
+    want = reference_losses(w, gg, amax, h)[0]
+    assert torch.allclose(losses.cpu(), want.cpu(), rtol=1e-12, atol=0), (losses, want)
+    assert bool(losses[1] <= losses[0] * (1 + 1e-12))
+    stack = torch.stack([w, w * 3])
+    _, ls = search_scales_and_losses(stack, method, h, torch.stack([gg, gg * 3]), backend="triton")
+    amax_s = fp4cal.search_scales(stack, method, h, torch.stack([gg, gg * 3]), backend="reference")
+    assert torch.allclose(ls.cpu(), reference_losses(stack, torch.stack([gg, gg * 3]), amax_s, h).sum(0).cpu(),
+                          rtol=1e-12, atol=0)

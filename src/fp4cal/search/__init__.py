@@ -18,13 +18,14 @@ import os
 import torch
 
 from fp4cal.search.hessian_blocks import check_psd, fallback_blocks
-from fp4cal.search.reference import search_reference
+from fp4cal.search.reference import reference_losses, search_reference
 from fp4cal.search.windowed import search_windowed
 from fp4cal.validation import check_global_amax, check_hessian, check_weight
 
 METHODS = ("max", "mse", "local_hessian")
 BACKENDS = ("triton", "torch", "reference")
-__all__ = ["BACKENDS", "METHODS", "choose_backend", "fallback_blocks", "search_scales", "triton_available", "warmup"]
+__all__ = ["BACKENDS", "METHODS", "choose_backend", "fallback_blocks", "search_scales", "search_scales_and_losses",
+           "triton_available", "warmup"]
 
 
 def warmup(methods, dtype: torch.dtype = torch.bfloat16, device="cuda"):
@@ -61,6 +62,7 @@ def search_scales(
     hessian: torch.Tensor | None = None,
     global_amax: torch.Tensor | float | None = None,
     backend: str | None = None,
+    losses: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-block best amax for NVFP4 quantization of w.
 
@@ -73,6 +75,8 @@ def search_scales(
         block otherwise, tolerance hessian_blocks.PSD_RTOL).
     global_amax: scalar or [E]; default max |w| per tensor.
     backend: None (dispatch rule), 'triton', 'torch' or 'reference'.
+    losses: optional float64 [E or 1, 2] zeros, filled with the objective at the 'max' and the chosen scales
+        (see search_scales_and_losses).
     Returns fp32 [..., cout, cin/16]: the chosen block amax; fake_quantize(w, it, global_amax) applies it.
     """
     if method not in METHODS:
@@ -94,9 +98,32 @@ def search_scales(
     if h is not None and scan:
         check_psd(h)
     if backend == "reference":
-        return search_reference(w, method, g, h)
-    if backend == "torch":
-        return search_windowed(w, method, g, h)
-    from fp4cal.search.kernels import search_triton
+        out = search_reference(w, method, g, h)
+    elif backend == "torch":
+        out = search_windowed(w, method, g, h)
+    else:
+        from fp4cal.search.kernels import search_triton
 
-    return search_triton(w, method, g, h, checked=False)
+        return search_triton(w, method, g, h, checked=False, losses=losses)
+    if losses is not None:
+        losses.copy_(reference_losses(w, g, out, h if method == "local_hessian" else None))
+    return out
+
+
+def search_scales_and_losses(
+    w: torch.Tensor,
+    method: str,
+    hessian: torch.Tensor | None = None,
+    global_amax: torch.Tensor | float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """search_scales, plus the objective of the result for a report, without a second pass over the weights on
+    the kernel path: (block_amax fp32 [..., cout, cin/16], losses float64 [2] on w's device: the summed
+    objective at the 'max' scales and at the chosen ones, over all experts of a stack). The objective is the one
+    each block was searched with (Hessian-weighted; squared error for mse and for zero-trace blocks). No host
+    synchronisation beyond search_scales' own: read the losses when convenient."""
+    n_e = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 3 else 1
+    dev = w.device if isinstance(w, torch.Tensor) else None
+    losses = torch.zeros(n_e, 2, dtype=torch.float64, device=dev)
+    amax = search_scales(w, method, hessian, global_amax, backend, losses=losses)
+    return amax, losses.sum(0)

@@ -282,6 +282,7 @@ def search_triton(
     stats: torch.Tensor | None = None,
     sync: bool = True,
     fused: bool | None = None,
+    losses: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
@@ -297,6 +298,9 @@ def search_triton(
     fused: mse only: one launch, the sweep computing its candidate scales and checking the values itself, and
         the host waiting for it (None: for weights of at most 2^23 elements, where the host cost of a second
         launch exceeds the overlap it buys; see BENCHMARKS.md).
+    losses: optional float64 [E or 1, 2], zero on entry: the sweep adds each tensor's objective at its 'max' scales
+        and at the chosen scales (as calib.objective computes them; a zero-trace block counts with the mse loss).
+        Not filled when the reference runs instead (s_g out of range): the caller checks search_losses' result.
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     stack = w.dim() == 3
@@ -346,16 +350,18 @@ def search_triton(
         host_flags.copy_(flags, non_blocking=True)
         ready.record()
     elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
-        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status)
+        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status, losses)
         if early is not None:
             return early
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
     block_rows = 32 * num_warps
     grid = (triton.cdiv(cout, block_rows), nb, n_e)
-    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, hc, nohalf, out, flags if stats is None else stats, cout, nb,
-            w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
-    opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, num_warps=num_warps,
+    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, hc, nohalf, out, flags if stats is None else stats,
+            flags if losses is None else losses, cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe,
+            cout * nb)
+    opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
+                num_warps=num_warps,
                 enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 
     def launch():
@@ -367,22 +373,24 @@ def search_triton(
     if host_flags is not None:
         ready.synchronize()  # the one host wait: prep kernel and flag copy, not the sweep
         got = host_flags.tolist()
-        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, status)
+        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, status, losses)
         if early is not None:
             return early
         if got[3] == 1:  # rare: a singular block, refactored above; sweep again (queued after the first)
+            if losses is not None:
+                losses.zero_()
             launch()
     elif fused:  # one launch: the sweep checked the values itself, and has run
-        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status)
+        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status, losses)
         if early is not None:
             return early
     return out if stack else out[0]
 
 
-def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status) -> torch.Tensor | None:
+def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status, losses=None) -> torch.Tensor | None:
     """Raise for bad values, refactor singular blocks; return the reference's result when s_g is outside the
     exact range (None otherwise). flags: bad w, bad g, s_g out of range, worst factor status."""
-    from fp4cal.search.reference import search_reference
+    from fp4cal.search.reference import reference_losses, search_reference
 
     bad_w, bad_g, out_of_range, fstatus = flags
     if bad_w:
@@ -392,7 +400,10 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status
     if fstatus:
         _check_factor_status(fstatus, hessian, hc, f, mu, nu, status)
     if out_of_range:
-        return search_reference(w, method, g, hessian)
+        out = search_reference(w, method, g, hessian)
+        if losses is not None:
+            losses.copy_(reference_losses(w, g, out, hessian if method == "local_hessian" else None))
+        return out
     return None
 
 

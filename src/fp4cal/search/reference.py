@@ -20,6 +20,7 @@ import torch
 from fp4cal.numerics import (
     _blocks,
     block_max,
+    block_scale_code,
     fp8_e4m3_values,
     global_scale,
     scale_candidates,
@@ -104,3 +105,27 @@ def search_reference(
     idx = _search_2d(w, g, h)
     return scale_candidates(g)[idx]
 
+
+
+def reference_losses(
+    w: torch.Tensor, g: torch.Tensor, block_amax: torch.Tensor, hessian: torch.Tensor | None
+) -> torch.Tensor:
+    """float64 [E or 1, 2]: per tensor, the summed objective at its 'max' scales (each block's own amax) and at
+    block_amax, as the kernels' LOSSES epilogue adds them (zero-trace Hessian blocks with the mse loss).
+
+    w: [cout, cin] or [E, cout, cin]; g: [] or [E]; block_amax: [..., cout, cin/16]; hessian: None (mse) or
+    [nb, 16, 16] / [E, nb, 16, 16]."""
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    a3 = block_amax if block_amax.dim() == 3 else block_amax.unsqueeze(0)
+    g1 = g.float().reshape(-1).expand(w3.shape[0])
+    out = torch.zeros(w3.shape[0], 2, dtype=torch.float64, device=w.device)
+    rows = max(1, _CHUNK_ELEMS // w3.shape[-1])
+    for e in range(w3.shape[0]):
+        h = None if hessian is None else with_fallback(hessian[e] if hessian.dim() == 4 else hessian)
+        s_g = global_scale(g1[e])
+        for k, amax in enumerate((block_max(w3[e]), a3[e])):
+            s_b = block_scale_code(amax, s_g) * s_g
+            for r0 in range(0, w3.shape[1], rows):
+                wb = _blocks(w3[e, r0 : r0 + rows])
+                out[e, k] += block_loss(block_error(wb, s_b[r0 : r0 + rows]), h).sum()
+    return out

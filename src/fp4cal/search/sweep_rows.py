@@ -176,13 +176,57 @@ def _up_bound(w, mb, nbp, half_s):
 
 
 @triton.jit
+def _max_scale(m, g, v_ptr):
+    """The 'max' choice's block scale and its reciprocal ([BR] fp32 each): v = e4m3(fp32(fp32(m / 6) / s_g)), RNE,
+    saturating at 448, 0 below half the smallest FP8 value (numerics.block_scale_code), found in the FP8 value
+    table (the two neighbours of the ratio differ from it exactly, Sterbenz); s = fp32(v * s_g)."""
+    sg = tl.div_rn(g, GDIV)
+    ratio = tl.div_rn(tl.div_rn(m, E2M1_TOP), tl.where(sg > 0, sg, 1.0))
+    ratio = tl.where(sg > 0, tl.minimum(ratio, FP8_TOP), 0.0)
+    lo = tl.zeros(m.shape, tl.int32)
+    hi = tl.full(m.shape, N_CAND, tl.int32)
+    for _ in range(7):  # first c with v_c >= ratio (N_CAND if none)
+        mid = (lo + hi) // 2
+        ok = mid < N_CAND
+        below = (tl.load(v_ptr + tl.minimum(mid, N_CAND - 1)) >= ratio) & ok
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below | ~ok, lo, mid + 1)
+    c = tl.minimum(lo, N_CAND - 1)
+    v_hi = tl.load(v_ptr + c)
+    v_lo = tl.where(c > 0, tl.load(v_ptr + tl.maximum(c - 1, 0)), 0.0)
+    d_hi = v_hi - ratio
+    d_lo = ratio - v_lo
+    # ties to even: table index c holds FP8 code c + 1, so the upper neighbour's code is even when c is odd
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & ((c % 2) == 1))
+    v = tl.where(ratio >= v_hi, v_hi, tl.where(take_hi, v_hi, v_lo))
+    s = v * sg
+    r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    return s, r
+
+
+@triton.jit
+def _loss64(w, s, r, hb, HESSIAN: tl.constexpr):
+    """float64 objective of blocks w (16-tuple of [BR]) at scales s, r: as reference.block_loss computes it."""
+    d = _errors(w, s, r)
+    if HESSIAN:
+        return _quad64(d, hb)
+    else:
+        loss = tl.zeros(s.shape, tl.float64)
+        for k in tl.static_range(16):
+            loss = loss + d[k].to(tl.float64) * d[k].to(tl.float64)
+        return loss
+
+
+@triton.jit
 def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, h_ptr, nohalf_ptr, out_ptr,
-                       stats_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
+                       stats_ptr, loss_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
                        HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
-                       UNROLL: tl.constexpr = 2):
+                       LOSSES: tl.constexpr = False, UNROLL: tl.constexpr = 2):
     """Grid (row tiles of BR, block columns, tensors). FUSED (mse only): candidate scales computed here from the
     FP8 values (s_tab_ptr = r_tab_ptr = v_ptr), values checked here, flags in stats_ptr (0 bad w, 1 bad g, 2 s_g
-    out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates)."""
+    out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates). LOSSES: add
+    the float64 objective of the tensor at its 'max' scales and at the chosen scales to loss_ptr[e, 0:2] (the
+    calibration's report, without a second pass over the weights)."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64)
@@ -293,6 +337,13 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
     amax = ((g.to(tl.float64) * v_best) / FP8_TOP).to(tl.float32)
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
+    if LOSSES:
+        s_max, r_max = _max_scale(m, g, v_ptr)
+        l_max = tl.where(rmask, _loss64(w, s_max, r_max, hb, HESSIAN), 0.0)
+        s_b, r_b = _candidate(s_ptr, r_ptr, best_idx, sg, FUSED)
+        l_best = tl.where(rmask, _loss64(w, s_b, r_b, hb, HESSIAN), 0.0)
+        tl.atomic_add(loss_ptr + e * 2, tl.sum(l_max, axis=0))
+        tl.atomic_add(loss_ptr + e * 2 + 1, tl.sum(l_best, axis=0))
     if STATS and not FUSED:
         pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
         tl.store(stats_ptr + pid * 3, it1)
