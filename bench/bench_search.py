@@ -280,7 +280,7 @@ def run_families(mo, do_ref):
                         for e in range(n_e):
                             mo.nvfp4_fp8_scale_sweep_hessian(w[e].reshape(-1, 16), g[e], h[e], block_size=16)
                     fns["modelopt_ms"] = loop
-            row.update(bench_rounds(fns, rounds=3, rep=60))
+            row.update(bench_rounds(fns, rounds=2, rep=40))
             progs = triton.cdiv(cout, 32) * (cin // 16) * n_e
             st = torch.zeros(progs, 3, dtype=torch.int32, device="cuda")
             kernels.search_triton(w, "local_hessian", g, h, stats=st)

@@ -25,7 +25,7 @@ cold = s.warmup(['mse', 'local_hessian'], torch.bfloat16, 'cuda').wait()
 warm = s.warmup(['mse', 'local_hessian'], torch.bfloat16, 'cuda').wait()
 print(f'WARMUP cold cache {cold:.1f} s, warm cache {warm:.3f} s')" 2>&1 | tee "$OUT/warmup.log" ;;
     tests|all)
-      timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -s -rs ${TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_numerics.py} 2>&1 \
+      timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -s -rs ${TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_numerics.py} ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -E "PARITY|passed|failed|Error|error" | tail -60 ;;&
     slowtests)
       timeout 400 python3 -m pytest -q -s -rs tests/test_kernels_gpu.py -k "beyond_int32 or modelopt" 2>&1 \

@@ -67,8 +67,8 @@ def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
            device: torch.device | str = "cuda") -> WarmupHandle:
     """Start compiling, in a background thread, the kernel specialisations that searching weights of ``dtype``
     on ``device`` with ``methods`` ('mse', 'local_hessian'; 'max' needs none) will use: both mse launch forms
-    (one-launch and two-launch), the local-Hessian prep, factor and sweep kernels, 2-D weights and expert
-    stacks. Returns a WarmupHandle; its wait() gives the seconds taken. Nothing to compile (CPU without the
+    (one-launch and two-launch), the local-Hessian prep, factor and sweep kernels, with and without the losses
+    epilogue (search_scales / calibrate), 2-D weights and expert stacks. Returns a WarmupHandle; its wait() gives the seconds taken. Nothing to compile (CPU without the
     Triton interpreter, or triton missing): the thread returns at once."""
     from fp4cal.search import METHODS
 
@@ -87,6 +87,9 @@ def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
             return
         from fp4cal.search.kernels import prepare_factor, search_triton
 
+        def losses(shape):  # calibrate() asks the sweep for its losses (LOSSES), a specialisation of its own
+            return torch.zeros(shape[0] if len(shape) == 3 else 1, 2, dtype=torch.float64, device=device)
+
         if device.type == "cuda":
             torch.cuda.set_device(device)
         for cout, cin in _WARM_SHAPES:
@@ -99,9 +102,11 @@ def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
                 if "mse" in methods:
                     for fused in (True, False):
                         search_triton(w, "mse", gg, None, checked=False, fused=fused)
+                        search_triton(w, "mse", gg, None, checked=False, fused=fused, losses=losses(shape))
                 if "local_hessian" in methods:
                     h = torch.eye(BLOCK, device=device).expand(*shape[:-2], nb, BLOCK, BLOCK).contiguous()
                     search_triton(w, "local_hessian", gg, h, checked=False)
+                    search_triton(w, "local_hessian", gg, h, checked=False, losses=losses(shape))
                     search_triton(w, "local_hessian", gg, h, factor=prepare_factor(h))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
