@@ -68,8 +68,9 @@ def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
     """Start compiling, in a background thread, the kernel specialisations that searching weights of ``dtype``
     on ``device`` with ``methods`` ('mse', 'local_hessian'; 'max' needs none) will use: both mse launch forms
     (one-launch and two-launch), the local-Hessian prep, factor and sweep kernels, with and without the losses
-    epilogue (search_scales / calibrate), 2-D weights and expert stacks. Returns a WarmupHandle; its wait() gives the seconds taken. Nothing to compile (CPU without the
-    Triton interpreter, or triton missing): the thread returns at once."""
+    epilogue (search_scales / calibrate), 2-D weights and expert stacks. Returns a WarmupHandle; its wait()
+    gives the seconds taken. Nothing to compile (CPU without the Triton interpreter, or triton missing): the
+    thread returns at once."""
     from fp4cal.search import METHODS
 
     methods = list(methods)
