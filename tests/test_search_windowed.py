@@ -95,3 +95,22 @@ def test_block_bounds_are_lower_bounds(hkind):
                 assert mu[b, i] <= exact * (1 + 1e-9)
     if hkind in ("psd", "range", "deadchan"):
         assert bool((mu.amax(-1) > 0).all())  # dead channels no longer make the whole block singular
+
+
+@pytest.mark.parametrize("method", ["mse", "local_hessian"])
+def test_losses_equal_the_reference_objective(method):
+    """The CPU path's losses (chosen: its own best, no second pass; max scales: one more step) equal
+    reference_losses, what the calibration reports, on a stack with a dead block and an extreme global amax."""
+    from fp4cal.search import search_scales_and_losses
+    from fp4cal.search.reference import reference_losses
+
+    w = torch.randn(3, 24, 64) * 0.02
+    w[0, 0, :16] = 1e-9  # max scale underflows to 0
+    g = torch.tensor([0.01, 0.05, 0.0])  # saturating, normal, and g = 0 (reference fallback)
+    h = None
+    if method == "local_hessian":
+        h = torch.stack([make_ill_hessian("deadblock", 64, seed=s) for s in range(3)])
+    amax, losses = search_scales_and_losses(w, method, h, g, backend="torch")
+    want = reference_losses(w, g, amax, h).sum(0)
+    assert torch.allclose(losses, want, rtol=1e-12, atol=0), (losses, want)
+    assert torch.equal(amax, search_reference(w, method, g, h))

@@ -100,7 +100,7 @@ def search_scales(
     if backend == "reference":
         out = search_reference(w, method, g, h)
     elif backend == "torch":
-        out = search_windowed(w, method, g, h)
+        return search_windowed(w, method, g, h, losses)
     else:
         from fp4cal.search.kernels import search_triton
 

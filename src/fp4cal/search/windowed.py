@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from fp4cal.numerics import FP8_MAX, fp8_e4m3_values, global_scale, scale_candidates
+from fp4cal.numerics import FP8_MAX, block_scale_code, fp8_e4m3_values, global_scale, scale_candidates
 from fp4cal.search.hessian_blocks import with_fallback
-from fp4cal.search.reference import block_loss, search_reference
+from fp4cal.search.reference import block_error, block_loss, reference_losses, search_reference
 from fp4cal.validation import BLOCK
 
 N_CAND = 126
@@ -102,37 +102,50 @@ def _first_at_or_below(m: torch.Tensor, s_tab: torch.Tensor, t: float) -> torch.
 
 
 def search_windowed(
-    w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None = None
+    w: torch.Tensor,
+    method: str,
+    g: torch.Tensor,
+    hessian: torch.Tensor | None = None,
+    losses: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-block best amax, fp32 [..., cout, cin/16], for validated inputs (as search_reference), with the
     kernels' windows and bounds. w: [cout, cin] or [E, cout, cin]; g: fp32 [] or [E]; hessian [nb, 16, 16] or
-    [E, nb, 16, 16] (local_hessian only; an expert stack may share one)."""
+    [E, nb, 16, 16] (local_hessian only; an expert stack may share one). losses: optional float64 [E or 1, 2]
+    zeros: filled with each tensor's objective at its 'max' scales and at the chosen ones (reference_losses;
+    the chosen one is the search's own best, no second pass)."""
     threads = torch.get_num_threads()
     if w.device.type == "cpu" and threads > 1:
         # The ops here are a few MB each: with 2 threads on a loaded 2-core machine their barriers cost 10x the
         # work (measured: MiniLM's search 221 s with 2 threads, 20 s with 1).
         torch.set_num_threads(1)
     try:
-        return _search(w, method, g, hessian)
+        if w.dim() == 3:
+            outs = []
+            for e in range(w.shape[0]):
+                h = None if method != "local_hessian" else (hessian[e] if hessian.dim() == 4 else hessian)
+                le = None if losses is None else losses[e : e + 1]
+                outs.append(_search(w[e], method, g.reshape(-1)[e if g.numel() > 1 else 0], h, le))
+            return torch.stack(outs)
+        return _search(w, method, g, hessian, losses)
     finally:
         torch.set_num_threads(threads)
 
 
-def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None,
+            losses: torch.Tensor | None) -> torch.Tensor:
+    """One 2-D weight [cout, cin]; g []; losses None or float64 [1, 2] to add to."""
     hess = method == "local_hessian"
-    if w.dim() == 3:
-        outs = []
-        for e in range(w.shape[0]):
-            h = None if not hess else (hessian[e] if hessian.dim() == 4 else hessian)
-            outs.append(_search(w[e], method, g.reshape(-1)[e if g.numel() > 1 else 0], h))
-        return torch.stack(outs)
     cout, cin = w.shape
     nb = cin // BLOCK
     s_g = global_scale(g.float())
     if not _SG_MIN <= float(s_g) <= _SG_MAX:  # g = 0 or extreme: the reference (as the kernels do)
-        return search_reference(w, method, g, hessian)
+        out = search_reference(w, method, g, hessian)
+        if losses is not None:
+            losses += reference_losses(w, g, out, hessian if hess else None)
+        return out
     s_tab = fp8_e4m3_values(w.device) * s_g  # [126] = reference.candidate_block_scales
     bounds = None
+    hd = None
     if hess:
         hd = with_fallback(hessian.double())
         mu, nu, sd = block_bounds(hd)
@@ -142,15 +155,23 @@ def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor
     rows = max(1, _CHUNK_ELEMS // cin)
     idx = torch.empty(cout, nb, dtype=torch.int64, device=w.device)
     for r0 in range(0, cout, rows):
-        idx[r0 : r0 + rows] = _search_rows(w[r0 : r0 + rows].float().reshape(-1, nb, BLOCK), s_tab, bounds)
+        wb = w[r0 : r0 + rows].float().reshape(-1, nb, BLOCK)
+        idx[r0 : r0 + rows], best = _search_rows(wb, s_tab, bounds)
+        if losses is not None:  # the chosen loss is the search's own best; the max scales' loss is one more step
+            s_max = block_scale_code(wb.abs().amax(-1), s_g) * s_g
+            losses[0, 0] += block_loss(block_error(wb, s_max), hd).sum()
+            losses[0, 1] += best.sum()
     return scale_candidates(g)[idx]
 
 
 _CHUNK_ELEMS = 1 << 18  # weights per chunk of rows: float64 temporaries of a few MB
 
 
-def _search_rows(wb: torch.Tensor, s_tab: torch.Tensor, bounds: tuple | None) -> torch.Tensor:
-    """Best candidate index (int64 [R, nb]) of blocks wb [R, nb, 16] fp32 with candidate scales s_tab [126];
+def _search_rows(
+    wb: torch.Tensor, s_tab: torch.Tensor, bounds: tuple | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best candidate index int64 [R, nb], its float64 loss [R, nb]) of blocks wb [R, nb, 16] fp32 with
+    candidate scales s_tab [126];
     bounds: None (mse) or (H float64 [nb, 16, 16] with the fallback applied, mu, nu, sd [nb, 16]).
 
     Every step evaluates one candidate for every block of the rows that still have an active block (the
@@ -203,7 +224,7 @@ def _search_rows(wb: torch.Tensor, s_tab: torch.Tensor, bounds: tuple | None) ->
     if hd is not None:
         c = top + 1
         walk(c, c <= zero_at, False)
-    return best_idx
+    return best_idx, best
 
 
 def _e2m1_times_scale(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
