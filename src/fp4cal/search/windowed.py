@@ -186,38 +186,42 @@ def _search_rows(
     hd = None if bounds is None else bounds[0]
     zero_at = None if hd is None else _first_at_or_below(m, s_tab, 0.25).clamp_max(N_CAND - 1)
 
-    def loss_of(r, c):
-        wr = wb[r]
-        q = _e2m1_times_scale(a[r], s_tab[c].unsqueeze(-1))
-        return block_loss(wr - torch.copysign(q, wr), hd)  # = sign(w) * fp32(|w| - q): RNE is symmetric
+    def sub_bounds(ci):
+        return None if bounds is None else tuple(b if b is None or b is True else b[ci] for b in bounds)
 
     def walk(c, active, down):
         step = 0
         while True:
-            live = active.any(1)
-            n_live = int(live.sum())
-            if n_live == 0:
+            live_r, live_c = active.any(1), active.any(0)
+            n_r, n_c = int(live_r.sum()), int(live_c.sum())
+            if n_r == 0:
                 return
-            # rows with an active block; all rows (no gather / scatter) while most are live
-            r = slice(None) if 2 * n_live > live.numel() else live.nonzero().squeeze(1)
-            cr, ar = c[r], active[r]
+            # the rectangle of rows and block columns that still hold an active block (the Hessian is per block
+            # column, so the loss stays one batched product); whole axes, no gather, while most are live
+            r = slice(None) if 2 * n_r > live_r.numel() else live_r.nonzero().squeeze(1)
+            ci = slice(None) if 4 * n_c > 3 * live_c.numel() else live_c.nonzero().squeeze(1)
+            ix = (r, ci) if isinstance(r, slice) or isinstance(ci, slice) else (r[:, None], ci[None, :])
+            bd = sub_bounds(ci)
+            cr, ar = c[ix], active[ix]
             cc = cr.clamp(0, N_CAND - 1)
-            loss = loss_of(r, cc)
-            b = best[r]
+            wr, ar_abs = wb[ix], a[ix]
+            q = _e2m1_times_scale(ar_abs, s_tab[cc].unsqueeze(-1))
+            loss = block_loss(wr - torch.copysign(q, wr), None if bd is None else bd[0])  # RNE is symmetric
+            b = best[ix]
             better = ar & ((loss <= b) if down else (loss < b))  # ties: the smaller candidate
-            best[r] = torch.where(better, loss, b)
-            best_idx[r] = torch.where(better, cc, best_idx[r])
+            best[ix] = torch.where(better, loss, b)
+            best_idx[ix] = torch.where(better, cc, best_idx[ix])
             cr = cr - 1 if down else cr + 1
-            ar = ar & ((cr >= 0) if down else (cr <= zero_at[r]))
+            ar = ar & ((cr >= 0) if down else (cr <= zero_at[ix]))
             if step % 2 == 1:  # the bounds hold for every candidate beyond, so testing every other step is safe
                 cn = cr.clamp(0, N_CAND - 1)
                 if down:
-                    bound = _down_bound(wb[r], a[r], s_tab[cn], bounds)
+                    bound = _down_bound(wr, ar_abs, s_tab[cn], bd)
                 else:
-                    bound = _up_bound(a[r], s_tab[cn], bounds)
-                ar = ar & ~(bound > best[r] * (1 + _SLACK))
-            c[r] = cr
-            active[r] = ar
+                    bound = _up_bound(ar_abs, s_tab[cn], bd)
+                ar = ar & ~(bound > best[ix] * (1 + _SLACK))
+            c[ix] = cr
+            active[ix] = ar
             step += 1
 
     walk(top.clone(), top >= 0, True)
