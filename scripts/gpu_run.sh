@@ -19,7 +19,7 @@ git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 for what in "${@:-all}"; do
   case "$what" in
     warm)
-      timeout 150 python3 -c "
+      timeout ${WARM_TIMEOUT:-150} python3 -c "
 import torch, fp4cal.search as s
 cold = s.warmup(['mse', 'local_hessian'], torch.bfloat16, 'cuda').wait()
 warm = s.warmup(['mse', 'local_hessian'], torch.bfloat16, 'cuda').wait()
