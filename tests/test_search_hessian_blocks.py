@@ -69,3 +69,16 @@ def test_real_fp32_hessians_pass_the_psd_check():
     h[0, 0, 0] = -10 * PSD_RTOL
     with pytest.raises(ValueError, match="block \\(0,\\)"):
         check_psd(h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_within_tolerance_but_negative_pivot_is_accepted(backend):
+    """A block inside the PSD tolerance can still give a very negative Cholesky pivot after a tiny one (here
+    lambda_min = -3e-8 of the scale, pivot 2 = -3): accepted, factored by eigendecomposition, searched."""
+    w = torch.randn(8, 16) * 0.02
+    h = torch.eye(16)[None].clone()
+    h[0, 0, 0] = 1e-8
+    h[0, 0, 1] = h[0, 1, 0] = 2e-4
+    check_psd(h)
+    got = fp4cal.search_scales(w, "local_hessian", h, backend=backend)
+    assert got.shape == (8, 1) and bool(torch.isin(got, fp4cal.scale_candidates(float(w.abs().max()))).all())

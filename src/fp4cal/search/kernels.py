@@ -211,9 +211,9 @@ def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor,
                       status: torch.Tensor) -> None:
-    """Blocks with status 1: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = 0.
+    """Blocks with status 1 or 2: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = 0.
     hc: the factored fp32 blocks (fallback applied); raises check_psd's error if one is not PSD."""
-    sel = (status == 1).reshape(hc.shape[:-2])
+    sel = ((status == 1) | (status == 2)).reshape(hc.shape[:-2])
     hs = hc.double()[sel]
     check_psd(hs, "hessian (singular blocks)")
     lam, vec = torch.linalg.eigh((hs + hs.transpose(-1, -2)) / 2)
@@ -238,13 +238,15 @@ def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _check_factor_status(worst: int, h, hc, f, mu, nu, status) -> None:
-    """Act on the worst factor status: raise for non-finite (3) or non-PSD (2) blocks, refactor singular ones."""
+    """Act on the worst factor status: raise for non-finite (3) or non-PSD (2) blocks, refactor singular ones (and
+    negative-pivot blocks that pass check_psd's tolerance)."""
     if worst == 3:
         check_finite(h, "hessian")
     if worst == 2:
+        # A negative pivot beyond tolerance: usually not PSD (raise). A block within the eigenvalue tolerance can
+        # still have one after a tiny earlier pivot; it is then refactored by eigendecomposition like a singular one.
         check_psd(h)
-        raise AssertionError("a factor pivot was negative beyond tolerance but check_psd passed")  # unreachable
-    if worst == 1:
+    if worst >= 1:
         _refactor_by_eigh(hc, f, mu, nu, status)
 
 
@@ -376,7 +378,7 @@ def search_triton(
         early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, status, losses)
         if early is not None:
             return early
-        if got[3] == 1:  # rare: a singular block, refactored above; sweep again (queued after the first)
+        if got[3] in (1, 2):  # rare: a singular block, refactored above; sweep again (queued after the first)
             if losses is not None:
                 losses.zero_()
             launch()
