@@ -243,11 +243,6 @@ def test_hessian_factor(hkind, device_for_kernels):
     if hkind in ("psd", "diag", "range"):
         assert bool((m > 0).all())
     # mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii for a definite H; 0 (a valid bound) for a singular one
-    m = mu.double().cpu()
-    if hkind == "zero":
-        assert bool((m == 0).all())
-    if hkind in ("psd", "diag", "range"):
-        assert bool((m > 0).all())
     pos = (m > 0).all(-1)
     exact = 1.0 / torch.diagonal(torch.linalg.inv(h64[pos]), dim1=-2, dim2=-1)
     assert bool((m[pos] <= exact * (1 + 1e-7)).all())
