@@ -285,6 +285,7 @@ def search_triton(
     sync: bool = True,
     fused: bool | None = None,
     losses: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
@@ -303,6 +304,8 @@ def search_triton(
     losses: optional float64 [E or 1, 2], zero on entry: the sweep adds each tensor's objective at its 'max' scales
         and at the chosen scales (as calib.objective computes them; a zero-trace block counts with the mse loss).
         Not filled when the reference runs instead (s_g out of range): the caller checks search_losses' result.
+    exact: re-score fp32 near-ties in float64 (exact picks on rank-deficient Hessians, issue 13.2); off by default
+        until its compile time is fixed (sweep_rows.py).
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     stack = w.dim() == 3
@@ -363,6 +366,7 @@ def search_triton(
             flags if losses is None else losses, cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe,
             cout * nb)
     opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
+                EXACT=exact,
                 num_warps=num_warps,
                 enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 

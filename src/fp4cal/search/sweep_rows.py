@@ -83,7 +83,7 @@ def _weighted_l1(d, sd):
 
 @triton.jit
 def _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr, r_ptr, sg, DOWN: tl.constexpr,
-              HESSIAN: tl.constexpr, FUSED: tl.constexpr):
+              HESSIAN: tl.constexpr, FUSED: tl.constexpr, EXACT: tl.constexpr):
     """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, bx, best_idx).
 
     best: fp32 loss of the best so far; bmar: its error margin (TAU S^2); bx: its float64 loss when known (-1
@@ -102,7 +102,7 @@ def _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr, 
         better = active & (loss <= best)
     else:
         better = active & (loss < best)
-    if HESSIAN:
+    if HESSIAN and EXACT:
         close = active & (tl.abs(loss - best) <= mar + bmar)
         if tl.max(close.to(tl.int32)) > 0:  # rare: the fp32 order may be wrong, decide in float64
             lx = _quad64(d, hb)
@@ -118,6 +118,7 @@ def _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr, 
             bx = tl.where(better, tl.where(close, lx, -1.0), bx)
         else:
             bx = tl.where(better, -1.0, bx)
+    if HESSIAN:
         bmar = tl.where(better, mar, bmar)
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
@@ -221,12 +222,14 @@ def _loss64(w, s, r, hb, HESSIAN: tl.constexpr):
 def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, h_ptr, nohalf_ptr, out_ptr,
                        stats_ptr, loss_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
                        HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
-                       LOSSES: tl.constexpr = False, UNROLL: tl.constexpr = 2):
+                       LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2):
     """Grid (row tiles of BR, block columns, tensors). FUSED (mse only): candidate scales computed here from the
     FP8 values (s_tab_ptr = r_tab_ptr = v_ptr), values checked here, flags in stats_ptr (0 bad w, 1 bad g, 2 s_g
     out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates). LOSSES: add
     the float64 objective of the tensor at its 'max' scales and at the chosen scales to loss_ptr[e, 0:2] (the
-    calibration's report, without a second pass over the weights)."""
+    calibration's report, without a second pass over the weights). EXACT: re-score fp32 near-ties in float64
+    (module docstring); off by default: inlined four times, its float64 products made the kernel take minutes
+    to compile (measured on an H200 and locally, commit 8aa09ea), so it waits for a separate re-scoring pass."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64)
@@ -297,7 +300,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             cc = tl.maximum(c, 0)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, bx, best_idx = _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr,
-                                                 r_ptr, sg, True, HESSIAN, FUSED)
+                                                 r_ptr, sg, True, HESSIAN, FUSED, EXACT)
             c = c - 1
             if u == UNROLL - 1:
                 s_next = _scale(s_ptr, tl.maximum(c, 0), sg, FUSED)
@@ -326,7 +329,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             cc = tl.minimum(c, N_CAND - 1)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, bx, best_idx = _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr,
-                                                 r_ptr, sg, False, HESSIAN, FUSED)
+                                                 r_ptr, sg, False, HESSIAN, FUSED, EXACT)
             c = c + 1
             active = active & (c <= zero_at)
             if u == UNROLL - 1:
