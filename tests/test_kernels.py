@@ -145,9 +145,9 @@ def test_mse_one_launch_and_two_launch_paths(fused, device_for_kernels):
 # ---- dispatch rules ------------------------------------------------------------------------------------------
 
 
-def test_dispatch_cpu_goes_to_reference(monkeypatch):
+def test_dispatch_cpu_goes_to_the_torch_path(monkeypatch):
     monkeypatch.delenv("FP4CAL_TRITON", raising=False)
-    assert search_mod.choose_backend(torch.zeros(2, 16), "mse") == "reference"
+    assert search_mod.choose_backend(torch.zeros(2, 16), "mse") == "torch"  # windowed.py, not the brute force
 
 
 def test_dispatch_env_switch(monkeypatch):
@@ -155,12 +155,12 @@ def test_dispatch_env_switch(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(search_mod, "triton_available", lambda: True)
     monkeypatch.setenv("FP4CAL_TRITON", "0")
-    assert search_mod.choose_backend(w, "local_hessian") == "reference"
+    assert search_mod.choose_backend(w, "local_hessian") == "torch"
     monkeypatch.setenv("FP4CAL_TRITON", "1")
     assert search_mod.choose_backend(w, "local_hessian") == "triton"
     assert search_mod.choose_backend(w, "max") == "reference"
     monkeypatch.setattr(search_mod, "triton_available", lambda: False)
-    assert search_mod.choose_backend(w, "mse") == "reference"
+    assert search_mod.choose_backend(w, "mse") == "torch"
 
 
 def test_triton_missing_is_a_clear_error(monkeypatch):
