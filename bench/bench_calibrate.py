@@ -54,6 +54,26 @@ def build_model(layers: int, seq: int):
     return model.eval(), cfg
 
 
+def search_kernel_times(fn) -> dict[str, float]:
+    """Device seconds of the kernels fn() runs, from torch.profiler's CUDA activity: the search's own kernels
+    (fp4cal's prep, factor and sweep) and every GPU kernel of the call (losses, casts, ...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ours = total = 0.0
+    for ev in prof.key_averages():
+        if "CUDA" not in str(getattr(ev, "device_type", "")):
+            continue  # CPU-side op records carry their kernels' time too: count the kernels themselves only
+        t = getattr(ev, "device_time_total", None)
+        t = ev.cuda_time_total if t is None else t
+        total += t
+        if ev.key.startswith(("_sweep_rows_kernel", "_prep_kernel", "_factor_kernel")):
+            ours += t
+    return {"search kernels": ours / 1e6, "all GPU kernels": total / 1e6}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=int(os.environ.get("LAYERS", "4")))
@@ -86,6 +106,7 @@ def main() -> int:
     stats, t_capture = timed(lambda: capture_statistics(model, batches, targets, args.method == "local_hessian",
                                                          extras))
     _, t_search = timed(lambda: solve(targets, stats, args.method))
+    kern = search_kernel_times(lambda: solve(targets, stats, args.method))
     stats = None  # free the Hessians before the end-to-end run
     result, t_total = timed(lambda: calibrate(model, batches, args.method))
     loss_max = sum(w.loss_max for w in result.weights.values())
@@ -106,6 +127,9 @@ def main() -> int:
         "plain_forward_no_logits_s": t_fwd_trim,
         "forward_capture_s": t_capture,
         "search_s": t_search,
+        "search_kernels_s": kern["search kernels"],
+        "search_all_gpu_s": kern["all GPU kernels"],
+        "search_phase_over_kernels": t_search / kern["search kernels"] if kern["search kernels"] > 0 else None,
         "total_s": t_total,
         "total_capture_s": result.timings["capture"],
         "total_search_s": result.timings["search"],
@@ -128,6 +152,10 @@ def main() -> int:
     print(f"| forward + capture (Hessians + activation amax) | {t_capture:.2f} |")
     print(f"| search ({n['weights']} weights) | {t_search:.2f} |")
     print(f"| total calibrate() | {t_total:.2f} |")
+    ratio = t_search / max(kern["search kernels"], 1e-9)
+    print(f"search phase vs its kernels (#13.3; floor <= 2x, goal <= 1.25x): phase {t_search * 1e3:.1f} ms, search "
+          f"kernels {kern['search kernels'] * 1e3:.1f} ms (prep + sweep + factor), all GPU kernels of the phase "
+          f"{kern['all GPU kernels'] * 1e3:.1f} ms: phase / search kernels = {ratio:.2f}x")
     print(f"passes over the data: {n['passes_over_data']:g}; loss reduction vs max: "
           f"{100 * n['loss_reduction_vs_max']:.1f} %; peak GPU memory {n['peak_gpu_mem_gib']:.1f} GiB")
     return 0

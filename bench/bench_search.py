@@ -4,22 +4,31 @@ For each shape and objective: reference time (one run), fp4cal public-call time 
 preparation included, as the ModelOpt anchor is timed), ModelOpt 0.47 kernel time when importable, the ratios,
 weights per second, the counted floor, and parity counts (fp4cal vs reference; fp4cal vs ModelOpt).
 
-    python bench/bench_search.py [--json OUT.json] [--variants] [--no-reference]
+    python bench/bench_search.py [--json OUT.json] [--variants] [--no-reference] [--no-families]
+
+Ill-conditioned Hessian families (issue 13.1/13.2), rows of their own beside ModelOpt on the same input: rank-1,
+rank-2 and rank-8 blocks, dead channels, near-collinear channel pairs, dead blocks, and the well-conditioned
+Hessian of the same shape ("well") for the within-1.5x goal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 import triton
 
-from fp4cal import search_scales
-from fp4cal.search import kernels
-from fp4cal.search.parity import compare_picks
-from fp4cal.search.reference import search_reference
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from fp4cal import search_scales  # noqa: E402
+from fp4cal.search import kernels  # noqa: E402
+from fp4cal.search.parity import compare_picks  # noqa: E402
+from fp4cal.search.reference import search_reference  # noqa: E402
+from kernel_cases import ILL_CONDITIONED, make_ill_hessian  # noqa: E402
 
 SHAPES = [("q_proj/o_proj", 4096, 4096, 2), ("k_proj/v_proj", 1024, 4096, 2), ("gate/up_proj", 12288, 4096, 2),
           ("down_proj", 4096, 12288, 1)]
@@ -64,7 +73,7 @@ def dump_ir(out_dir):
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    for fn in (kernels._sweep_kernel, kernels._sweep_rows_kernel):  # re-exported by kernels
+    for fn in (kernels._sweep_rows_kernel,):  # re-exported by kernels
         for dev_cache in getattr(fn, "device_caches", {}).values():
             for i, k in enumerate(dev_cache[0].values()):
                 k._init_handles()
@@ -135,34 +144,17 @@ def run_shape(name, cout, cin, mo, do_ref, rows):
 
 
 def run_variants(w, h, g):
-    """Timings of kernel variants and host-side phases on one shape (what the tuning is based on)."""
+    """Host-side phases and window statistics on one shape (what the tuning is based on)."""
     out = []
-    fac = kernels.hessian_factor(h)
-    fns = {}
-    for kw in ({}, {"maxnreg": 0}, {"maxnreg": 128}, {"maxnreg": 200}, {"num_warps": 2}, {"num_warps": 2, "maxnreg": 0},
-               {"layout": "tile"}):
-        fns[f"hess {kw}"] = lambda kw=kw: kernels.search_triton(w, "local_hessian", g, h, factor=fac, **kw)
-    for kw in ({}, {"num_warps": 2}, {"num_warps": 4}, {"layout": "tile"}):
-        fns[f"mse {kw}"] = lambda kw=kw: kernels.search_triton(w, "mse", g, None, **kw)
-    mo = load_modelopt()
-    if mo is not None:
-        xb = w.reshape(-1, 16)
-        fns["ModelOpt hess"] = lambda: mo.nvfp4_fp8_scale_sweep_hessian(xb, g, h, block_size=16)
-        fns["ModelOpt mse"] = lambda: mo.nvfp4_fp8_scale_sweep(xb, g, block_size=16)
-    for k, t in bench_rounds(fns).items():
-        out.append((k, 0, 0, t))
-    from fp4cal.validation import check_hessian, check_weight
-
-    for method, br, layout in (("mse", 32, "rows"), ("mse", 128, "tile"), ("local_hessian", 32, "rows"),
-                               ("local_hessian", 64, "tile")):
+    for method, br in (("mse", 32), ("local_hessian", 32)):
         progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
         st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
-        nw = br // 32 if layout == "rows" else 4
-        kernels.search_triton(w, method, g, h if method != "mse" else None, br, stats=st, layout=layout, num_warps=nw)
+        kernels.search_triton(w, method, g, h if method != "mse" else None, stats=st)
         st = st.double()
-        print(f"window stats {method} {layout} BR={br}: tile iterations phase1 mean {st[:, 0].mean():.1f} max "
-              f"{st[:, 0].max():.0f}, phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
+        print(f"window stats {method}: iterations phase1 mean {st[:, 0].mean():.1f} max {st[:, 0].max():.0f}, "
+              f"phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
               f"per-block candidates {st[:, 2].sum() / (w.numel() / 16):.1f} of 126")
+    from fp4cal.validation import check_hessian, check_weight
 
     out.append(("phase: check_weight", 0, 0, bench(lambda: check_weight(w, "w", allow_stack=True))))
     out.append(("phase: check_hessian", 0, 0, bench(lambda: check_hessian(h, w))))
@@ -256,6 +248,55 @@ def run_moe(mo, rows):
     rows.append(res)
 
 
+def run_families(mo, do_ref):
+    """Local-Hessian time of fp4cal and ModelOpt on the same weights with each Hessian family, per Qwen3-8B shape
+    and a 128-expert stack; candidates visited per block; parity with the float64 reference (2-D shapes)."""
+    out = []
+    cases = [(name, cout, cin, 1) for name, cout, cin, _ in SHAPES] + [("MoE 128x1536x2048", 1536, 2048, 128)]
+    for name, cout, cin, n_e in cases:
+        torch.manual_seed(3)
+        w = torch.randn(n_e, cout, cin, device="cuda") * 0.02
+        w[torch.rand_like(w) < 1e-3] *= 8
+        w = w.to(torch.bfloat16)
+        if n_e == 1:
+            w = w[0]
+        g = w.float().abs().amax(dim=(-2, -1))
+        for fam in ["well"] + ILL_CONDITIONED:
+            if fam == "well":
+                hs = [make_case(cout, cin, seed=e)[1] for e in range(min(n_e, 4))]
+            else:
+                hs = [make_ill_hessian(fam, cin, "cuda", seed=e) for e in range(min(n_e, 4))]
+            h = hs[0] if n_e == 1 else torch.stack([hs[e % len(hs)] for e in range(n_e)])
+            row = {"shape": name, "family": fam}
+            ours = search_scales(w, "local_hessian", h, g)
+            fns = {"fp4cal_ms": lambda w=w, h=h, g=g: search_scales(w, "local_hessian", h, g)}
+            if mo is not None:
+                if n_e == 1:
+                    xb = w.reshape(-1, 16)
+                    fns["modelopt_ms"] = lambda xb=xb, h=h, g=g: mo.nvfp4_fp8_scale_sweep_hessian(xb, g, h,
+                                                                                                  block_size=16)
+                else:
+                    def loop(w=w, h=h, g=g, n_e=n_e):
+                        for e in range(n_e):
+                            mo.nvfp4_fp8_scale_sweep_hessian(w[e].reshape(-1, 16), g[e], h[e], block_size=16)
+                    fns["modelopt_ms"] = loop
+            row.update(bench_rounds(fns, rounds=2, rep=40))
+            progs = triton.cdiv(cout, 32) * (cin // 16) * n_e
+            st = torch.zeros(progs, 3, dtype=torch.int32, device="cuda")
+            kernels.search_triton(w, "local_hessian", g, h, stats=st)
+            row["cand_per_block"] = float(st[:, 2].double().sum()) / (w.numel() / 16)
+            if do_ref and n_e == 1:
+                rep = compare_picks(w, g, ours, search_reference(w, "local_hessian", g, h), h)
+                row["parity_ref"] = f"{rep.bad} bad / {rep.ties} ties / {rep.blocks}"
+                row["parity_bad"] = rep.bad
+            out.append(row)
+            mo_ms = row.get("modelopt_ms")
+            print(f"family {name:20s} {fam:10s} fp4cal {row['fp4cal_ms']:8.3f} ms  ModelOpt {fmt(mo_ms, '8.3f')} ms"
+                  f"  MO/ours {fmt(mo_ms / row['fp4cal_ms'] if mo_ms else None, '6.2f')}  cand/block "
+                  f"{row['cand_per_block']:5.1f}  parity {row.get('parity_ref', '-')}", flush=True)
+    return out
+
+
 def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
 
@@ -265,6 +306,8 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-families", action="store_true", help="skip the ill-conditioned Hessian rows")
+    ap.add_argument("--families-only", action="store_true", help="only the Hessian-family rows")
     ap.add_argument("--dump-ir", help="write the compiled kernels' ttgir/ptx to this folder")
     args = ap.parse_args()
     dev_name = torch.cuda.get_device_name()
@@ -273,12 +316,15 @@ def main():
     if mo is not None:  # warm up (first use may compile)
         w, h = make_case(256, 256)
         mo.nvfp4_fp8_scale_sweep_hessian(w.reshape(-1, 16), w.float().abs().amax(), h, block_size=16)
-    rows, variants = [], []
-    for i, (name, cout, cin, _) in enumerate(SHAPES):
+    rows, variants, families = [], [], []
+    if not args.no_families:
+        families = run_families(mo, not args.no_reference)
+    for i, (name, cout, cin, _) in enumerate(SHAPES if not args.families_only else []):
         w, h, g = run_shape(name, cout, cin, mo, not args.no_reference, rows)
         if args.variants and i == 0:
             variants = run_variants(w, h, g)
-    run_moe(mo, rows)
+    if not args.families_only:
+        run_moe(mo, rows)
     overhead = []
     if args.variants:
         overhead = host_overhead("1024x4096", 1024, 4096) + host_overhead("4096x4096", 4096, 4096)
@@ -293,7 +339,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "rows": rows, "variants": variants, "overhead": overhead,
-                       "totals_ms": totals}, f, indent=1)
+                       "totals_ms": totals, "families": families}, f, indent=1)
     if variants:
         print("\nvariants (kernel + host prep, 4096x4096):")
         for name, br, nw, t in variants:
@@ -310,6 +356,15 @@ def main():
                   f"{fmt(mo_ms, '9.3f'):>9s} {fmt(mo_ms / ours if mo_ms else None, '8.2f'):>8s} "
                   f"{fmt(m['ref_ms'] / ours if 'ref_ms' in m else None, '8.0f'):>8s} {m['gw_per_s']:6.1f} "
                   f"{m['floor_ms']:7.3f}  {m.get('parity_ref', '-'):24s} {m.get('parity_modelopt', '-')}")
+    if families:
+        print(f"\n{'shape':20s} {'hessian':10s} {'fp4cal ms':>9s} {'ModelOpt':>9s} {'MO/ours':>7s} {'/well':>6s} "
+              f"{'cand':>5s}  parity(ref)")
+        well = {r["shape"]: r["fp4cal_ms"] for r in families if r["family"] == "well"}
+        for r in families:
+            mo_ms = r.get("modelopt_ms")
+            print(f"{r['shape']:20s} {r['family']:10s} {r['fp4cal_ms']:9.3f} {fmt(mo_ms, '9.3f'):>9s} "
+                  f"{fmt(mo_ms / r['fp4cal_ms'] if mo_ms else None, '7.2f'):>7s} "
+                  f"{r['fp4cal_ms'] / well[r['shape']]:6.2f} {r['cand_per_block']:5.1f}  {r.get('parity_ref', '-')}")
     for k, v in totals.items():
         print(f"whole Qwen3-8B ({LAYERS} layers) {k}: {v / 1e3:.3f} s")
     for method in ("mse", "local_hessian"):

@@ -3,6 +3,8 @@
 #   bash scripts/gpu_run.sh [bench|tests|slowtests|calib|all] ...  (ModelOpt wheels in .anchor/ are installed if present;
 #   on a fresh machine ModelOpt compiles its CUDA extension at first use, ~60-80 s)
 #   slowtests: only the two slowest GPU tests (2.4e9-element expert stack, picks vs ModelOpt)
+#   warm: fp4cal.search.warmup's seconds on the Triton cache the run starts with (empty on a fresh machine, or
+#   TRITON_CACHE_DIR pointing at an empty folder), then again warm
 set -uo pipefail
 OUT=${OUT:-/tmp/fp4cal-out}
 mkdir -p "$OUT"
@@ -16,18 +18,24 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv | t
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
 for what in "${@:-all}"; do
   case "$what" in
+    warm)
+      timeout ${WARM_TIMEOUT:-150} python3 -c "
+import torch, fp4cal.search as s
+cold = s.warmup(['mse', 'local_hessian'], torch.bfloat16, 'cuda').wait()
+warm = s.warmup(['mse', 'local_hessian'], torch.bfloat16, 'cuda').wait()
+print(f'WARMUP cold cache {cold:.1f} s, warm cache {warm:.3f} s')" 2>&1 | tee "$OUT/warmup.log" ;;
     tests|all)
-      timeout 400 python3 -m pytest -q -s -rs tests/test_kernels.py tests/test_kernels_gpu.py tests/test_numerics.py 2>&1 \
+      timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -s -rs ${TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_numerics.py} ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -E "PARITY|passed|failed|Error|error" | tail -60 ;;&
     slowtests)
       timeout 400 python3 -m pytest -q -s -rs tests/test_kernels_gpu.py -k "beyond_int32 or modelopt" 2>&1 \
         | tee "$OUT/gpu_slowtests.log" | grep -E "PARITY|passed|failed|Error|error" | tail -20 ;;&
     bench|all)
-      timeout 400 python3 bench/bench_search.py --json "$OUT/bench_search.json" ${BENCH_ARGS:-} 2>&1 \
+      timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_search.py --json "$OUT/bench_search.json" ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_search.log" ;;&
     calib|all)
       if [ -f bench/bench_calibrate.py ]; then
-        timeout 400 python3 bench/bench_calibrate.py --json "$OUT/bench_calibrate.json" ${CALIB_ARGS:-} 2>&1 \
+        timeout ${CALIB_TIMEOUT:-400} python3 bench/bench_calibrate.py --json "$OUT/bench_calibrate.json" ${CALIB_ARGS:-} 2>&1 \
           | tee "$OUT/bench_calibrate.log"
       fi ;;
   esac

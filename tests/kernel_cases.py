@@ -66,3 +66,31 @@ def make_hessian(kind: str, cin: int, device="cpu", seed: int = 0, tokens: int =
         raise ValueError(kind)
     xb = x.T.reshape(nb, 16, -1)
     return (xb @ xb.transpose(-1, -2) / x.shape[0]).float().to(device)
+
+
+# Ill-conditioned block Hessians (issue 13): what few-token experts, dead channels and low-rank calibration sets give.
+ILL_CONDITIONED = ["rank1", "rank2", "rank8", "deadchan", "collinear", "deadblock"]
+
+
+def make_ill_hessian(kind: str, cin: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    """[cin/16, 16, 16] fp32 PSD blocks. rank1 / rank2 / rank8: X^T X / n of that many tokens (n = 1, 2, 8);
+    deadchan: 5 of each block's 16 channels never active (zero rows and columns); collinear: 8 channel pairs with
+    correlation 1 - 1e-6 (near-singular, Gershgorin bound 0); deadblock: every other block all zero (MSE fallback)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    nb = cin // 16
+    if kind.startswith("rank"):
+        x = torch.randn(int(kind[4:]), cin, generator=gen) * torch.exp(torch.randn(cin, generator=gen))
+    elif kind == "deadchan":
+        x = torch.randn(256, cin, generator=gen) * torch.exp(torch.randn(cin, generator=gen))
+        x.view(256, nb, 16)[:, :, torch.randperm(16, generator=gen)[:5]] = 0.0
+    elif kind == "collinear":
+        base = torch.randn(256, nb, 8, generator=gen)
+        noise = torch.randn(256, nb, 8, generator=gen) * 1e-3
+        x = torch.stack((base, base + noise), dim=-1).reshape(256, cin) * torch.exp(torch.randn(cin, generator=gen))
+    elif kind == "deadblock":
+        x = torch.randn(256, cin, generator=gen) * torch.exp(torch.randn(cin, generator=gen))
+        x.view(256, nb, 16)[:, ::2] = 0.0
+    else:
+        raise ValueError(kind)
+    xb = x.T.reshape(nb, 16, -1)
+    return (xb @ xb.transpose(-1, -2) / x.shape[0]).float().to(device)

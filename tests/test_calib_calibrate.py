@@ -199,3 +199,25 @@ def test_fake_quantize_model_rejects_a_mismatched_result():
         num_key_value_heads=2, vocab_size=96))
     with pytest.raises(ValueError, match="calibrated as"):
         fake_quantize_model(other, result)
+
+
+def test_zero_trace_hessian_blocks_fall_back_to_mse_and_are_counted():
+    """Issue 16: input channels never active in calibration give all-zero Hessian blocks; those blocks get the mse
+    pick (not the smallest candidate), the count lands in WeightResult.hessian_fallback_blocks, with a warning."""
+    model = tiny_llama()
+    targets, _ = find_targets(model)
+    stats = capture_statistics(model, batches(), targets)
+    slots = {id(s): s for s in stats.inputs.values()}
+    for slot in slots.values():  # channels 16..31 never active: Hessian block column 1 all zero
+        acc = slot.hessian.sum
+        acc[1] = 0.0
+        slot.hessian.sum = acc
+    with pytest.warns(CalibrationWarning, match="zero-trace Hessian blocks"):
+        lh = solve(targets, stats, "local_hessian")
+    mse = solve(targets, stats, "mse")
+    for name, wr in lh.weights.items():
+        cout = wr.shape[-2]
+        assert wr.hessian_fallback_blocks == cout, name  # one block column of cout blocks
+        assert torch.equal(wr.block_amax[:, 1], mse.weights[name].block_amax[:, 1]), name
+        assert wr.loss_chosen <= wr.loss_max * (1 + 1e-12)
+    assert all(wr.hessian_fallback_blocks == 0 for wr in mse.weights.values())

@@ -10,16 +10,16 @@ from fp4cal.search.kernels import search_triton
 from fp4cal.search.parity import compare_picks
 from fp4cal.search.reference import search_reference
 from fp4cal.validation import check_global_amax
-from kernel_cases import make_hessian, make_weight
+from kernel_cases import ILL_CONDITIONED, make_hessian, make_ill_hessian, make_weight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 QWEN3_8B = [(4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288)]
 
 
-def _check(w, g_arg, method, h, label):
+def _check(w, g_arg, method, h, label, exact=False):
     g = check_global_amax(g_arg, w)
-    got = search_triton(w, method, g, h)
+    got = search_triton(w, method, g, h, exact=exact)
     ref = search_reference(w, method, g, h)
     # every output is exactly one of the 126 candidates, bit for bit as numerics.scale_candidates makes them
     assert bool(torch.isin(got, scale_candidates(g)).all()), f"{label}: an output is not a candidate amax"
@@ -50,6 +50,37 @@ def test_weight_kinds(kind, dtype):
 def test_hessian_kinds(hkind):
     w, g = make_weight("outliers", 1024, 4096, torch.bfloat16, "cuda", seed=9)
     _check(w, g, "local_hessian", make_hessian(hkind, 4096, "cuda", seed=10), f"hessian {hkind}")
+
+
+@pytest.mark.parametrize("shape", QWEN3_8B)
+@pytest.mark.parametrize("hkind", ["rank1", "rank2", "deadchan"])
+def test_rank_deficient_exact_on_qwen3_shapes(shape, hkind):
+    """Issue 13.2: rank-1, rank-2 and zero-channel block Hessians, 0 non-tie differences from the float64 brute
+    force on every Qwen3-8B shape (fp32 near-ties re-scored in float64 in the kernel)."""
+    cout, cin = shape
+    w, g = make_weight("outliers", cout, cin, torch.bfloat16, "cuda", seed=cout + 3 * cin)
+    _check(w, g, "local_hessian", make_ill_hessian(hkind, cin, "cuda", seed=31), f"hessian {hkind} {cout}x{cin}",
+           exact=True)
+
+
+@pytest.mark.parametrize("hkind", ILL_CONDITIONED)
+def test_ill_conditioned_families(hkind):
+    w, g = make_weight("normal", 1024, 4096, torch.float32, "cuda", seed=33)
+    _check(w, g, "local_hessian", make_ill_hessian(hkind, 4096, "cuda", seed=34), f"hessian {hkind} 1024x4096 f32")
+
+
+def test_not_psd_refused_and_zero_blocks_fall_back_on_gpu():
+    import fp4cal
+
+    w, g = make_weight("normal", 256, 1024, torch.bfloat16, "cuda", seed=35)
+    h = make_hessian("psd", 1024, "cuda", seed=36)
+    bad = h.clone()
+    bad[5] = -bad[5]
+    with pytest.raises(ValueError, match=r"hessian block \(5,\) .*not positive semi-definite"):
+        fp4cal.search_scales(w, "local_hessian", bad, backend="triton")
+    dead = make_ill_hessian("deadblock", 1024, "cuda", seed=37)
+    got = fp4cal.search_scales(w, "local_hessian", dead, backend="triton")
+    assert torch.equal(got, fp4cal.search_scales(w, "local_hessian", dead, backend="torch"))
 
 
 def test_moe_stack_beyond_int32_offsets():

@@ -54,7 +54,7 @@ def test_search_matches_brute_force(nv, method, dtype):
     h = _hessian(64, seed=2) if method == "local_hessian" else None
     got = search_scales(w, method, hessian=h, backend="reference")
     _assert_same(got, nv.brute_force_search(w, method, None, h))
-    assert torch.equal(search_scales(w, method, hessian=h), got)  # default dispatch on CPU = reference
+    assert torch.equal(search_scales(w, method, hessian=h), got)  # default on CPU: the torch path
     # Applying the result quantizes each block with exactly the scale the search evaluated.
     _assert_same(fake_quantize(w, got, dtype=torch.float32), nv.fake_quantize(w, got))
 
@@ -128,8 +128,13 @@ def test_ties_go_to_the_smaller_candidate(nv):
         assert got[1, 0].item() == 3.0 and got[2, 1].item() == 3.0
         assert got[0, 1].item() == smallest and got[1, 1].item() == smallest  # zero blocks
         _assert_same(got, nv.brute_force_search(w, method, None, h))
-    got = search_scales(_weight((4, 32), seed=31), "local_hessian", hessian=torch.zeros(2, 16, 16))
-    assert torch.all(got == scale_candidates(float(_weight((4, 32), seed=31).abs().max()))[0])
+    # an all-zero Hessian carries no information: every block falls back to the mse pick (issue 16), instead of
+    # every candidate tying and the smallest (all weights -> 0) winning
+    w31 = _weight((4, 32), seed=31)
+    for backend in ("reference", "torch"):
+        got = search_scales(w31, "local_hessian", hessian=torch.zeros(2, 16, 16), backend=backend)
+        assert torch.equal(got, search_scales(w31, "mse", backend="reference"))
+        assert not torch.all(got == scale_candidates(float(w31.abs().max()))[0])
     assert torch.equal(search_scales(torch.zeros(2, 32), "mse"), torch.zeros(2, 2))  # g = 0: all candidates 0
 
 

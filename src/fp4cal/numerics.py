@@ -34,6 +34,7 @@ from fp4cal.validation import (
 E2M1_MAX = 6.0
 FP8_MAX = 448.0
 GLOBAL_DIVISOR = E2M1_MAX * FP8_MAX  # 2688
+N_SCALE_CANDIDATES = 126  # finite positive FP8-E4M3 values: the block-scale candidates of every search
 E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between consecutive E2M1 levels, and whether a value exactly on the midpoint rounds up
 # (ties to even: the even neighbour is the one whose code is even: 0, 1, 2, 4).

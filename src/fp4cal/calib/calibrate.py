@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
-from fp4cal.calib.objective import block_scales, objectives
+from fp4cal.calib.objective import block_scales
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
-from fp4cal.numerics import block_max, fake_quantize
-from fp4cal.search import METHODS, search_scales
+from fp4cal.numerics import fake_quantize
+from fp4cal.search import METHODS, search_scales_and_losses
+from fp4cal.search.hessian_blocks import fallback_mask
 from fp4cal.validation import BLOCK
 
 DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singular: its argmin is not trustworthy
@@ -131,6 +132,14 @@ def solve_target(
     targets one rank owns). global_amax: this target's fp32 [] or [E] (its fused group's, see
     group_global_amax); it is cloned, so fused members never alias one tensor. Fallback warnings take
     ``stacklevel`` as warnings.warn would in the caller (1: the caller's line)."""
+    wr, pending = _solve_target(t, stats, method, global_amax, min_expert_tokens, backend, stacklevel + 1)
+    _finish_targets([(wr, pending)], stacklevel + 1)
+    return wr
+
+
+def _solve_target(t, stats, method, global_amax, min_expert_tokens, backend, stacklevel):
+    """solve_target without reading anything back: (WeightResult whose losses and hessian_fallback_blocks are
+    still to be filled, float64 [3] device tensor (loss at max scales, loss chosen, zero-trace blocks))."""
     w = t.weight()
     if t.transposed:
         w = w.contiguous()  # searched as [E, cout, cin]; kernels expect rows contiguous along cin
@@ -150,13 +159,17 @@ def solve_target(
             stacklevel=stacklevel + 1,
         )
     h = plan["hessian"]
+    n_fallback = torch.zeros((), dtype=torch.float64, device=w.device)
     if h is not None:
         h = h.to(w.device)
-    block_amax = search_scales(w, plan["method"], hessian=h, global_amax=g, backend=backend)
+        # blocks whose Hessian carries no information (zero trace) are searched with mse (issue 16); counted on
+        # the device, read with the losses
+        n_fallback = fallback_mask(h).sum().double() * w.shape[-2]
+    # the losses (objective at max scales and at the chosen ones, with the objective each block was searched
+    # with) come from the search itself: on the kernel path its epilogue, no second pass and no host sync here
+    block_amax, losses = search_scales_and_losses(w, plan["method"], hessian=h, global_amax=g, backend=backend)
     scale, _ = block_scales(block_amax, g)
-    max_amax = block_max(w)  # w and g were already checked by the search above
-    loss_max, loss_chosen = objectives(w, [max_amax, block_amax], g, h)
-    return WeightResult(
+    wr = WeightResult(
         name=t.name,
         module_name=t.module_name,
         kind=t.kind,
@@ -166,14 +179,31 @@ def solve_target(
         block_amax=block_amax,
         block_scale=scale,
         input_amax=plan["input_amax"],
-        loss_max=loss_max,
-        loss_chosen=loss_chosen,
         tokens=plan["tokens"],
         fused_group=t.fused_group,
         fallback=plan["fallback"],
         expert_fallback=plan["expert_fallback"],
         transposed=t.transposed,
     )
+    return wr, torch.cat((losses, n_fallback.reshape(1)))
+
+
+def _finish_targets(done: list, stacklevel: int) -> None:
+    """Fill the losses and fallback counts of (WeightResult, pending) pairs with one host read for all."""
+    if not done:
+        return
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, p) in enumerate(done):
+        by_device.setdefault(p.device, []).append(i)
+    values: list = [None] * len(done)
+    for idx in by_device.values():
+        for i, row in zip(idx, torch.stack([done[i][1] for i in idx]).tolist(), strict=True):
+            values[i] = row
+    for (wr, _), (loss_max, loss_chosen, n_fb) in zip(done, values, strict=True):
+        wr.loss_max, wr.loss_chosen, wr.hessian_fallback_blocks = loss_max, loss_chosen, int(n_fb)
+        if wr.hessian_fallback_blocks:
+            warnings.warn(f"{wr.name}: {wr.hessian_fallback_blocks} blocks had zero-trace Hessian blocks (inputs "
+                          "never active in calibration); they used mse", CalibrationWarning, stacklevel=stacklevel + 1)
 
 
 def solve(
@@ -201,9 +231,13 @@ def solve(
         from tqdm.auto import tqdm
 
         it = tqdm(targets, desc=f"{method} scale search", unit="weight")
+    done = []
     for t in it:
         # stacklevel 3 from solve (as before solve_target was split out): the caller of solve's caller
-        result.weights[t.name] = solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3)
+        wr, pending = _solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3)
+        result.weights[t.name] = wr
+        done.append((wr, pending))
+    _finish_targets(done, 3)  # one host read for every weight's losses (the searches ran back to back)
     return result
 
 

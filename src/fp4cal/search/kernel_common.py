@@ -1,6 +1,7 @@
-"""Triton helpers shared by the two sweep kernels: exact division-free E2M1 rounding and candidate scales.
+"""Triton helpers of the sweep kernels: the format constants, exact division-free E2M1 rounding, candidate scales.
 
-The math (and why each step is exact) is in fp4cal.search.kernels' docstring.
+The math (and why each step is exact) is in fp4cal.search.kernels' docstring. The constants come from
+fp4cal.numerics, where the format is defined once.
 """
 
 from __future__ import annotations
@@ -8,18 +9,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fp4cal.numerics import E2M1_MAX, FP8_MAX, GLOBAL_DIVISOR, N_SCALE_CANDIDATES
 
-@triton.jit
-def _e2m1_times_scale(a, s, r):
-    """q = fp32(E2M1(fp32(a / s)) * s) for a >= 0, with r = fp32(1 / s) (s == r == 0 gives q = 0)."""
-    x0 = a * r
-    res = tl.fma(-x0, s, a)
-    x = tl.fma(res, r, x0)
-    xb = x.to(tl.int32, bitcast=True) & 0x7F800000
-    xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of x clamped to [0, 2]
-    magic = (xb + (22 << 23)).to(tl.float32, bitcast=True)
-    lvl = tl.minimum((x + magic) - magic, 6.0)
-    return lvl * s
+N_CAND: tl.constexpr = tl.constexpr(N_SCALE_CANDIDATES)
+E2M1_TOP: tl.constexpr = tl.constexpr(E2M1_MAX)
+FP8_TOP: tl.constexpr = tl.constexpr(FP8_MAX)
+GDIV: tl.constexpr = tl.constexpr(GLOBAL_DIVISOR)
+# s_g range where the division-free rounding is provably exact (no subnormal intermediates): [2^-60, 2^60]
+SG_MIN: tl.constexpr = tl.constexpr(2.0**-60)
+SG_MAX: tl.constexpr = tl.constexpr(2.0**60)
 
 
 @triton.jit
@@ -44,17 +42,17 @@ def _candidate(s_ptr, r_ptr, c, sg, FUSED: tl.constexpr):
 
 
 @triton.jit
-def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr, sg=1.0, FUSED: tl.constexpr = False):
-    """Per block, the first candidate c with fp32(m / s_c) <= T (NC if none); m: [BR] fp32 block maxima.
+def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, sg=1.0, FUSED: tl.constexpr = False):
+    """Per block, the first candidate c with fp32(m / s_c) <= T (N_CAND if none); m: [BR] fp32 block maxima.
 
     fp32(m / s_c) falls as c rises, so a 7-step binary search over the 126 candidates finds it.
     """
     lo = tl.zeros(m.shape, tl.int32)
-    hi = tl.full(m.shape, NC, tl.int32)
+    hi = tl.full(m.shape, N_CAND, tl.int32)
     for _ in range(7):
         mid = (lo + hi) // 2
-        ok = mid < NC
-        s, r = _candidate(s_ptr, r_ptr, tl.minimum(mid, NC - 1), sg, FUSED)
+        ok = mid < N_CAND
+        s, r = _candidate(s_ptr, r_ptr, tl.minimum(mid, N_CAND - 1), sg, FUSED)
         x0 = m * r
         x = tl.fma(tl.fma(-x0, s, m), r, x0)
         below = (x <= T) & ok
@@ -65,14 +63,16 @@ def _first_at_or_below(m, s_ptr, r_ptr, T: tl.constexpr, NC: tl.constexpr, sg=1.
 
 @triton.jit
 def _round_signed(w, s, r):
-    """q = fp32(sign(w) * E2M1(fp32(|w| / s)) * s), with r = fp32(1 / s): _e2m1_times_scale on signed
-    values. The magic number 1.5 * 2^(E+22) keeps x + magic in one binade for either sign, so the add rounds
-    |x| to the E2M1 step 2^(E-1) with ties to even for both signs."""
+    """q = fp32(sign(w) * E2M1(fp32(|w| / s)) * s), with r = fp32(1 / s) (s == r == 0 gives q = 0).
+
+    Markstein's correction gives the exact quotient x = fp32(w / s) in three FMA-pipe ops; the magic number
+    1.5 * 2^(E+22), E = clamp(exponent(x), 0, 2), keeps x + magic in one binade for either sign, so the add
+    rounds |x| to the E2M1 step 2^(E-1) with ties to even for both signs; the clamp saturates at 6."""
     x0 = w * r
     res = tl.fma(-x0, s, w)
     x = tl.fma(res, r, x0)
     xb = x.to(tl.int32, bitcast=True) & 0x7F800000
     xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of |x| clamped to [0, 2]
     magic = (xb + ((22 << 23) | (1 << 22))).to(tl.float32, bitcast=True)
-    lvl = tl.minimum(tl.maximum((x + magic) - magic, -6.0), 6.0)
+    lvl = tl.minimum(tl.maximum((x + magic) - magic, -E2M1_TOP), E2M1_TOP)
     return lvl * s

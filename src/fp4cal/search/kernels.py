@@ -43,10 +43,14 @@ those alone, so a call returns while its sweep runs. Small mse calls are one lau
 computes its own candidate scales and checks the values (FUSED), and the host waits for it.
 
 Where the quadratic form runs: each H_j is factored once (float64 Cholesky in _prep_kernel; singular blocks
-by eigendecomposition, made lower triangular by QR), so the loss is a sum of squares ||F_j^T dw||^2.
-- sweep_rows.py (default): one block per thread; F_j^T dw is 136 fp32 FMAs (F_j lower triangular).
-- sweep_tile.py (layout="tile"): [rows x 16] @ [16 x 16] tensor-core products with 3xTF32 error
-  compensation, which keeps float32 accuracy (plain TF32 does not, and changes picks).
+by eigendecomposition, made lower triangular by QR), so the loss is a sum of squares ||F_j^T dw||^2, 136 fp32
+FMAs per block and candidate in sweep_rows.py (one block per thread). Near-ties of that fp32 loss are re-scored
+in float64 and a box bound prunes singular blocks (sweep_rows.py's docstring). A tile layout with the product on
+tensor cores (3xTF32) was measured slower on H100 and removed (BENCHMARKS.md, third session).
+
+Hessian blocks with zero trace are replaced by the identity before factoring (MSE objective; hessian_blocks.py).
+The factor kernel also refuses blocks that are not positive semi-definite: a pivot below -PSD_RTOL x the
+block's largest |entry| sets status 2, and the host raises hessian_blocks.check_psd's message.
 This module: the prep and factor kernels and the host entry point (search_triton, hessian_factor).
 """
 
@@ -59,37 +63,42 @@ import torch
 import triton
 import triton.language as tl
 
-from fp4cal.numerics import fp8_e4m3_values
+from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
+from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd, with_fallback
+from fp4cal.search.kernel_common import GDIV, N_CAND, SG_MAX, SG_MIN
 from fp4cal.search.sweep_rows import _sweep_rows_kernel
-from fp4cal.search.sweep_tile import _sweep_kernel
+from fp4cal.search.windowed import nohalf_table
 from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
-N_CAND = 126
 _SCAN_ROWS = 16  # weight rows per value-scan program of _prep_kernel
-# s_g range where the division-free rounding is provably exact (no subnormal intermediates).
-_SG_MIN = 2.0**-60
-_SG_MAX = 2.0**60
+PSD_TOL: tl.constexpr = tl.constexpr(PSD_RTOL)
+# Launch configuration of the sweep, measured on H100 (BENCHMARKS.md): one warp (32 blocks) per program; the
+# interpreter (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster.
+# Register cap for the local-Hessian sweep: it wants ~240 and runs 8 one-warp programs per SM uncapped.
+_NUM_WARPS_CUDA = 1
+_NUM_WARPS_INTERPRETER = 4
+_MAXNREG_HESSIAN = 168
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
 # launch costs 0.05-0.09 ms of host time, more than such a sweep runs on the GPU (0.05 ms for 1024 x 4096).
 _FUSED_MAX_WEIGHTS = 1 << 23
 
 
 @triton.jit
-def _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, e, NC: tl.constexpr):
+def _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, e):
     """Tensor e: s_c = fp32(v_c * s_g) and r_c = fp32(1 / s_c) (0 when s_c == 0), s_g = fp32(g / 2688), one
     IEEE division per candidate here instead of one per block and candidate in the sweep. Flags: 1 g not
     finite or negative, 2 s_g outside the range where the division-free rounding is exact (the host then uses
-    the reference); the two literals below are _SG_MIN = 2^-60 and _SG_MAX = 2^60."""
+    the reference), SG_MIN = 2^-60 and SG_MAX = 2^60."""
     c = tl.arange(0, 128)
-    ok = c < NC
+    ok = c < N_CAND
     g = tl.load(g_ptr + e)
-    sg = tl.div_rn(g, 2688.0)
+    sg = tl.div_rn(g, GDIV)
     s = tl.load(v_ptr + c, mask=ok, other=0.0) * sg
     r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
-    tl.store(s_ptr + e * NC + c, s, mask=ok)
-    tl.store(r_ptr + e * NC + c, r, mask=ok)
+    tl.store(s_ptr + e * N_CAND + c, s, mask=ok)
+    tl.store(r_ptr + e * N_CAND + c, r, mask=ok)
     tl.atomic_max(flag_ptr + 1, 1, mask=(g != g) | (g < 0) | (g == float("inf")))
-    tl.atomic_max(flag_ptr + 2, 1, mask=(sg != 0) & ((sg < 8.673617379884035e-19) | (sg > 1.152921504606847e18)))
+    tl.atomic_max(flag_ptr + 2, 1, mask=(sg != 0) & ((sg < SG_MIN) | (sg > SG_MAX)))
 
 
 @triton.jit
@@ -111,14 +120,14 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 @triton.jit
 def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, w_ptr, n_e, n_hb,
                  n_rows, cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
-                 NC: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr):
+                 SR: tl.constexpr, SC: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
     [0, n_e): candidate tables and global-amax flags; then n_hb programs (FACTOR): one Hessian block each
     (_factor_block, worst status to flag 3); then (SCAN) programs of SR weight rows each: flag 0 on a
     non-finite weight. Flags must be zero on entry."""
     pid = tl.program_id(0)
     if pid < n_e:
-        _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64), NC)
+        _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64))
     elif pid < n_e + n_hb:
         if FACTOR:
             _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64), True)
@@ -136,28 +145,34 @@ def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr):
 
 @triton.jit
 def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
-    """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H^-1)_ii and
-    nu_i = lambda H_ii with lambda the Gershgorin bound of the module docstring (both 0 if singular). status:
-    0 done; 1 a pivot at or below 1e-12 of its diagonal (singular, zero or not positive definite: the host
-    redoes the block by eigendecomposition); 2 non-finite input. FLAG: also max the status into flag_ptr."""
+    """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H_AA^-1)_ii on the live
+    channels A (non-zero diagonal; a dead channel's zero row and column do not enter the loss, so it neither
+    makes the block singular nor gets a bound: mu_i = 0) and nu_i = lambda H_ii with lambda the Gershgorin bound
+    of the module docstring (both 0 if singular). status: 0 done; 1 a live pivot at or below 1e-12 of its
+    diagonal (singular: the host redoes the block by eigendecomposition); 2 a pivot below -PSD_TOL x the block's
+    largest |entry| (not PSD: the host raises); 3 non-finite input. FLAG: also max the status into flag_ptr."""
     i = tl.arange(0, 16)
     h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
     a = (h + tl.trans(h)) * 0.5
     a0 = a
     diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
+    scale = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
     lower = tl.zeros([16, 16], tl.float64)
     singular = tl.zeros([1], tl.int32)
+    indefinite = tl.zeros([1], tl.int32)
     for k in tl.static_range(16):
         col = tl.sum(tl.where(i[None, :] == k, a, 0.0), axis=1)
         piv = tl.sum(tl.where(i == k, col, 0.0))
         d0 = tl.sum(tl.where(i == k, diag0, 0.0))
         ok = piv > 1e-12 * d0
-        singular = singular | (~ok).to(tl.int32)
+        singular = singular | ((~ok) & (d0 > 0)).to(tl.int32)
+        indefinite = indefinite | (piv < -(scale * PSD_TOL)).to(tl.int32)
         inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, piv, 1.0)), 0.0)
         lcol = tl.where(i >= k, col * inv, 0.0)
         lower = tl.where(i[None, :] == k, lcol[:, None], lower)
         a = a - lcol[:, None] * lcol[None, :]
-    # X = L^-1 by forward substitution, row by row; (H^-1)_ii = sum_k X_ki^2.
+    # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
+    # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
     x = tl.zeros([16, 16], tl.float64)
     for k in tl.static_range(16):
         lrow = tl.sum(tl.where(i[:, None] == k, lower, 0.0), axis=0)
@@ -166,26 +181,27 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr, pid, FLAG:
         row = (tl.where(i == k, 1.0, 0.0) - acc) / tl.where(lkk > 0, lkk, 1.0)
         x = tl.where(i[:, None] == k, row[None, :], x)
     hinv = tl.sum(x * x, axis=0)
-    mu = tl.where(tl.sum(singular) > 0, 0.0, (1.0 - 1e-6) / hinv)
+    live = diag0 > 0
+    mu = tl.where((tl.sum(singular) > 0) | ~live, 0.0, (1.0 - 1e-6) / hinv)
     # Gershgorin on D^-1/2 H D^-1/2 (unit diagonal): every eigenvalue is >= 1 - (largest off-diagonal row sum)
-    isd = 1.0 / tl.sqrt(tl.where(diag0 > 0, diag0, 1.0))
+    isd = 1.0 / tl.sqrt(tl.where(live, diag0, 1.0))
     corr = tl.abs(a0) * isd[:, None] * isd[None, :]
     radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
     lam = tl.where(tl.sum(singular) > 0, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
-    nu = lam * diag0
+    nu = tl.where(live, lam * diag0, 0.0)
     tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
     n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
-    status = tl.where(n_bad > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0))
+    status = tl.where(n_bad > 0, 3, tl.where(tl.sum(indefinite) > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0)))
     tl.store(status_ptr + pid, status)
     if FLAG:  # the worst status, for the host's single read of the prep flags
         tl.atomic_max(flag_ptr, status, mask=status > 0)
 
 
 def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(h as contiguous fp32, F, mu, nu, status) buffers for _factor_block."""
-    hc = h.float().contiguous()
+    """(h as contiguous fp32 with the zero-trace fallback applied, F, mu, nu, status) buffers for _factor_block."""
+    hc = with_fallback(h.float()).contiguous()
     f = torch.empty_like(hc)
     mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
     nu = torch.empty_like(mu)
@@ -193,18 +209,13 @@ def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return hc, f, mu, nu, status
 
 
-def _factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(F, mu, nu, status int32 [n blocks]) from one launch of _factor_kernel; no host synchronisation."""
-    hc, f, mu, nu, status = _factor_buffers(h)
-    _factor_kernel[(status.numel(),)](hc, f, mu, nu, status)
-    return f, mu, nu, status
-
-
-def _refactor_by_eigh(h: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor,
+def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor,
                       status: torch.Tensor) -> None:
-    """Blocks with status 1: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = 0."""
-    sel = (status == 1).reshape(h.shape[:-2])
-    hs = h.double()[sel]
+    """Blocks with status 1 or 2: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = 0.
+    hc: the factored fp32 blocks (fallback applied); raises check_psd's error if one is not PSD."""
+    sel = ((status == 1) | (status == 2)).reshape(hc.shape[:-2])
+    hs = hc.double()[sel]
+    check_psd(hs, "hessian (singular blocks)")
     lam, vec = torch.linalg.eigh((hs + hs.transpose(-1, -2)) / 2)
     fe = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)  # F F^T = H, not triangular
     # F^T = Q R gives F F^T = R^T R: R^T is a lower-triangular factor, which the row kernel's product assumes
@@ -217,17 +228,26 @@ def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu, nu fp32 [..., 16]).
 
     F F^T = H, so dw^T H dw = ||F^T dw||^2 (float64 Cholesky in a Triton kernel, float64 eigendecomposition
-    for blocks that are singular or not positive definite); mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii,
-    a lower bound used to end sweeps early (0 for singular blocks), and nu_i = lambda H_ii with H >= diag(nu)
-    (module docstring). Raises on non-finite h.
+    for blocks that are singular); a zero-trace block is factored as the identity (the MSE fallback).
+    mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii, a lower bound used to end sweeps early (0 for singular
+    blocks and dead channels), and nu_i = lambda H_ii with H >= diag(nu) (module docstring). Raises on
+    non-finite h and on a block that is not PSD.
     """
-    f, mu, nu, status = _factor(h)
-    worst = int(status.max())
-    if worst == 2:
-        check_finite(h, "hessian")
-    if worst == 1:
-        _refactor_by_eigh(h, f, mu, nu, status)
+    _, f, mu, nu, _ = prepare_factor(h)
     return f, mu, nu
+
+
+def _check_factor_status(worst: int, h, hc, f, mu, nu, status) -> None:
+    """Act on the worst factor status: raise for non-finite (3) or non-PSD (2) blocks, refactor singular ones (and
+    negative-pivot blocks that pass check_psd's tolerance)."""
+    if worst == 3:
+        check_finite(h, "hessian")
+    if worst == 2:
+        # A negative pivot beyond tolerance: usually not PSD (raise). A block within the eigenvalue tolerance can
+        # still have one after a tiny earlier pivot; it is then refactored by eigendecomposition like a singular one.
+        check_psd(h)
+    if worst >= 1:
+        _refactor_by_eigh(hc, f, mu, nu, status)
 
 
 _thread_state = threading.local()
@@ -247,18 +267,10 @@ def _pinned_flags(dev: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
 
 @functools.cache
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 values fp32 [126], int32 [126]: the largest c' >= c whose value has no half among the
-    candidates, -1 if none), cached per device."""
-    v = fp8_e4m3_values().tolist()
-    vals = set(v)
-    out, last = [0] * N_CAND, -1
-    for c in range(N_CAND - 1, -1, -1):
-        if last < 0 and v[c] / 2 not in vals:
-            last = c
-        out[c] = last
+    """(FP8 values fp32 [126], int32 [126]: windowed.nohalf_table), cached per device."""
     return (
-        torch.tensor(v, dtype=torch.float32, device=device),
-        torch.tensor(out, dtype=torch.int32, device=device),
+        fp8_e4m3_values(device),
+        nohalf_table().to(device=device, dtype=torch.int32),
     )
 
 
@@ -267,53 +279,41 @@ def search_triton(
     method: str,
     g: torch.Tensor,
     hessian: torch.Tensor | None = None,
-    block_rows: int | None = None,
-    num_warps: int | None = None,
-    quad: str = "tf32x3",
-    prune: bool = True,
-    factor: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    factor: tuple[torch.Tensor, ...] | None = None,
     checked: bool = True,
     stats: torch.Tensor | None = None,
-    unroll: int = 2,
-    sparse_bound: bool = True,
-    maxnreg: int | None = None,
     sync: bool = True,
-    layout: str = "rows",
     fused: bool | None = None,
+    losses: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
     Two launches: _prep_kernel (candidate tables, Hessian factors, value checks) and the sweep. The host waits
     once, for the prep kernel's flags only (copied before the sweep is queued), so the call returns while the
     sweep still runs and the next call's host work overlaps it. Small mse calls are one launch (fused).
-    num_warps: None: 1 for the rows layout on CUDA (4 in Triton's interpreter), 4 for the tile layout.
-    checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0)
-        run on the device and raise the messages of fp4cal.validation.
-    factor: hessian_factor(hessian), when the caller already has it (one Hessian shared by several weights).
+    checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0,
+        PSD) run on the device and raise the messages of fp4cal.validation / hessian_blocks.
+    factor: prepare_factor(hessian) (one Hessian shared by several weights: q/k/v, gate/up, a layer's experts).
     stats: optional int32 [programs, 3] filled with per-program iteration counts (benchmark diagnostics).
-    maxnreg: register cap per thread (None: measured on H100: 168 for the rows layout, which wants ~240 and
-        runs 8 one-warp programs per SM uncapped; 96 for the tile layout, which wants ~120 (4 programs per SM,
-        96 allows 5); none for mse; 0: no cap).
     sync=False: return right after the launches, without reading the value flags (benchmarks only: lets a
         CUDA graph capture the call to time the GPU work alone).
-    layout: "rows" (_sweep_rows_kernel, one block per thread, block_rows = 32 * num_warps) or "tile"
-        (_sweep_kernel: tiles of block_rows blocks, the local-Hessian product on tensor cores; the options quad,
-        prune, sparse_bound apply to it only).
     fused: mse only: one launch, the sweep computing its candidate scales and checking the values itself, and
         the host waiting for it (None: for weights of at most 2^23 elements, where the host cost of a second
         launch exceeds the overlap it buys; see BENCHMARKS.md).
+    losses: optional float64 [E or 1, 2], zero on entry: the sweep adds each tensor's objective at its 'max' scales
+        and at the chosen scales (as calib.objective computes them; a zero-trace block counts with the mse loss).
+        Not filled when the reference runs instead (s_g out of range): the caller checks search_losses' result.
+    exact: re-score fp32 near-ties in float64 (exact picks on rank-deficient Hessians, issue 13.2); off by default
+        until its compile time is fixed (sweep_rows.py).
     Global amax outside the exact range (module docstring) goes to the reference.
     """
-    from fp4cal.search.reference import search_reference
-
     stack = w.dim() == 3
     w3 = w if stack else w.unsqueeze(0)
     n_e, cout, cin = w3.shape
     nb = cin // BLOCK
     dev = w.device
     hess = method == "local_hessian"
-    if layout not in ("rows", "tile"):
-        raise ValueError(f"layout must be 'rows' or 'tile', got {layout!r}")
     if fused is None:
         fused = not hess and stats is None and w3.numel() <= _FUSED_MAX_WEIGHTS
     if fused and (hess or stats is not None):
@@ -327,19 +327,19 @@ def search_triton(
     if fused:
         s_tab = r_tab = v_tab  # the sweep computes s and r from the FP8 values
     else:
-        tabs = torch.empty(2, n_e, N_CAND, dtype=torch.float32, device=dev)
+        tabs = torch.empty(2, n_e, N_SCALE_CANDIDATES, dtype=torch.float32, device=dev)
         s_tab, r_tab = tabs[0], tabs[1]
-    status = None
     n_hb = 0
     if hess:
         if factor is None:
             hc, f, mu, nu, status = _factor_buffers(hessian)
             n_hb = status.numel()
         else:
-            f, mu, nu = factor
+            hc, f, mu, nu, status = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
-        f = mu = nu = v_tab  # unused placeholder pointers
+        hc = f = mu = nu = v_tab  # unused placeholder pointers
+        status = None
         stride_fe = 0
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
     factor_bufs = (hc, f, mu, nu, status) if n_hb else (flags,) * 5  # placeholders when nothing is factored here
@@ -347,60 +347,76 @@ def search_triton(
         _prep_kernel[(n_e + n_hb + n_scan,)](
             g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
             w3.stride(0), w3.stride(1), w3.stride(2),
-            FACTOR=n_hb > 0, SCAN=n_scan > 0, NC=N_CAND, SR=_SCAN_ROWS, SC=128,
+            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=128,
         )  # fmt: skip
     host_flags = None
     if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
         host_flags, ready = _pinned_flags(dev)
         host_flags.copy_(flags, non_blocking=True)
         ready.record()
+    elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
+        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status, losses)
+        if early is not None:
+            return early
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
-    rows_layout = layout == "rows"
-    if num_warps is None:
-        # rows: one warp (32 blocks) per program, measured fastest on H100 (BENCHMARKS.md); Triton's interpreter
-        # (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster
-        num_warps = (1 if dev.type == "cuda" else 4) if rows_layout else 4
-    if rows_layout:
-        if block_rows is None:
-            block_rows = 32 * num_warps
-        if block_rows != 32 * num_warps:
-            raise ValueError(f"layout 'rows' runs one block per thread: block_rows must be 32 * num_warps, "
-                             f"got {block_rows} and {num_warps}")
-    if block_rows is None:
-        block_rows = 64 if hess else 128  # measured on H100 (BENCHMARKS.md)
-    if maxnreg is None:
-        maxnreg = (168 if rows_layout else 96) if hess else 0  # measured on H100 (BENCHMARKS.md)
-
-    # Both sweeps take the same arguments; the tile layout has three more options.
+    num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
+    block_rows = 32 * num_warps
     grid = (triton.cdiv(cout, block_rows), nb, n_e)
-    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, nohalf, out, flags if stats is None else stats, cout, nb,
-            w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
-    opts = dict(HESSIAN=hess, STATS=stats is not None, UNROLL=unroll, BR=block_rows, NC=N_CAND, FUSED=fused,
-                num_warps=num_warps, enable_fp_fusion=False, **({"maxnreg": maxnreg} if maxnreg else {}))
-    if not rows_layout:
-        opts.update(PRUNE=prune, QUAD=quad, SPARSE_BOUND=sparse_bound)
-    sweep = _sweep_rows_kernel if rows_layout else _sweep_kernel
+    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, hc, nohalf, out, flags if stats is None else stats,
+            flags if losses is None else losses, cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe,
+            cout * nb)
+    opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
+                EXACT=exact,
+                num_warps=num_warps,
+                enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 
     def launch():
-        sweep[grid](*args, **opts)
+        _sweep_rows_kernel[grid](*args, **opts)
 
     launch()
     if not sync:
         return out if stack else out[0]
     if host_flags is not None:
         ready.synchronize()  # the one host wait: prep kernel and flag copy, not the sweep
-        bad_w, bad_g, out_of_range, fstatus = host_flags.tolist()
-    else:  # fused (waits for the sweep) or interpreter (CPU tensors: everything has run already)
-        bad_w, bad_g, out_of_range, fstatus = flags.tolist()
+        got = host_flags.tolist()
+        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, status, losses)
+        if early is not None:
+            return early
+        if got[3] in (1, 2):  # rare: a singular block, refactored above; sweep again (queued after the first)
+            if losses is not None:
+                losses.zero_()
+            launch()
+    elif fused:  # one launch: the sweep checked the values itself, and has run
+        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status, losses)
+        if early is not None:
+            return early
+    return out if stack else out[0]
+
+
+def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status, losses=None) -> torch.Tensor | None:
+    """Raise for bad values, refactor singular blocks; return the reference's result when s_g is outside the
+    exact range (None otherwise). flags: bad w, bad g, s_g out of range, worst factor status."""
+    from fp4cal.search.reference import reference_losses, search_reference
+
+    bad_w, bad_g, out_of_range, fstatus = flags
     if bad_w:
         check_finite(w, "w")
-    if fstatus == 2:
-        check_finite(hessian, "hessian")
     if bad_g:
         check_global_amax_values(g)
+    if fstatus:
+        _check_factor_status(fstatus, hessian, hc, f, mu, nu, status)
     if out_of_range:
-        return search_reference(w, method, g, hessian)
-    if fstatus == 1:  # rare: a singular block; refactor those blocks and sweep again (queued after the first)
-        _refactor_by_eigh(hessian, f, mu, nu, status)
-        launch()
-    return out if stack else out[0]
+        out = search_reference(w, method, g, hessian)
+        if losses is not None:
+            losses.copy_(reference_losses(w, g, out, hessian if method == "local_hessian" else None))
+        return out
+    return None
+
+
+def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
+    nu, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
+    hc, f, mu, nu, status = _factor_buffers(h)
+    _factor_kernel[(status.numel(),)](hc, f, mu, nu, status)
+    _check_factor_status(int(status.max()), h, hc, f, mu, nu, status)
+    return hc, f, mu, nu, status

@@ -1,13 +1,20 @@
-"""Row sweep kernel (the default layout): each thread owns one 16-weight block.
+"""The sweep kernel: each thread owns one 16-weight block, a program one warp of blocks of one block column.
 
-Why: in the tile kernel (sweep_tile.py), the quadratic form goes through a tensor-core product whose operands and
-results change layout (shared memory and barriers every candidate), and each block's sums are
-cross-thread reductions. With one block per thread, every per-block quantity is thread-local: the
-16 x 16 triangular product is 136 fp32 FMAs on registers, sums and maxima are plain arithmetic,
-and a program can be as small as one warp (32 blocks), which also shrinks the wait for a tile's slowest
-block.
+Every per-block quantity is thread-local: the 16 x 16 triangular product F^T dw is 136 fp32 FMAs on registers,
+sums and maxima are plain arithmetic, and all threads of a program share the block column's factor F_j, so the
+branches below that depend on F_j (or on whether any thread needs the float64 re-score) are uniform.
 
-Windows, bounds and tie rules are those of fp4cal.search.kernels' docstring.
+Windows, bounds and tie rules are those of fp4cal.search.kernels' docstring; this file adds two things for
+ill-conditioned Hessians (issue 13):
+- Exact picks. The fp32 loss L = ||F^T dw||^2 is within TAU * S^2 of the true dw^T H dw, S = sum_i sd_i |dw_i|,
+  sd_i = ||F_i,:|| = sqrt(H_ii) (rounding of F to fp32: 2u S^2; the 16-term products and the sum of squares:
+  3 gamma_16 S^2; u = 2^-24; TAU = 2^-18 = 64u covers both with room). When a candidate's fp32 loss is within
+  the two margins of the best's, the fp32 order can be wrong (a rank-1 block's true loss can be tiny next to
+  ||dw||^2 ||H||), so both are re-scored in float64 from the fp32 Hessian itself and the float64 order decides.
+- The box bound for the downward walk, which needs no definite H (mu = 0 on singular blocks, where the
+  clipping bound is 0): at every candidate at or below scale s each signed error lies in an interval (a weight
+  with |w| >= 6 s clips, its error grows from |w| - 6 s towards |w|; any other error lies in [-min(s, |w|), |w|]),
+  so with m the interval centres and rho their half widths, sqrt(dw^T H dw) >= ||F^T m|| - sum_i rho_i sd_i.
 """
 
 from __future__ import annotations
@@ -15,44 +22,148 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fp4cal.search.kernel_common import _candidate, _first_at_or_below, _round_signed, _scale
+from fp4cal.search.kernel_common import (
+    E2M1_TOP,
+    FP8_TOP,
+    GDIV,
+    N_CAND,
+    SG_MAX,
+    SG_MIN,
+    _candidate,
+    _first_at_or_below,
+    _round_signed,
+    _scale,
+)
+
+TAU: tl.constexpr = tl.constexpr(2.0**-18)  # fp32 loss error bound, in units of S^2 (module docstring)
+SLACK: tl.constexpr = tl.constexpr(1.0001)  # a bound must exceed the best by this factor (fp32 bound arithmetic)
 
 
 @triton.jit
-def _rows_loss(w, s, r, fb, HESSIAN: tl.constexpr):
-    """Loss of each thread's block at scale s, r [BR]: ||F^T dw||^2 (HESSIAN) or sum dw^2; w: 16-tuple of
-    [BR] fp32 (signed); fb: the block column's lower-triangular F (row-major 16 x 16, F[i, k] = 0 for i < k)."""
+def _errors(w, s, r):
+    """16-tuple of [BR] fp32 signed errors w - q(w) at scales s, r [BR]."""
     d = ()
     for k in tl.static_range(16):
         d = d + (w[k] - _round_signed(w[k], s, r),)
-    loss = tl.zeros(s.shape, tl.float32)
+    return d
+
+
+@triton.jit
+def _quad(d, fb):
+    """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fb: the block column's lower-triangular F (row-major 16 x 16)."""
+    loss = tl.zeros(d[0].shape, tl.float32)
     for k in tl.static_range(16):
-        if HESSIAN:
-            z = d[k] * tl.load(fb + k * 17)
-            for i in tl.static_range(k + 1, 16):
-                z = tl.fma(d[i], tl.load(fb + i * 16 + k), z)
-        else:
-            z = d[k]
+        z = d[k] * tl.load(fb + k * 17)
+        for i in tl.static_range(k + 1, 16):
+            z = tl.fma(d[i], tl.load(fb + i * 16 + k), z)
         loss = tl.fma(z, z, loss)
     return loss
 
 
 @triton.jit
-def _rows_clip_bound(w, mb, six_s, HESSIAN: tl.constexpr):
-    """The clipping bound (module docstring), e_k = max(|w_k| - fp32(6 s), 0): max_k mu_k e_k^2 (HESSIAN) or
-    sum_k e_k^2."""
-    bound = tl.zeros(six_s.shape, tl.float32)
-    for k in tl.static_range(16):
-        err = tl.maximum(tl.abs(w[k]) - six_s, 0.0)
-        if HESSIAN:
-            bound = tl.maximum(bound, err * err * tl.load(mb + k))
-        else:
-            bound = tl.fma(err, err, bound)
-    return bound
+def _quad64(d, hb):
+    """float64 d^T H d of the fp32 errors d (16-tuple of [BR]) with the block column's fp32 Hessian at hb."""
+    loss = tl.zeros(d[0].shape, tl.float64)
+    for i in tl.static_range(16):
+        z = tl.zeros(d[0].shape, tl.float64)
+        for k in tl.static_range(16):
+            z = z + tl.load(hb + i * 16 + k).to(tl.float64) * d[k].to(tl.float64)
+        loss = loss + d[i].to(tl.float64) * z
+    return loss
 
 
 @triton.jit
-def _rows_up_bound(w, mb, nb_, half_s):
+def _weighted_l1(d, sd):
+    """S = sum_k sd_k |d_k| ([BR] fp32); sd: 16-tuple of scalars."""
+    t = tl.zeros(d[0].shape, tl.float32)
+    for k in tl.static_range(16):
+        t = tl.fma(tl.abs(d[k]), sd[k], t)
+    return t
+
+
+@triton.jit
+def _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr, r_ptr, sg, DOWN: tl.constexpr,
+              HESSIAN: tl.constexpr, FUSED: tl.constexpr, EXACT: tl.constexpr):
+    """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, bx, best_idx).
+
+    best: fp32 loss of the best so far; bmar: its error margin (TAU S^2); bx: its float64 loss when known (-1
+    if not). DOWN: the walk goes down, so '<=' keeps the smaller candidate on ties; up: strict '<'."""
+    d = _errors(w, s, r)
+    if HESSIAN:
+        loss = _quad(d, fb)
+        sw = _weighted_l1(d, sd)
+        mar = sw * sw * TAU
+    else:
+        loss = tl.zeros(s.shape, tl.float32)
+        for k in tl.static_range(16):
+            loss = tl.fma(d[k], d[k], loss)
+        mar = tl.zeros(s.shape, tl.float32)
+    if DOWN:
+        better = active & (loss <= best)
+    else:
+        better = active & (loss < best)
+    if HESSIAN and EXACT:
+        close = active & (tl.abs(loss - best) <= mar + bmar)
+        if tl.max(close.to(tl.int32)) > 0:  # rare: the fp32 order may be wrong, decide in float64
+            lx = _quad64(d, hb)
+            need = close & (bx < 0)
+            if tl.max(need.to(tl.int32)) > 0:
+                sb, rb = _candidate(s_ptr, r_ptr, best_idx, sg, FUSED)
+                bx = tl.where(need, _quad64(_errors(w, sb, rb), hb), bx)
+            if DOWN:
+                exact = lx <= bx
+            else:
+                exact = lx < bx
+            better = tl.where(close, exact & active, better)
+            bx = tl.where(better, tl.where(close, lx, -1.0), bx)
+        else:
+            bx = tl.where(better, -1.0, bx)
+    if HESSIAN:
+        bmar = tl.where(better, mar, bmar)
+    best = tl.where(better, loss, best)
+    best_idx = tl.where(better, cc, best_idx)
+    return best, bmar, bx, best_idx
+
+
+@triton.jit
+def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
+    """The clipping bound, e_k = max(|w_k| - fp32(6 s), 0): max(max_k mu_k e_k^2, sum_k nu_k e_k^2) (HESSIAN)
+    or sum_k e_k^2."""
+    bmax = tl.zeros(six_s.shape, tl.float32)
+    bsum = tl.zeros(six_s.shape, tl.float32)
+    for k in tl.static_range(16):
+        err = tl.maximum(tl.abs(w[k]) - six_s, 0.0)
+        if HESSIAN:
+            bmax = tl.maximum(bmax, err * err * tl.load(mb + k))
+            bsum = tl.fma(err * err, tl.load(nbp + k), bsum)
+        else:
+            bsum = tl.fma(err, err, bsum)
+    return tl.maximum(bmax, bsum)
+
+
+@triton.jit
+def _box_bound(w, s, fb, sd):
+    """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the
+    fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, TAU * (sum sd |w|)^2)."""
+    six = s * E2M1_TOP
+    m = ()
+    rad = tl.zeros(s.shape, tl.float32)
+    big = tl.zeros(s.shape, tl.float32)
+    for k in tl.static_range(16):
+        a = tl.abs(w[k])
+        lo = tl.where(a >= six, a - six, -tl.minimum(s, a))
+        centre = (lo + a) * 0.5
+        rho = (a - lo) * 0.5 + 1e-5 * (a + s)
+        m = m + (tl.where(w[k] < 0, -centre, centre),)
+        rad = tl.fma(rho, sd[k], rad)
+        big = tl.fma(a, sd[k], big)
+    norm = tl.sqrt(_quad(m, fb)) * (1.0 - 1e-5) - rad - 1e-5 * big
+    norm = tl.maximum(norm, 0.0)
+    return norm * norm - big * big * TAU
+
+
+@triton.jit
+def _up_bound(w, mb, nbp, half_s):
     """max(max_k mu_k l_k^2, sum_k nu_k l_k^2), l_k = min(|w_k|, max(s / 2 - |w_k|, 0)) (upward bound)."""
     bmax = tl.zeros(half_s.shape, tl.float32)
     bsum = tl.zeros(half_s.shape, tl.float32)
@@ -61,17 +172,64 @@ def _rows_up_bound(w, mb, nb_, half_s):
         low = tl.minimum(a, tl.maximum(half_s - a, 0.0))
         low2 = low * low
         bmax = tl.maximum(bmax, low2 * tl.load(mb + k))
-        bsum = bsum + low2 * tl.load(nb_ + k)
+        bsum = bsum + low2 * tl.load(nbp + k)
     return tl.maximum(bmax, bsum)
 
 
 @triton.jit
-def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, nohalf_ptr, out_ptr,
-                       stats_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
-                       HESSIAN: tl.constexpr, STATS: tl.constexpr, UNROLL: tl.constexpr, BR: tl.constexpr,
-                       NC: tl.constexpr, FUSED: tl.constexpr):
-    """One block per thread: same windows, bounds and tie rules as _sweep_kernel (with prune); FUSED as there
-    (mse: candidate scales computed here, values checked here, flags in stats_ptr)."""
+def _max_scale(m, g, v_ptr):
+    """The 'max' choice's block scale and its reciprocal ([BR] fp32 each): v = e4m3(fp32(fp32(m / 6) / s_g)), RNE,
+    saturating at 448, 0 below half the smallest FP8 value (numerics.block_scale_code), found in the FP8 value
+    table (the two neighbours of the ratio differ from it exactly, Sterbenz); s = fp32(v * s_g)."""
+    sg = tl.div_rn(g, GDIV)
+    ratio = tl.div_rn(tl.div_rn(m, E2M1_TOP), tl.where(sg > 0, sg, 1.0))
+    ratio = tl.where(sg > 0, tl.minimum(ratio, FP8_TOP), 0.0)
+    lo = tl.zeros(m.shape, tl.int32)
+    hi = tl.full(m.shape, N_CAND, tl.int32)
+    for _ in range(7):  # first c with v_c >= ratio (N_CAND if none)
+        mid = (lo + hi) // 2
+        ok = mid < N_CAND
+        below = (tl.load(v_ptr + tl.minimum(mid, N_CAND - 1)) >= ratio) & ok
+        hi = tl.where(below, mid, hi)
+        lo = tl.where(below | ~ok, lo, mid + 1)
+    c = tl.minimum(lo, N_CAND - 1)
+    v_hi = tl.load(v_ptr + c)
+    v_lo = tl.where(c > 0, tl.load(v_ptr + tl.maximum(c - 1, 0)), 0.0)
+    d_hi = v_hi - ratio
+    d_lo = ratio - v_lo
+    # ties to even: table index c holds FP8 code c + 1, so the upper neighbour's code is even when c is odd
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & ((c % 2) == 1))
+    v = tl.where(ratio >= v_hi, v_hi, tl.where(take_hi, v_hi, v_lo))
+    s = v * sg
+    r = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    return s, r
+
+
+@triton.jit
+def _loss64(w, s, r, hb, HESSIAN: tl.constexpr):
+    """float64 objective of blocks w (16-tuple of [BR]) at scales s, r: as reference.block_loss computes it."""
+    d = _errors(w, s, r)
+    if HESSIAN:
+        return _quad64(d, hb)
+    else:
+        loss = tl.zeros(s.shape, tl.float64)
+        for k in tl.static_range(16):
+            loss = loss + d[k].to(tl.float64) * d[k].to(tl.float64)
+        return loss
+
+
+@triton.jit
+def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, h_ptr, nohalf_ptr, out_ptr,
+                       stats_ptr, loss_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
+                       HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
+                       LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2):
+    """Grid (row tiles of BR, block columns, tensors). FUSED (mse only): candidate scales computed here from the
+    FP8 values (s_tab_ptr = r_tab_ptr = v_ptr), values checked here, flags in stats_ptr (0 bad w, 1 bad g, 2 s_g
+    out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates). LOSSES: add
+    the float64 objective of the tensor at its 'max' scales and at the chosen scales to loss_ptr[e, 0:2] (the
+    calibration's report, without a second pass over the weights). EXACT: re-score fp32 near-ties in float64
+    (module docstring); off by default: inlined four times, its float64 products made the kernel take minutes
+    to compile (measured on an H200 and locally, commit 8aa09ea), so it waits for a separate re-scoring pass."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64)
@@ -86,7 +244,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         m = tl.maximum(m, tl.abs(wk))
     g = tl.load(g_ptr + e)
     if FUSED:
-        sg = tl.div_rn(g, 2688.0)
+        sg = tl.div_rn(g, GDIV)
         s_ptr = s_tab_ptr
         r_ptr = r_tab_ptr
         bad = tl.zeros([BR], tl.int32)
@@ -95,22 +253,40 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         tl.atomic_max(stats_ptr, 1, mask=tl.max(bad) > 0)
         first_prog = (pid_r == 0) & (j == 0)
         tl.atomic_max(stats_ptr + 1, 1, mask=first_prog & ((g != g) | (g < 0) | (g == float("inf"))))
-        tl.atomic_max(stats_ptr + 2, 1, mask=first_prog & (sg != 0) & ((sg < 8.673617379884035e-19) |
-                                                                       (sg > 1.152921504606847e18)))
+        tl.atomic_max(stats_ptr + 2, 1, mask=first_prog & (sg != 0) & ((sg < SG_MIN) | (sg > SG_MAX)))
     else:
         sg = 1.0
-        s_ptr = s_tab_ptr + e * NC
-        r_ptr = r_tab_ptr + e * NC
+        s_ptr = s_tab_ptr + e * N_CAND
+        r_ptr = r_tab_ptr + e * N_CAND
     fb = f_ptr + e * stride_fe + j * 256
+    hb = h_ptr + e * stride_fe + j * 256
     mb = mu_ptr + e * (stride_fe // 16) + j * 16
-    nb_ = nu_ptr + e * (stride_fe // 16) + j * 16
-    first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, NC, sg, FUSED)
-    nohalf = tl.load(nohalf_ptr + tl.minimum(first, NC - 1))
-    top = tl.where(first >= NC, NC - 1, tl.maximum(first - 1, nohalf))
+    nbp = nu_ptr + e * (stride_fe // 16) + j * 16
+    sd = ()
+    weak = False
+    if HESSIAN:
+        # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding), shared by the program's blocks
+        for k in tl.static_range(16):
+            acc = 0.0
+            for i in tl.static_range(k + 1):
+                fki = tl.load(fb + k * 16 + i)
+                acc = acc + fki * fki
+            sd = sd + (tl.sqrt(acc) * (1.0 + 1e-6),)
+        # the box bound costs a product per test: only where the diagonal bound nu is 0 (Gershgorin fails:
+        # singular blocks, strongly correlated channels), where the clipping bound is weak
+        nsum = 0.0
+        for k in tl.static_range(16):
+            nsum = nsum + tl.load(nbp + k)
+        weak = nsum == 0.0
+    first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, sg, FUSED)
+    nohalf = tl.load(nohalf_ptr + tl.minimum(first, N_CAND - 1))
+    top = tl.where(first >= N_CAND, N_CAND - 1, tl.maximum(first - 1, nohalf))
     best = tl.full([BR], float("inf"), tl.float32)
+    bmar = tl.zeros([BR], tl.float32)
+    bx = tl.full([BR], -1.0, tl.float64)
     best_idx = tl.zeros([BR], tl.int32)
 
-    # Phase 1: down from the MSE top until the clipping bound (at the next candidate) ends each block.
+    # Phase 1: down from the MSE top until the clipping (or box) bound at the next candidate ends each block.
     c = top
     active = c >= 0
     n_active = tl.sum(active.to(tl.int32))
@@ -123,21 +299,23 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         for u in tl.static_range(UNROLL):
             cc = tl.maximum(c, 0)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
-            loss = _rows_loss(w, s, r, fb, HESSIAN)
-            better = active & (loss <= best)  # descending: '<=' keeps the smaller candidate on ties
-            best = tl.where(better, loss, best)
-            best_idx = tl.where(better, cc, best_idx)
+            best, bmar, bx, best_idx = _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr,
+                                                 r_ptr, sg, True, HESSIAN, FUSED, EXACT)
             c = c - 1
             if u == UNROLL - 1:
-                bound = _rows_clip_bound(w, mb, 6.0 * _scale(s_ptr, tl.maximum(c, 0), sg, FUSED), HESSIAN)
-                active = active & ~(bound > best * 1.0001)
+                s_next = _scale(s_ptr, tl.maximum(c, 0), sg, FUSED)
+                bound = _clip_bound(w, mb, nbp, s_next * E2M1_TOP, HESSIAN)
+                if HESSIAN:
+                    if weak:
+                        bound = tl.maximum(bound, _box_bound(w, s_next, fb, sd))
+                active = active & ~(bound > (best + bmar) * SLACK)
             active = active & (c >= 0)
         n_active = tl.sum(active.to(tl.int32))
 
     # Phase 2 (local-Hessian): up from the MSE top until the upward bound ends each block or its first all-zero
     # candidate.
     if HESSIAN:
-        zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, NC), NC - 1)
+        zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25), N_CAND - 1)
         c = top + 1
         active = c <= zero_at
     else:
@@ -148,21 +326,27 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         it2 += UNROLL
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
-            cc = tl.minimum(c, NC - 1)
-            loss = _rows_loss(w, tl.load(s_ptr + cc), tl.load(r_ptr + cc), fb, HESSIAN)
-            better = active & (loss < best)  # ascending: strict '<' keeps the smaller candidate
-            best = tl.where(better, loss, best)
-            best_idx = tl.where(better, cc, best_idx)
+            cc = tl.minimum(c, N_CAND - 1)
+            s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
+            best, bmar, bx, best_idx = _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, s_ptr,
+                                                 r_ptr, sg, False, HESSIAN, FUSED, EXACT)
             c = c + 1
             active = active & (c <= zero_at)
             if u == UNROLL - 1:
-                bound = _rows_up_bound(w, mb, nb_, 0.5 * tl.load(s_ptr + tl.minimum(c, NC - 1)))
-                active = active & ~(bound > best * 1.0001)
+                bound = _up_bound(w, mb, nbp, 0.5 * tl.load(s_ptr + tl.minimum(c, N_CAND - 1)))
+                active = active & ~(bound > (best + bmar) * SLACK)
         n_active = tl.sum(active.to(tl.int32))
 
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
-    amax = ((g.to(tl.float64) * v_best) / 448.0).to(tl.float32)
+    amax = ((g.to(tl.float64) * v_best) / FP8_TOP).to(tl.float32)
     tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
+    if LOSSES:
+        s_max, r_max = _max_scale(m, g, v_ptr)
+        l_max = tl.where(rmask, _loss64(w, s_max, r_max, hb, HESSIAN), 0.0)
+        s_b, r_b = _candidate(s_ptr, r_ptr, best_idx, sg, FUSED)
+        l_best = tl.where(rmask, _loss64(w, s_b, r_b, hb, HESSIAN), 0.0)
+        tl.atomic_add(loss_ptr + e * 2, tl.sum(l_max, axis=0))
+        tl.atomic_add(loss_ptr + e * 2 + 1, tl.sum(l_best, axis=0))
     if STATS and not FUSED:
         pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
         tl.store(stats_ptr + pid * 3, it1)
