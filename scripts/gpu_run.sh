@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests and benchmarks, logs and JSON under $OUT, short tables printed last.
-#   bash scripts/gpu_run.sh [bench|tests|slowtests|calib|all] ...  (ModelOpt wheels in .anchor/ are installed if present;
+#   bash scripts/gpu_run.sh [warm|tests|slowtests|bench|calib|gptq|e2e|all] ...  (ModelOpt wheels in .anchor/ are installed if present;
 #   on a fresh machine ModelOpt compiles its CUDA extension at first use, ~60-80 s)
 #   slowtests: only the two slowest GPU tests (2.4e9-element expert stack, picks vs ModelOpt)
 #   warm: fp4cal.search.warmup's seconds on the Triton cache the run starts with (empty on a fresh machine, or
@@ -33,6 +33,12 @@ print(f'WARMUP cold cache {cold:.1f} s, warm cache {warm:.3f} s')" 2>&1 | tee "$
     bench|all)
       timeout ${BENCH_TIMEOUT:-400} python3 bench/bench_search.py --json "$OUT/bench_search.json" ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_search.log" ;;&
+    gptq)
+      timeout ${GPTQ_TIMEOUT:-300} python3 bench/bench_gptq.py --json "$OUT/bench_gptq.json" ${GPTQ_ARGS:-} 2>&1 \
+        | tee "$OUT/bench_gptq.log" ;;
+    e2e)  # needs .anchor/assets (tokenizer + texts); writes a checkpoint of ~16 GB under /tmp
+      timeout ${E2E_TIMEOUT:-540} python3 bench/bench_e2e.py --assets .anchor/assets --work /tmp/fp4cal-e2e \
+        --json "$OUT/bench_e2e.json" --logs "$OUT/e2e_logs" ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e.log" ;;
     calib|all)
       if [ -f bench/bench_calibrate.py ]; then
         timeout ${CALIB_TIMEOUT:-400} python3 bench/bench_calibrate.py --json "$OUT/bench_calibrate.json" ${CALIB_ARGS:-} 2>&1 \
