@@ -18,13 +18,16 @@ import torch
 from torch import nn
 
 from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
+from fp4cal.calib.gptq_target import solve_gptq_target
 from fp4cal.calib.objective import block_scales, objectives
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
-from fp4cal.numerics import block_max, fake_quantize
+from fp4cal.gptq import GPTQConfig
+from fp4cal.numerics import NVFP4Tensor, block_max, dequantize, fake_quantize, global_scale
 from fp4cal.search import METHODS, search_scales
 from fp4cal.validation import BLOCK
 
+CALIB_METHODS = METHODS + ("gptq",)  # the scale searches, and GPTQ rounding on top of one (fp4cal.gptq)
 DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singular: its argmin is not trustworthy
 
 
@@ -126,11 +129,19 @@ def solve_target(
     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
     backend: str | None = None,
     stacklevel: int = 1,
+    gptq: GPTQConfig | None = None,
 ) -> WeightResult:
     """Search one target's block scales (the body of solve's loop; fp4cal.calib.distributed calls it for the
     targets one rank owns). global_amax: this target's fp32 [] or [E] (its fused group's, see
     group_global_amax); it is cloned, so fused members never alias one tensor. Fallback warnings take
-    ``stacklevel`` as warnings.warn would in the caller (1: the caller's line)."""
+    ``stacklevel`` as warnings.warn would in the caller (1: the caller's line). method 'gptq': GPTQ rounding
+    with the options ``gptq`` (default GPTQConfig()), see fp4cal.calib.gptq_target."""
+    if method == "gptq":
+        wr, messages = solve_gptq_target(t, stats, global_amax.clone(), gptq or GPTQConfig(), min_expert_tokens,
+                                         backend)
+        for msg in messages:
+            warnings.warn(msg, CalibrationWarning, stacklevel=stacklevel + 1)
+        return wr
     w = t.weight()
     if t.transposed:
         w = w.contiguous()  # searched as [E, cout, cin]; kernels expect rows contiguous along cin
@@ -183,8 +194,10 @@ def solve(
     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
     progress: bool = False,
     backend: str | None = None,
+    gptq: GPTQConfig | None = None,
 ) -> CalibrationResult:
-    """Search the block scales of every target from captured statistics.
+    """Search the block scales of every target from captured statistics (method 'gptq': GPTQ rounding with the
+    options ``gptq``; needs statistics captured with full_hessians).
 
     Fused groups share one global amax (max over members). Expert stacks search as [E, cout, cin] with
     [E, cin/16, 16, 16] Hessians; an expert with fewer than ``min_expert_tokens`` routed tokens gets identity
@@ -192,8 +205,8 @@ def solve(
     (Hessian-weighted for local_hessian, squared error for mse and max; a stack's sum mixes both when some
     experts fell back).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS}, got {method!r}")
     result = CalibrationResult(method=method, forward_calls=stats.forward_calls)
     amax = group_global_amax(targets)
     it: Iterable[Target] = targets
@@ -203,13 +216,14 @@ def solve(
         it = tqdm(targets, desc=f"{method} scale search", unit="weight")
     for t in it:
         # stacklevel 3 from solve (as before solve_target was split out): the caller of solve's caller
-        result.weights[t.name] = solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3)
+        result.weights[t.name] = solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3, gptq)
     return result
 
 
 def fake_quantize_model(model: nn.Module, result: CalibrationResult) -> None:
     """Replace every calibrated weight of ``model`` in place by dequantize(quantize(w)) with the chosen scales
-    (in the weight's own dtype). Weights listed in result.skipped are left untouched."""
+    (in the weight's own dtype); a weight whose result carries codes (GPTQ) gets exactly those codes decoded.
+    Weights listed in result.skipped are left untouched."""
     with torch.no_grad():
         for name, wr in result.weights.items():
             try:
@@ -219,10 +233,16 @@ def fake_quantize_model(model: nn.Module, result: CalibrationResult) -> None:
             w = p.transpose(-1, -2) if wr.transposed else p
             if tuple(w.shape) != tuple(wr.shape):
                 raise ValueError(f"{name} has shape {tuple(w.shape)} but was calibrated as {wr.shape}")
-            q = fake_quantize(
-                w.detach(), wr.block_amax.to(p.device), wr.global_amax.to(p.device), dtype=p.dtype
-            )
-            w.copy_(q)
+            w.copy_(quantized_weight(w.detach(), wr))
+
+
+def quantized_weight(w: torch.Tensor, wr: WeightResult) -> torch.Tensor:
+    """The dequantized weight of ``wr`` in w's dtype and device: its codes decoded when set (GPTQ), else
+    w [.., cout, cin] rounded to nearest with wr's block and global amax."""
+    if wr.codes is None:
+        return fake_quantize(w, wr.block_amax.to(w.device), wr.global_amax.to(w.device), dtype=w.dtype)
+    t = NVFP4Tensor(wr.codes.to(w.device), wr.block_scale.to(w.device), global_scale(wr.global_amax.to(w.device)))
+    return dequantize(t, w.dtype)
 
 
 def calibrate(
@@ -236,14 +256,18 @@ def calibrate(
     fake_quantize: bool = False,
     progress: bool = False,
     backend: str | None = None,
+    gptq_scales: str = "local_hessian",
+    gptq_damp: float = 0.01,
 ) -> CalibrationResult:
     """Calibrate NVFP4 block scales of every nn.Linear and HF expert stack of ``model``.
 
     model: any nn.Module (kept on its device; put in eval mode during the pass, then restored).
     batches: iterable of model inputs: tensors (e.g. input_ids [B, T]), tuples, or dicts of keyword arguments;
         iterated exactly once (result.forward_calls counts the model forwards).
-    method: 'local_hessian' | 'mse' | 'max'. Activation amax (for W4A4 export) is collected in the same pass
-        whatever the method; Hessians only for local_hessian.
+    method: 'local_hessian' | 'mse' | 'max' | 'gptq'. Activation amax (for W4A4 export) is collected in the same
+        pass whatever the method; block Hessians for local_hessian, full [cin, cin] ones for gptq.
+    gptq_scales / gptq_damp (method 'gptq'): block scales 'local_hessian' | 'local_hessian_dynamic' | 'mse' |
+        'max', and the relative damping lambda > 0 (see fp4cal.gptq and docs/gptq.md).
     exclude / include: module-name regular expressions (see find_targets); lm_head and routers are excluded
         by default. min_expert_tokens: experts with fewer routed tokens fall back to mse.
     fake_quantize: also replace the weights in place by their quantized values (fake_quantize_model).
@@ -251,6 +275,7 @@ def calibrate(
     Returns a CalibrationResult; weights left in high precision are in result.skipped with the reason.
     """
     t0 = time.perf_counter()
+    cfg = GPTQConfig(gptq_scales, gptq_damp) if method == "gptq" else None  # bad options fail before any work
     targets, skipped = prepare_targets(model, method, min_expert_tokens, exclude, include, stacklevel=2)
     device = model_device(model)
     stats = capture_pass(model, batches, targets, method, progress)
@@ -258,7 +283,7 @@ def calibrate(
         raise ValueError("batches was empty: calibration needs at least one batch")
     _sync(device)
     t1 = time.perf_counter()
-    result = solve(targets, stats, method, min_expert_tokens, progress, backend)
+    result = solve(targets, stats, method, min_expert_tokens, progress, backend, gptq=cfg)
     _sync(device)
     return finish(result, model, skipped, {"capture": t1 - t0, "search": time.perf_counter() - t1},
                   fake_quantize, device, t0)
@@ -297,8 +322,8 @@ def prepare_targets(
     """calibrate()'s first step: check the arguments, find the targets, warn about weights skipped for a
     reason other than an exclude pattern (``stacklevel`` as warnings.warn would take it in the caller).
     Raises when the model has nothing to quantize. Shared with fp4cal.calib.distributed."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS}, got {method!r}")
     if not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
         raise ValueError(f"min_expert_tokens must be a positive int, got {min_expert_tokens!r}")
     targets, skipped = find_targets(model, exclude, include)
@@ -325,6 +350,7 @@ def capture_pass(
             hessians=method == "local_hessian",
             extra_kwargs=calibration_forward_kwargs(model, targets),
             progress=progress,
+            full_hessians=method == "gptq",
         )
     finally:
         model.train(was_training)

@@ -78,6 +78,7 @@ class GPTQOutput:
     block_amax: fp32 [cout, cin/16], the block amax whose FP8 scale each group was rounded with.
     damp: the lambda that factored (after retries). dead: input channels with a zero Hessian diagonal.
     fallback: None, or why the weight was rounded to nearest instead.
+    scales_used: the scale search that chose block_amax (cfg.scales, or 'mse' for an all-zero Hessian).
     """
 
     codes: torch.Tensor
@@ -86,6 +87,7 @@ class GPTQOutput:
     damp: float
     dead: int
     fallback: str | None = None
+    scales_used: str = DEFAULT_SCALES
 
 
 def block_scale_values(block_amax: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
@@ -150,11 +152,12 @@ def rtn_fallback(
     dead: int,
 ) -> GPTQOutput:
     """Round-to-nearest with the scales of ``scales`` (mse when the Hessian is all zero), named ``why``."""
-    amax = static_block_amax(w0, h, g, "mse" if bool((torch.diagonal(h) == 0).all()) else scales, backend)
+    used = "mse" if bool((torch.diagonal(h) == 0).all()) else scales.removesuffix("_dynamic")
+    amax = static_block_amax(w0, h, g, used, backend)
     s_b = block_scale_values(amax, g)
     nb = w0.shape[1] // BLOCK
     code, q = quantize_blocks(w0.float().reshape(w0.shape[0], nb, BLOCK), s_b)
-    return GPTQOutput(code.reshape(w0.shape), q.reshape(w0.shape), amax, damp, dead, why)
+    return GPTQOutput(code.reshape(w0.shape), q.reshape(w0.shape), amax, damp, dead, why, used)
 
 
 def prepare(
@@ -234,4 +237,4 @@ def gptq_round(
             e1[:, i] = err
         if i2 < cin:
             work[:, i2:].addmm_(e1, u[i1:i2, i2:], alpha=-1.0)
-    return GPTQOutput(codes, q, amax, f.damp, int(f.dead.sum()), None)
+    return GPTQOutput(codes, q, amax, f.damp, int(f.dead.sum()), None, cfg.scales)

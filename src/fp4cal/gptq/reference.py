@@ -19,7 +19,7 @@ import torch
 
 from fp4cal.gptq.core import GPTQConfig, GPTQOutput, block_scale_values, prepare, round_column, static_block_amax
 from fp4cal.gptq.hessian import conditional_block_hessians
-from fp4cal.numerics import global_scale, scale_candidates
+from fp4cal.numerics import e2m1_value, global_scale, scale_candidates
 from fp4cal.search.reference import block_error, block_loss, candidate_block_scales
 from fp4cal.validation import BLOCK
 
@@ -89,7 +89,9 @@ def gptq_reference(
         x = W[:, i]
         c, qc = round_column(x, s_b[:, j])
         if follow is not None:
-            fc, fq = follow.codes[:, i], follow.weight[:, i]
+            fc = follow.codes[:, i]
+            fq = e2m1_value(fc & 7) * s_b[:, j]  # decoded from the followed code, not taken from its .weight
+            fq = torch.where((fc & 8) > 0, -fq, fq)
             diff = c != fc
             tie = diff & _tie((x - qc.double()) ** 2, (x - fq.double()) ** 2, tie_rtol)
             par.code_ties += int(tie.sum())
@@ -99,4 +101,4 @@ def gptq_reference(
         q[:, i] = qc
         err = (x - qc.double()) / u[i, i]
         W[:, i:] -= err[:, None] * u[i, i:][None, :]
-    return GPTQOutput(codes, q, amax, f.damp, int(f.dead.sum()), None), par
+    return GPTQOutput(codes, q, amax, f.damp, int(f.dead.sum()), None, cfg.scales), par
