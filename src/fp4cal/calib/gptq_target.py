@@ -62,7 +62,9 @@ def solve_gptq_target(
         tokens = counts
         amax = None if st is None else (st.in_amax if t.role == "in" else st.mid_amax)
         seen = counts.to(amax.device) > 0 if amax is not None else None
-        input_amax = torch.where(seen, amax, amax[seen].max()).float() if seen is not None and bool(seen.any()) else None
+        input_amax = None
+        if seen is not None and bool(seen.any()):  # unseen experts get the stack's max, as for the other methods
+            input_amax = torch.where(seen, amax, amax[seen].max()).float()
         fulls = None if st is None else (st.in_full if t.role == "in" else st.mid_full)
         expert_fallback, hs = {}, []
         for e in range(E):

@@ -139,7 +139,9 @@ def check_inputs(w: torch.Tensor, hessian: torch.Tensor, global_amax, cfg: GPTQC
     return check_global_amax(global_amax, w)
 
 
-def static_block_amax(w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, scales: str, backend: str | None) -> torch.Tensor:
+def static_block_amax(
+    w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, scales: str, backend: str | None
+) -> torch.Tensor:
     """Block amax fp32 [cout, cin/16] of w0 [cout, cin] by the search ``scales`` names (the local-Hessian ones
     read the 16x16 diagonal blocks of h [cin, cin])."""
     method = "local_hessian" if scales.startswith("local_hessian") else scales
