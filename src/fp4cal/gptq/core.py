@@ -42,7 +42,7 @@ from fp4cal.gptq.hessian import (
     inverse_factor,
 )
 from fp4cal.numerics import block_scale_code, global_scale, quantize_blocks, scale_candidates
-from fp4cal.search import search_scales
+from fp4cal.search import search_scales, triton_available
 from fp4cal.search.reference import block_error, candidate_block_scales
 from fp4cal.validation import BLOCK, check_global_amax, check_weight
 
@@ -184,6 +184,36 @@ def prepare(
     return g, w0, f, None
 
 
+def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, pick_group) -> None:
+    """One lazy block [i1, i2) through the Triton kernel (padded to 128 columns), then the lazy update of the
+    later columns; pick_group(grp, j) (dynamic scales) runs before each 16-column group."""
+    from fp4cal.gptq.kernel import BS, gptq_block
+
+    cout, cin = work.shape
+    width, j0 = i2 - i1, i1 // BLOCK
+    w1 = torch.zeros(cout, BS, dtype=torch.float32, device=work.device)
+    w1[:, :width] = work[:, i1:i2]
+    u1 = torch.zeros(BS, BS, dtype=torch.float32, device=work.device)
+    u1[:width, :width] = u[i1:i2, i1:i2]
+    e1, q1 = torch.zeros_like(w1), torch.zeros_like(w1)
+    c1 = torch.zeros(cout, BS, dtype=torch.int32, device=work.device)
+    groups = width // BLOCK
+    if pick_group is None:
+        s1 = torch.zeros(cout, BS // BLOCK, dtype=torch.float32, device=work.device)
+        s1[:, :groups] = s_b[:, j0 : j0 + groups]
+        gptq_block(w1, u1, s1, e1, q1, c1, 0, width)
+    else:
+        for g in range(groups):
+            pick_group(w1[:, g * BLOCK : (g + 1) * BLOCK], j0 + g)
+            s1 = torch.zeros(cout, BS // BLOCK, dtype=torch.float32, device=work.device)
+            s1[:, :groups] = s_b[:, j0 : j0 + groups]
+            gptq_block(w1, u1, s1, e1, q1, c1, g * BLOCK, (g + 1) * BLOCK)
+    codes[:, i1:i2] = c1[:, :width]
+    q[:, i1:i2] = q1[:, :width]
+    if i2 < cin:
+        work[:, i2:].addmm_(e1[:, :width], u[i1:i2, i2:], alpha=-1.0)
+
+
 def gptq_round(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -191,13 +221,15 @@ def gptq_round(
     cfg: GPTQConfig | None = None,
     backend: str | None = None,
     work_dtype: torch.dtype = torch.float32,
+    kernel: bool | None = None,
 ) -> GPTQOutput:
     """GPTQ-round w [cout, cin] (float32|float16|bfloat16, cin % 16 == 0) onto NVFP4; see the module docstring.
 
     hessian: [cin, cin] float32|float64 on w's device, H = sum x x^T / n. global_amax: [] (default max |w|; a
     fused group passes its shared value). cfg: GPTQConfig (default scales local_hessian, damp 0.01, 128-column
     blocks). backend: passed to search_scales. work_dtype: precision of the working weights and the error
-    propagation (float32; float64 for the exactness tests). Batched torch ops only, any device.
+    propagation (float32; float64 for the exactness tests). kernel: run each block's column loop in the Triton
+    kernel (fp4cal.gptq.kernel; default: on CUDA with fp32 and 128-column blocks), else torch ops, any device.
     """
     cfg = cfg or GPTQConfig()
     g, w0, f, fallback = prepare(w, hessian, global_amax, cfg, backend)
@@ -219,8 +251,21 @@ def gptq_round(
     codes = torch.empty(cout, cin, dtype=torch.int32, device=w.device)
     q = torch.empty(cout, cin, dtype=torch.float32, device=w.device)
     bs = cfg.block_size
+    if kernel is None:
+        kernel = w.is_cuda and work_dtype == torch.float32 and bs == 128 and triton_available()
+    if kernel and (work_dtype != torch.float32 or bs != 128):
+        raise ValueError(f"the GPTQ kernel runs fp32 128-column blocks, got work_dtype {work_dtype}, block_size {bs}")
+
+    def pick_group(grp: torch.Tensor, j: int) -> None:  # dynamic scales of group j from its updated columns
+        p = search_group(grp, hc[j], s_cand)
+        amax[:, j] = a_cand[p]
+        s_b[:, j] = s_cand[p]
+
     for i1 in range(0, cin, bs):
         i2 = min(i1 + bs, cin)
+        if kernel:
+            _kernel_block(work, u, s_b, codes, q, i1, i2, pick_group if dynamic else None)
+            continue
         w1 = work[:, i1:i2].clone()
         e1 = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
@@ -228,9 +273,7 @@ def gptq_round(
             col = i1 + i
             j = col // BLOCK
             if dynamic and col % BLOCK == 0:
-                pick = search_group(w1[:, i : i + BLOCK], hc[j], s_cand)
-                amax[:, j] = a_cand[pick]
-                s_b[:, j] = s_cand[pick]
+                pick_group(w1[:, i : i + BLOCK], j)
             c, qc = round_column(w1[:, i], s_b[:, j])
             codes[:, col] = c
             q[:, col] = qc
