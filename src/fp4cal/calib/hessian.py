@@ -83,6 +83,19 @@ class HessianAccumulator:
         return (self._sum / self.n).float()
 
 
+def _gram(x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+    """x^T x as fp32 [cin, cin] for tokens x [T, cin] (xf: x in fp32). On CUDA, bf16/fp16 activations go through
+    the tensor cores with fp32 output (torch.mm out_dtype): the products of 8/11-bit mantissas are exact in fp32
+    and the sums are fp32, the same arithmetic as the fp32 matmul of xf, ~10-30x faster for a [12288, 12288]
+    Hessian (the fp32 product would dominate GPTQ's time). Elsewhere: xf^T @ xf."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.t(), x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the fp32 product below
+            pass
+    return xf.t() @ xf
+
+
 class FullHessianAccumulator:
     """Accumulates the full input second moment sum x x^T ([cin, cin]) and the token count, for GPTQ.
 
@@ -120,7 +133,7 @@ class FullHessianAccumulator:
         if xf.shape[0] == 0:
             return
         check_finite(xf, f"activations of {self.name}")
-        self._sum += xf.T @ xf  # this batch in fp32, added to the float64 running sum
+        self._sum += _gram(x.reshape(-1, self.cin), xf)  # this batch in fp32, added to the float64 running sum
         self.n += xf.shape[0]
 
     def merge(self, other: FullHessianAccumulator) -> None:

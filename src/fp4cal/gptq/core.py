@@ -27,6 +27,7 @@ H not positive definite after every damping retry -> round-to-nearest with the c
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,23 @@ def prepare(
     return g, w0, f, None
 
 
+class _Clock:
+    """Adds the seconds since the last call to timings[phase] (synchronizing CUDA first); no-op without timings."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def __call__(self, phase: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
+        self.t = now
+
+
 def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, pick_group) -> None:
     """One lazy block [i1, i2) through the Triton kernel (padded to 128 columns), then the lazy update of the
     later columns; pick_group(grp, j) (dynamic scales) runs before each 16-column group."""
@@ -222,6 +240,7 @@ def gptq_round(
     backend: str | None = None,
     work_dtype: torch.dtype = torch.float32,
     kernel: bool | None = None,
+    timings: dict[str, float] | None = None,
 ) -> GPTQOutput:
     """GPTQ-round w [cout, cin] (float32|float16|bfloat16, cin % 16 == 0) onto NVFP4; see the module docstring.
 
@@ -230,9 +249,13 @@ def gptq_round(
     blocks). backend: passed to search_scales. work_dtype: precision of the working weights and the error
     propagation (float32; float64 for the exactness tests). kernel: run each block's column loop in the Triton
     kernel (fp4cal.gptq.kernel; default: on CUDA with fp32 and 128-column blocks), else torch ops, any device.
+    timings: when given, seconds are added to its 'factor' (validation, damping, Cholesky), 'scales' (static
+    search) and 'column loop' (incl. dynamic searches and lazy updates) entries, with a device sync per phase.
     """
     cfg = cfg or GPTQConfig()
+    clock = _Clock(timings, w.device)
     g, w0, f, fallback = prepare(w, hessian, global_amax, cfg, backend)
+    clock("factor")
     if fallback is not None:
         return fallback
     cout, cin = w0.shape
@@ -247,6 +270,7 @@ def gptq_round(
     else:
         amax = static_block_amax(w0, hessian, g, cfg.scales, backend)
         s_b = block_scale_values(amax, g)
+    clock("scales")
     work = w0.to(work_dtype)
     codes = torch.empty(cout, cin, dtype=torch.int32, device=w.device)
     q = torch.empty(cout, cin, dtype=torch.float32, device=w.device)
@@ -282,4 +306,5 @@ def gptq_round(
             e1[:, i] = err
         if i2 < cin:
             work[:, i2:].addmm_(e1, u[i1:i2, i2:], alpha=-1.0)
+    clock("column loop")
     return GPTQOutput(codes, q, amax, f.damp, int(f.dead.sum()), None, cfg.scales)
