@@ -18,14 +18,17 @@ import torch
 from torch import nn
 
 from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
+from fp4cal.calib.gptq_target import solve_gptq_target
 from fp4cal.calib.objective import block_scales
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
-from fp4cal.numerics import fake_quantize
+from fp4cal.gptq import GPTQConfig
+from fp4cal.numerics import NVFP4Tensor, dequantize, fake_quantize, global_scale
 from fp4cal.search import METHODS, search_scales_and_losses
 from fp4cal.search.hessian_blocks import fallback_mask
 from fp4cal.validation import BLOCK
 
+CALIB_METHODS = METHODS + ("gptq",)  # the scale searches, and GPTQ rounding on top of one (fp4cal.gptq)
 DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singular: its argmin is not trustworthy
 
 
@@ -127,11 +130,19 @@ def solve_target(
     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
     backend: str | None = None,
     stacklevel: int = 1,
+    gptq: GPTQConfig | None = None,
 ) -> WeightResult:
     """Search one target's block scales (the body of solve's loop; fp4cal.calib.distributed calls it for the
     targets one rank owns). global_amax: this target's fp32 [] or [E] (its fused group's, see
     group_global_amax); it is cloned, so fused members never alias one tensor. Fallback warnings take
-    ``stacklevel`` as warnings.warn would in the caller (1: the caller's line)."""
+    ``stacklevel`` as warnings.warn would in the caller (1: the caller's line). method 'gptq': GPTQ rounding
+    with the options ``gptq`` (default GPTQConfig()), see fp4cal.calib.gptq_target."""
+    if method == "gptq":
+        wr, messages = solve_gptq_target(t, stats, global_amax.clone(), gptq or GPTQConfig(), min_expert_tokens,
+                                         backend)
+        for msg in messages:
+            warnings.warn(msg, CalibrationWarning, stacklevel=stacklevel + 1)
+        return wr
     wr, pending = _solve_target(t, stats, method, global_amax, min_expert_tokens, backend, stacklevel + 1)
     _finish_targets([(wr, pending)], stacklevel + 1)
     return wr
@@ -213,8 +224,10 @@ def solve(
     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
     progress: bool = False,
     backend: str | None = None,
+    gptq: GPTQConfig | None = None,
 ) -> CalibrationResult:
-    """Search the block scales of every target from captured statistics.
+    """Search the block scales of every target from captured statistics (method 'gptq': GPTQ rounding with the
+    options ``gptq``; needs statistics captured with full_hessians).
 
     Fused groups share one global amax (max over members). Expert stacks search as [E, cout, cin] with
     [E, cin/16, 16, 16] Hessians; an expert with fewer than ``min_expert_tokens`` routed tokens gets identity
@@ -222,8 +235,8 @@ def solve(
     (Hessian-weighted for local_hessian, squared error for mse and max; a stack's sum mixes both when some
     experts fell back).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS}, got {method!r}")
     result = CalibrationResult(method=method, forward_calls=stats.forward_calls)
     amax = group_global_amax(targets)
     it: Iterable[Target] = targets
@@ -234,6 +247,9 @@ def solve(
     done = []
     for t in it:
         # stacklevel 3 from solve (as before solve_target was split out): the caller of solve's caller
+        if method == "gptq":  # GPTQ reads its own results back per weight (its losses need the moved codes)
+            result.weights[t.name] = solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3, gptq)
+            continue
         wr, pending = _solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 3)
         result.weights[t.name] = wr
         done.append((wr, pending))
@@ -243,7 +259,8 @@ def solve(
 
 def fake_quantize_model(model: nn.Module, result: CalibrationResult) -> None:
     """Replace every calibrated weight of ``model`` in place by dequantize(quantize(w)) with the chosen scales
-    (in the weight's own dtype). Weights listed in result.skipped are left untouched."""
+    (in the weight's own dtype); a weight whose result carries codes (GPTQ) gets exactly those codes decoded.
+    Weights listed in result.skipped are left untouched."""
     with torch.no_grad():
         for name, wr in result.weights.items():
             try:
@@ -253,10 +270,16 @@ def fake_quantize_model(model: nn.Module, result: CalibrationResult) -> None:
             w = p.transpose(-1, -2) if wr.transposed else p
             if tuple(w.shape) != tuple(wr.shape):
                 raise ValueError(f"{name} has shape {tuple(w.shape)} but was calibrated as {wr.shape}")
-            q = fake_quantize(
-                w.detach(), wr.block_amax.to(p.device), wr.global_amax.to(p.device), dtype=p.dtype
-            )
-            w.copy_(q)
+            w.copy_(quantized_weight(w.detach(), wr))
+
+
+def quantized_weight(w: torch.Tensor, wr: WeightResult) -> torch.Tensor:
+    """The dequantized weight of ``wr`` in w's dtype and device: its codes decoded when set (GPTQ), else
+    w [.., cout, cin] rounded to nearest with wr's block and global amax."""
+    if wr.codes is None:
+        return fake_quantize(w, wr.block_amax.to(w.device), wr.global_amax.to(w.device), dtype=w.dtype)
+    t = NVFP4Tensor(wr.codes.to(w.device), wr.block_scale.to(w.device), global_scale(wr.global_amax.to(w.device)))
+    return dequantize(t, w.dtype)
 
 
 def calibrate(
@@ -270,14 +293,18 @@ def calibrate(
     fake_quantize: bool = False,
     progress: bool = False,
     backend: str | None = None,
+    gptq_scales: str = "local_hessian",
+    gptq_damp: float = 0.01,
 ) -> CalibrationResult:
     """Calibrate NVFP4 block scales of every nn.Linear and HF expert stack of ``model``.
 
     model: any nn.Module (kept on its device; put in eval mode during the pass, then restored).
     batches: iterable of model inputs: tensors (e.g. input_ids [B, T]), tuples, or dicts of keyword arguments;
         iterated exactly once (result.forward_calls counts the model forwards).
-    method: 'local_hessian' | 'mse' | 'max'. Activation amax (for W4A4 export) is collected in the same pass
-        whatever the method; Hessians only for local_hessian.
+    method: 'local_hessian' | 'mse' | 'max' | 'gptq'. Activation amax (for W4A4 export) is collected in the same
+        pass whatever the method; block Hessians for local_hessian, full [cin, cin] ones for gptq.
+    gptq_scales / gptq_damp (method 'gptq'): block scales 'local_hessian' | 'local_hessian_dynamic' | 'mse' |
+        'max', and the relative damping lambda > 0 (see fp4cal.gptq and docs/gptq.md).
     exclude / include: module-name regular expressions (see find_targets); lm_head and routers are excluded
         by default. min_expert_tokens: experts with fewer routed tokens fall back to mse.
     fake_quantize: also replace the weights in place by their quantized values (fake_quantize_model).
@@ -286,6 +313,7 @@ def calibrate(
     """
     t0 = time.perf_counter()
     check_calibration_inputs(model, batches)
+    cfg = GPTQConfig(gptq_scales, gptq_damp) if method == "gptq" else None  # bad options fail before any work
     targets, skipped = prepare_targets(model, method, min_expert_tokens, exclude, include, stacklevel=2)
     device = model_device(model)
     stats = capture_pass(model, batches, targets, method, progress)
@@ -294,7 +322,7 @@ def calibrate(
     check_hessians(stats)
     _sync(device)
     t1 = time.perf_counter()
-    result = solve(targets, stats, method, min_expert_tokens, progress, backend)
+    result = solve(targets, stats, method, min_expert_tokens, progress, backend, gptq=cfg)
     _sync(device)
     return finish(result, model, skipped, {"capture": t1 - t0, "search": time.perf_counter() - t1},
                   fake_quantize, device, t0)
@@ -382,8 +410,8 @@ def prepare_targets(
     """calibrate()'s first step: check the arguments, find the targets, warn about weights skipped for a
     reason other than an exclude pattern (``stacklevel`` as warnings.warn would take it in the caller).
     Raises when the model has nothing to quantize. Shared with fp4cal.calib.distributed."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS}, got {method!r}")
     if not isinstance(min_expert_tokens, int) or min_expert_tokens < 1:
         raise ValueError(f"min_expert_tokens must be a positive int, got {min_expert_tokens!r}")
     targets, skipped = find_targets(model, exclude, include)
@@ -410,6 +438,7 @@ def capture_pass(
             hessians=method == "local_hessian",
             extra_kwargs=calibration_forward_kwargs(model, targets),
             progress=progress,
+            full_hessians=method == "gptq",
         )
     finally:
         model.train(was_training)

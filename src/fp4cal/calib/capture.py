@@ -13,7 +13,9 @@ hidden states (for gate_up_proj / up_proj) and of the expert's own intermediate 
 down_proj). The original forward is restored on exit.
 
 Memory: one fp32 [cin/16, 16, 16] sum (16 * cin floats) per distinct input (per expert for stacks);
-activations are reduced as they pass and never stored.
+activations are reduced as they pass and never stored. With full_hessians (GPTQ) the sum is the full
+[cin, cin] one instead (float64, cin^2 doubles per distinct input, per expert for stacks); the block
+Hessians are then read from its diagonal blocks at the end of the pass, so one capture serves both.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fp4cal.calib.hessian import HessianAccumulator
+from fp4cal.calib.hessian import FullHessianAccumulator, HessianAccumulator
 from fp4cal.calib.targets import Target
 
 
@@ -36,7 +38,8 @@ class InputStats:
     """What one distinct input stream (shared by the linears in ``members``) looked like.
 
     hessian: sum x x^T per 16-block, or None when Hessians were not asked for. amax: fp32 [] running
-    max |x| (None until the first token). tokens: rows seen.
+    max |x| (None until the first token). tokens: rows seen. full: the full [cin, cin] sum (full_hessians
+    only; hessian is then its diagonal blocks, set at the end of the pass).
     """
 
     name: str
@@ -45,6 +48,7 @@ class InputStats:
     amax: torch.Tensor | None = None
     tokens: int = 0
     members: list[str] = field(default_factory=list)
+    full: FullHessianAccumulator | None = None
 
 
 @dataclass
@@ -53,7 +57,9 @@ class ExpertStats:
 
     counts: int64 [E] routed (token, expert) pairs. in_* describe the routed hidden states (input of
     gate_up_proj / up_proj); mid_* the intermediate activations (input of down_proj). Hessians are lists of
-    E accumulators (None when not asked for); amax fp32 [E], 0 for an expert that saw nothing.
+    E accumulators (None when not asked for); amax fp32 [E], 0 for an expert that saw nothing. in_full /
+    mid_full: per-expert full [cin, cin] sums (full_hessians only; the block lists are then their diagonal
+    blocks, set at the end of the pass).
     """
 
     name: str
@@ -63,6 +69,8 @@ class ExpertStats:
     mid_hessians: list[HessianAccumulator] | None = None
     in_amax: torch.Tensor | None = None
     mid_amax: torch.Tensor | None = None
+    in_full: list[FullHessianAccumulator] | None = None
+    mid_full: list[FullHessianAccumulator] | None = None
 
 
 @dataclass
@@ -98,13 +106,16 @@ class ActivationCapture:
     """Context manager: while active, every forward of ``model`` feeds the statistics of ``targets``.
 
     hessians: accumulate per-block Hessians (needed by local_hessian only); activation amax and token counts
-    are always collected.
+    are always collected. full_hessians: accumulate full [cin, cin] Hessians instead (GPTQ); the block ones
+    are read from them by block_views() (capture_statistics calls it).
     """
 
-    def __init__(self, model: nn.Module, targets: list[Target], hessians: bool = True) -> None:
+    def __init__(self, model: nn.Module, targets: list[Target], hessians: bool = True,
+                 full_hessians: bool = False) -> None:
         self.model = model
         self.targets = targets
-        self.hessians = hessians
+        self.hessians = hessians and not full_hessians
+        self.full = full_hessians
         self.stats = CaptureStats()
         self._member_tokens: dict[str, int] = {}
         self._recent: dict[int, tuple[weakref.ref, InputStats]] = {}
@@ -173,7 +184,8 @@ class ActivationCapture:
                 slot = shared  # same tensor object as an input already seen: share its statistics
             else:
                 acc = HessianAccumulator(cin, x.device, name) if self.hessians else None
-                slot = InputStats(name, cin, acc)
+                full = FullHessianAccumulator(cin, x.device, name) if self.full else None
+                slot = InputStats(name, cin, acc, full=full)
             slot.members.append(name)
             inputs[name] = slot
         n = x.numel() // cin if x.shape[-1] == cin else 0
@@ -184,6 +196,8 @@ class ActivationCapture:
         x = x.detach()
         if slot.hessian is not None:
             slot.hessian.add(x)  # raises, naming the layer, on non-finite activations
+        if slot.full is not None:
+            slot.full.add(x)
         a = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
         slot.amax = a if slot.amax is None else torch.maximum(slot.amax, a)
         slot.tokens += n
@@ -233,6 +247,10 @@ class ActivationCapture:
             cin_in, cin_mid = hs.shape[-1], m.down_proj.shape[1 if m.is_transposed else 2]
             st.in_hessians = [HessianAccumulator(cin_in, x_dev, f"{st.name}[{e}] input") for e in range(E)]
             st.mid_hessians = [HessianAccumulator(cin_mid, x_dev, f"{st.name}[{e}] intermediate") for e in range(E)]
+        if self.full and st.in_full is None:
+            cin_in, cin_mid = hs.shape[-1], m.down_proj.shape[1 if m.is_transposed else 2]
+            st.in_full = [FullHessianAccumulator(cin_in, x_dev, f"{st.name}[{e}] input") for e in range(E)]
+            st.mid_full = [FullHessianAccumulator(cin_mid, x_dev, f"{st.name}[{e}] intermediate") for e in range(E)]
         if st.in_amax is None:
             st.in_amax = torch.zeros(E, dtype=torch.float32, device=x_dev)
             st.mid_amax = torch.zeros(E, dtype=torch.float32, device=x_dev)
@@ -245,6 +263,9 @@ class ActivationCapture:
             if st.in_hessians is not None:
                 st.in_hessians[e].add(x)
                 st.mid_hessians[e].add(h)
+            if st.in_full is not None:
+                st.in_full[e].add(x)
+                st.mid_full[e].add(h)
             st.in_amax[e] = torch.maximum(st.in_amax[e], x.abs().amax().float())
             st.mid_amax[e] = torch.maximum(st.mid_amax[e], h.abs().amax().float())
             y = self._expert_linear(h, m.down_proj[e], None if down_bias is None else down_bias[e], m.is_transposed)
@@ -260,6 +281,16 @@ class ActivationCapture:
         return y if b is None else y + b
 
     # -- results -------------------------------------------------------------------------------------
+    def block_views(self) -> None:
+        """With full_hessians: set every block Hessian from its full one's diagonal blocks (idempotent)."""
+        for slot in self.stats.inputs.values():
+            if slot.full is not None:
+                slot.hessian = slot.full.blocks()
+        for st in self.stats.experts.values():
+            if st.in_full is not None:
+                st.in_hessians = [a.blocks() for a in st.in_full]
+                st.mid_hessians = [a.blocks() for a in st.mid_full]
+
     def check(self) -> None:
         """Raise on non-finite activations (naming the layer) or an inconsistent shared input."""
         for name, slot in self.stats.inputs.items():
@@ -313,10 +344,12 @@ def capture_statistics(
     hessians: bool = True,
     extra_kwargs: Mapping[str, object] | None = None,
     progress: bool = False,
+    full_hessians: bool = False,
 ) -> CaptureStats:
     """Run every batch through ``model`` once with capture on; return the statistics.
 
     extra_kwargs: keyword arguments added to every forward (e.g. logits_to_keep=1). progress: tqdm bar.
+    full_hessians: full [cin, cin] Hessians (GPTQ), block Hessians read from them.
     """
     device = model_device(model)
     it = batches
@@ -325,8 +358,9 @@ def capture_statistics(
 
         total = len(batches) if hasattr(batches, "__len__") else None
         it = tqdm(batches, total=total, desc="calibration forward", unit="batch")
-    with torch.no_grad(), ActivationCapture(model, targets, hessians) as cap:
+    with torch.no_grad(), ActivationCapture(model, targets, hessians, full_hessians) as cap:
         for batch in it:
             run_batch(model, batch, device, extra_kwargs)
         cap.check()
+        cap.block_views()
     return cap.stats

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
+from fp4cal.gptq import DEFAULT_SCALES as GPTQ_DEFAULT_SCALES
+from fp4cal.gptq import SCALES as GPTQ_SCALES
+from fp4cal.gptq import check_damp
 from fp4cal.search import METHODS
 
 FORMATS = ("compressed-tensors", "modelopt")
@@ -36,7 +39,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", default=None, help="Hugging Face model directory (default: bundled MiniLM)")
-    p.add_argument("--method", choices=METHODS, default="local_hessian", help="scale search (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS + ("gptq",), default="local_hessian",
+                   help="scale search, or gptq: GPTQ rounding on top of --gptq-scales (default: %(default)s)")
+    p.add_argument("--gptq-scales", choices=GPTQ_SCALES, default=GPTQ_DEFAULT_SCALES,
+                   help="--method gptq: how block scales are chosen (default: %(default)s)")
+    p.add_argument("--gptq-damp", type=float, default=0.01,
+                   help="--method gptq: relative damping lambda of H + lambda mean(diag H) I (default: %(default)s)")
     p.add_argument("--calib", default=None, help="calibration text file or directory (default: bundled Shakespeare)")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
@@ -59,9 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "on the device)")
     g.add_argument("--no-streaming", dest="streaming", action="store_const", const=False,
                    help="load the whole model on the device")
-    p.add_argument("--propagation", choices=("float", "quantized"), default="float",
+    p.add_argument("--propagation", choices=("float", "quantized"), default=None,
                    help="streaming: each layer sees the float outputs of the layers before it (equal to the "
-                   "whole-model result) or those of the already fake-quantized layers (default: %(default)s)")
+                   "whole-model result) or those of the already fake-quantized layers (default: quantized for "
+                   "--method gptq, float otherwise)")
     p.add_argument("--activation-budget", default=None, metavar="SIZE",
                    help="streaming: device memory the captured activations may take, e.g. 8GB; above it they live "
                    "in pinned CPU memory (default: a quarter of the free device memory)")
@@ -265,7 +274,8 @@ def _layer_type(module_name: str) -> str:
 def format_summary(result, header: str, phases: dict[str, float]) -> str:
     """The end-of-run table: per layer type (layers with their number replaced by *), weights, parameters,
     summed loss with max scales and with the chosen ones, and the reduction."""
-    objective = "Hessian-weighted" if result.method == "local_hessian" else "squared-error"
+    objective = {"local_hessian": "Hessian-weighted", "gptq": "layer-output tr(dW H dW^T)"}.get(result.method,
+                                                                                               "squared-error")
     rows: dict[str, list] = {}
     for wr in result.weights.values():
         r = rows.setdefault(_layer_type(wr.name), [0, 0, 0.0, 0.0])
@@ -277,7 +287,9 @@ def format_summary(result, header: str, phases: dict[str, float]) -> str:
         r[2] += wr.loss_max
         r[3] += wr.loss_chosen
     width = max([len("layer type")] + [len(k) for k in rows])
-    lines = [header, "", f"{objective} loss of the chosen scales vs max scales (summed over blocks):"]
+    what = "of GPTQ vs round-to-nearest with max scales" if result.method == "gptq" else \
+        "of the chosen scales vs max scales (summed over blocks)"
+    lines = [header, "", f"{objective} loss {what}:"]
     lines.append(f"  {'layer type':<{width}}  {'n':>3}  {'params':>10}  {'loss(max)':>11}  {'loss(chosen)':>12}  "
                  f"{'reduction':>9}")
 
@@ -311,8 +323,12 @@ def run(args: argparse.Namespace) -> int:
         parse_device(args.device)
         if args.out is not None:
             check_output_dir(args.out, "--out", getattr(args, "overwrite", None))
-    except CliError as e:
+        if args.method == "gptq":
+            check_damp(args.gptq_damp, "--gptq-damp")
+    except (CliError, ValueError) as e:
         return _fail(str(e))
+    if args.method == "gptq" and (args.nproc > 1 or under_launcher()):
+        return _fail("--method gptq runs in one process (its full Hessians are not all-reduced yet); drop --nproc")
     exporter = None
     if args.out is not None:
         exporter = _load_exporter()
@@ -399,6 +415,8 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
         min_expert_tokens=DEFAULT_MIN_EXPERT_TOKENS if args.min_expert_tokens is None else args.min_expert_tokens,
         progress=not args.no_progress,
     )
+    if args.method == "gptq":
+        kwargs.update(gptq_scales=args.gptq_scales, gptq_damp=args.gptq_damp)
     if ctx is None:
         result = calibrate(model, batches, args.method, **kwargs)
         phases = {"load + data": t_load, "calibration forward": result.timings["capture"],
@@ -423,7 +441,8 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     if rank != 0:
         return 0
     dtype = next(model.parameters()).dtype
-    header = (f"fp4cal quantize: {desc}, method {args.method}, {args.samples} x {args.seq_len} tokens "
+    method = f"gptq ({args.gptq_scales} scales, damp {args.gptq_damp:g})" if args.method == "gptq" else args.method
+    header = (f"fp4cal quantize: {desc}, method {method}, {args.samples} x {args.seq_len} tokens "
               f"({len(batches)} batches), {device}, {str(dtype).replace('torch.', '')}")
     if ctx is not None:
         header += f", {world} processes (timings of rank 0)"
@@ -467,8 +486,9 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
             model_path, args.out, None, texts=args.calib, samples=args.samples, seq_len=args.seq_len,
             batch_size=args.batch_size, method=args.method, format=args.format, propagation=args.propagation,
             device=device, dtype=dtype, exclude=list(DEFAULT_EXCLUDE) + list(args.exclude), include=args.include,
-            min_expert_tokens=args.min_expert_tokens or DEFAULT_MIN_EXPERT_TOKENS,
+            min_expert_tokens=DEFAULT_MIN_EXPERT_TOKENS if args.min_expert_tokens is None else args.min_expert_tokens,
             activation_budget=budget, resume=not args.restart, progress=not args.no_progress,
+            **({"gptq_scales": args.gptq_scales, "gptq_damp": args.gptq_damp} if args.method == "gptq" else {}),
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         return _fail(str(e).strip("'\""))
@@ -482,7 +502,7 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     if args.out is not None:
         header += f"\nwrote {args.format} checkpoint to {args.out}"
     where = "device" if rep.activations_on_device else "pinned CPU memory"
-    header += (f"\npath: streaming, {rep.layers} layers, propagation {args.propagation} ({why}); activations "
+    header += (f"\npath: streaming, {rep.layers} layers, propagation {rep.propagation} ({why}); activations "
                f"{_gib(rep.activation_bytes)} in {where}")
     if rep.resumed_layers:
         header += f"; resumed after {rep.resumed_layers} committed layers"

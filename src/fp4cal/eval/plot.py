@@ -1,4 +1,5 @@
-"""layers.png: per-layer relative output error, one line per method (matplotlib, imported only here)."""
+"""layers.png: per-layer relative output error, one line per method (scale searches and GPTQ variants), and
+each method's error relative to max scales (matplotlib, imported only here)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from pathlib import Path
 
 from fp4cal.eval.runner import EvalResult
 
-STYLE = {"max": ("tab:gray", "s"), "mse": ("tab:blue", "o"), "local_hessian": ("tab:red", "^")}
+STYLE = {
+    "max": ("tab:gray", "s"),
+    "mse": ("tab:blue", "o"),
+    "local_hessian": ("tab:red", "^"),
+    "gptq": ("tab:green", "D"),
+    "gptq:local_hessian": ("tab:green", "D"),
+    "gptq:local_hessian_dynamic": ("tab:purple", "v"),
+    "gptq:mse": ("tab:olive", "P"),
+    "gptq:max": ("tab:brown", "X"),
+}
 
 
 def short_name(name: str) -> str:
@@ -42,7 +52,7 @@ def plot_layers(res: EvalResult, path: str | Path) -> Path:
     ax.set_ylabel("relative output error (%)\n" + r"$\|XW^T - X\hat{W}^T\|_F \,/\, \|XW^T\|_F$")
     ax.set_title(f"NVFP4 per-layer relative output error on held-out data: {res.model_name}")
     ax.grid(True, alpha=0.3)
-    ax.legend(title="block-scale search")
+    ax.legend(title="method", fontsize=8)
     if ratio:
         ax2 = axes[1][0]
         for m in res.methods:
@@ -53,7 +63,7 @@ def plot_layers(res: EvalResult, path: str | Path) -> Path:
         ax2.axhline(1.0, color="black", linewidth=0.8)
         ax2.set_ylabel("error relative to max scales")
         ax2.grid(True, alpha=0.3)
-        ax2.legend(title="block-scale search")
+        ax2.legend(title="method", fontsize=8)
     bottom = axes[-1][0]
     step = max(1, math.ceil(len(layers) / 80))  # at most ~80 labels
     bottom.set_xticks(x[::step])

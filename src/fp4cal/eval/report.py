@@ -70,12 +70,40 @@ def summarize(res: EvalResult) -> dict:
     return {"rows": rows, "ties": ties, "compared_layers": len(layers), "head_to_head": pairs}
 
 
+def gap_closed(res: EvalResult, base: str = "local_hessian") -> dict[str, dict[str, float]]:
+    """For every GPTQ label beside ``base``: the share of base's gap to full precision that it closes on the model
+    metric ((cos - cos_base) / (1 - cos_base) for encoders; (ppl_base - ppl) / (ppl_base - ppl_fp) for causal
+    LMs), and on how many compared layers its layer err is below base's. {} when base or no GPTQ label ran."""
+    if base not in res.methods:
+        return {}
+    name = res.metric_name
+    layers = [le for le in res.layers if all(_finite(le.output_error[m]) for m in res.methods)]
+    b = res.model_metric.get(base, {}).get(name, float("nan"))
+    out = {}
+    for m in res.methods:
+        if not m.startswith("gptq"):
+            continue
+        v = res.model_metric.get(m, {}).get(name, float("nan"))
+        if name == "mean_cosine":
+            closed = (v - b) / (1 - b) if b < 1 else float("nan")
+        else:
+            fp = res.model_metric.get(FULL_PRECISION, {}).get(name, float("nan"))
+            closed = (b - v) / (b - fp) if b != fp else float("nan")
+        better = sum(le.output_error[m] < le.output_error[base] for le in layers)
+        out[m] = {"gap_closed": closed, "layers_better": better, "layers": len(layers)}
+    return out
+
+
 def _pct(x: float | None, digits: int = 3) -> str:
     return f"{100 * x:.{digits}f} %" if x is not None and _finite(x) else "n/a"
 
 
 def _sci(x: float | None) -> str:
     return f"{x:.3e}" if x is not None and _finite(x) else "n/a"
+
+
+def name_of(res: EvalResult) -> str:
+    return "embedding cosine" if res.metric_name == "mean_cosine" else "perplexity"
 
 
 def _metric(x: float | None, name: str) -> str:
@@ -158,6 +186,7 @@ def to_json(res: EvalResult, s: dict | None = None) -> dict:
         "summary": s["rows"],
         "ties": s["ties"],
         "compared_layers": s["compared_layers"],
+        "gptq_vs_local_hessian": gap_closed(res),
         "head_to_head": [{"a": a, "b": b, "a_lower": x, "b_lower": y, "equal": z}
                          for (a, b), (x, y, z) in s["head_to_head"].items()],
         "layers": [
@@ -201,6 +230,13 @@ def to_markdown(res: EvalResult, s: dict | None = None, plot: str | None = "laye
             "sum_blocks dw^T H dw / sum_blocks w^T H w with the held-out 16x16 block Hessians H. "
             f"Layers won: strictly lowest layer err among the methods, out of {s['compared_layers']} layers"
             + (f" ({s['ties']} ties)." if s["ties"] else "."), ""]
+    closed = gap_closed(res)
+    if closed:
+        out += ["## GPTQ against local_hessian", ""]
+        rows = [[m, _pct(c["gap_closed"], 1), f"{c['layers_better']} / {c['layers']}"] for m, c in closed.items()]
+        out += _table(["method", f"share of local_hessian's gap to full precision closed ({name_of(res)})",
+                       "layers with lower err than local_hessian"], rows)
+        out += [""]
     if s["head_to_head"]:
         out += ["## Head to head (layer err)", ""]
         rows = [[f"{b} vs {a}", str(y), str(x), str(z)] for (a, b), (x, y, z) in s["head_to_head"].items()]

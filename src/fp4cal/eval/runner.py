@@ -9,8 +9,12 @@ data against the full-precision model.
                                                   perplexity (causal LM) or embedding cosine (encoder)
 
 Why one capture pass serves all methods: the statistics a method needs (H_j = E[x_j x_j^T] for local_hessian;
-nothing but the weights for mse and max; activation amax for all) come from the unquantized model and do not
-depend on any method's scales, so one pass collects them once and each solve() reads them.
+the full H = E[x x^T] for gptq, whose diagonal blocks are the H_j; nothing but the weights for mse and max;
+activation amax for all) come from the unquantized model and do not depend on any method's scales, so one pass
+collects them once and each solve() reads them.
+
+Methods: 'max', 'mse', 'local_hessian', and GPTQ rounding as 'gptq' (default block scales) or 'gptq:SCALES'
+with SCALES one of fp4cal.gptq.SCALES (e.g. 'gptq:local_hessian_dynamic').
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from fp4cal.calib.calibrate import (
     DEFAULT_MIN_EXPERT_TOKENS,
     calibration_forward_kwargs,
     fake_quantize_model,
+    quantized_weight,
     solve,
 )
 from fp4cal.calib.capture import ActivationCapture, CaptureStats, capture_statistics, model_device, run_batch
 from fp4cal.calib.result import CalibrationResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
 from fp4cal.eval.metrics import OutputError, Perplexity, cosine, hessian_weighted_error, mean_pool
-from fp4cal.numerics import fake_quantize
+from fp4cal.gptq import DEFAULT_SCALES, SCALES, GPTQConfig
 from fp4cal.search import METHODS
 
 CAUSAL_LM = "causal_lm"
@@ -107,18 +112,30 @@ def model_kind(model: nn.Module) -> str:
     return ENCODER
 
 
+EVAL_METHODS = METHODS + ("gptq",) + tuple(f"gptq:{s}" for s in SCALES)
+
+
+def gptq_options(label: str) -> GPTQConfig | None:
+    """GPTQConfig of an evaluation label 'gptq' / 'gptq:SCALES'; None for the plain scale searches."""
+    if label == "gptq":
+        return GPTQConfig(DEFAULT_SCALES)
+    if label.startswith("gptq:"):
+        return GPTQConfig(label.split(":", 1)[1])
+    return None
+
+
 def check_methods(methods: Sequence[str] | str) -> list[str]:
     """Validated, de-duplicated method list (order kept)."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     out: list[str] = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"methods must be taken from {METHODS}, got {m!r}")
+        if m not in EVAL_METHODS:
+            raise ValueError(f"methods must be taken from {EVAL_METHODS}, got {m!r}")
         if m not in out:
             out.append(m)
     if not out:
-        raise ValueError(f"methods must name at least one of {METHODS}, got none")
+        raise ValueError(f"methods must name at least one of {EVAL_METHODS}, got none")
     return out
 
 
@@ -184,7 +201,7 @@ class _MetricPass:
 
 
 def _quantized(t: Target, wr, w: torch.Tensor) -> torch.Tensor:
-    return fake_quantize(w, wr.block_amax.to(w.device), wr.global_amax.to(w.device), dtype=w.dtype)
+    return quantized_weight(w, wr)  # GPTQ codes when set, else round-to-nearest with the chosen scales
 
 
 def _delta_bytes(targets: list[Target], n_methods: int) -> int:
@@ -308,7 +325,8 @@ def evaluate(
         hidden states. Its weights are left as they were (fake-quantized only during each method's pass).
     calib_batches: iterated once (one capture pass for all methods). eval_batches: held-out batches, iterated
         1 + len(methods) times; dicts {input_ids [B, T], attention_mask [B, T]} or input_ids tensors.
-    methods: subset of ('max', 'mse', 'local_hessian'), or a comma-separated string.
+    methods: subset of EVAL_METHODS ('max', 'mse', 'local_hessian', 'gptq', 'gptq:SCALES'), or a comma-separated
+        string.
     exclude / include / min_expert_tokens / backend: as for fp4cal.calibrate.
     cache_deltas: keep W - What (float32) per linear and method during the reference pass (default: on CPU, or
         on CUDA when it takes under a third of the free memory) instead of recomputing it per batch.
@@ -338,6 +356,7 @@ def evaluate(
             hessians="local_hessian" in methods,
             extra_kwargs=calibration_forward_kwargs(model, targets),
             progress=progress,
+            full_hessians=any(gptq_options(m) is not None for m in methods),
         )
         if stats.forward_calls == 0:
             raise ValueError("calib_batches was empty: calibration needs at least one batch")
@@ -347,7 +366,8 @@ def evaluate(
         results: dict[str, CalibrationResult] = {}
         for m in methods:
             t1 = time.perf_counter()
-            r = solve(targets, stats, m, min_expert_tokens, progress, backend)
+            cfg = gptq_options(m)
+            r = solve(targets, stats, "gptq" if cfg else m, min_expert_tokens, progress, backend, gptq=cfg)
             _sync(device)
             r.skipped = dict(skipped)
             r.timings = {"capture (shared)": t_capture, "search": time.perf_counter() - t1}
@@ -378,7 +398,8 @@ def evaluate(
             w = t.weight()
             for m, r in results.items():
                 wr = r.weights[t.name]
-                le.method_used[m] = wr.method
+                base = "gptq" if gptq_options(m) is not None else m
+                le.method_used[m] = m if wr.method == base else wr.method
                 le.output_error[m] = errors[t.name].relative()[m] if t.name in errors else float("nan")
                 le.hessian_error[m] = hessian_weighted_error(w, _quantized(t, wr, w), h) if h is not None else math.nan
             layers.append(le)

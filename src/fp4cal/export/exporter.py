@@ -35,7 +35,7 @@ from fp4cal.export.io import (
     write_json,
 )
 from fp4cal.export.layout import Piece, checkpoint_pieces, module_of
-from fp4cal.numerics import quantize
+from fp4cal.numerics import NVFP4Tensor, quantize
 from fp4cal.validation import BLOCK
 
 FORMATS = {ct_format.NAME: ct_format, mo_format.NAME: mo_format}
@@ -186,6 +186,13 @@ def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[Qu
             f"result.weights[{entry.name!r}]: block_scale disagrees with block_amax in {bad} block(s); "
             "block_scale must be fp4cal.numerics.quantize(w, block_amax, global_amax).block_scale"
         )
+    if wr.codes is not None:  # GPTQ moved codes: write them, not round-to-nearest of w
+        if wr.codes.dtype != torch.uint8 or tuple(wr.codes.shape) != tuple(q.codes.shape):
+            raise ValueError(
+                f"result.weights[{entry.name!r}].codes must be uint8 {tuple(q.codes.shape)} (packed E2M1 codes), got "
+                f"{wr.codes.dtype} {tuple(wr.codes.shape)}"
+            )
+        q = NVFP4Tensor(wr.codes.to(q.codes.device), q.block_scale, q.global_scale, q.dtype)
     cout, cin = w.shape[-2], w.shape[-1]
     if w.dim() == 3 and len(entry.pieces) == 1:
         raise ValueError(

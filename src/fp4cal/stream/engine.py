@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from fp4cal.calib.calibrate import (
+    CALIB_METHODS,
     DEFAULT_MIN_EXPERT_TOKENS,
     calibration_forward_kwargs,
     prepare_targets,
+    quantized_weight,
     solve,
 )
 from fp4cal.calib.capture import ActivationCapture
@@ -48,8 +50,7 @@ from fp4cal.export.exporter import (
     write_side_files,
 )
 from fp4cal.export.io import check_out_dir, parse_size
-from fp4cal.numerics import NVFP4Tensor, dequantize, fake_quantize, global_scale
-from fp4cal.search import METHODS
+from fp4cal.gptq import DEFAULT_DAMP, DEFAULT_SCALES, GPTQConfig
 from fp4cal.stream import inputs as layer_inputs
 from fp4cal.stream.reader import CheckpointReader, Prefetcher, to_device
 from fp4cal.stream.skeleton import (
@@ -77,7 +78,7 @@ class StreamReport:
     the writer), other. background: seconds the reading / writing threads were busy (overlapped).
     peak_gpu_bytes: torch.cuda.max_memory_allocated (None on CPU); peak_cpu_bytes: the process's max RSS.
     resumed_layers: layers taken from an earlier, interrupted run. activations_on_device: where the layer
-    inputs / outputs were kept.
+    inputs / outputs were kept. propagation: "float" or "quantized", as run.
     """
 
     result: CalibrationResult
@@ -91,6 +92,7 @@ class StreamReport:
     layers: int = 0
     activations_on_device: bool = True
     activation_bytes: int = 0
+    propagation: str = "float"
 
 
 class _Clock:
@@ -122,21 +124,14 @@ def peak_cpu_bytes() -> int:
 
 def fake_quantize_weights(targets: list[Target], weights: dict[str, WeightResult]) -> None:
     """Replace each target's weight in place by its quantized value (fake_quantize_model for one layer):
-    WeightResult.codes when set (GPTQ), else round-to-nearest with the chosen scales."""
+    WeightResult.codes when set (GPTQ), else round-to-nearest with the chosen scales (quantized_weight)."""
     with torch.no_grad():
         for t in targets:
             wr = weights.get(t.name)
             if wr is None:
                 continue
-            p = t.param
-            w = p.transpose(-1, -2) if wr.transposed else p
-            g = wr.global_amax.to(p.device)
-            if wr.codes is not None:
-                q = dequantize(NVFP4Tensor(wr.codes.to(p.device), wr.block_scale.to(p.device), global_scale(g),
-                                           p.dtype))
-            else:
-                q = fake_quantize(w.detach(), wr.block_amax.to(p.device), g, dtype=p.dtype)
-            w.copy_(q)
+            w = t.param.transpose(-1, -2) if wr.transposed else t.param
+            w.copy_(quantized_weight(w.detach(), wr))
 
 
 def _batches_from_text(model_dir: Path, texts, samples: int, seq_len: int, batch_size: int, cache: bool):
@@ -169,7 +164,7 @@ def quantize_checkpoint(
     batch_size: int = 8,
     method: str = "local_hessian",
     format: str = "compressed-tensors",
-    propagation: str = "float",
+    propagation: str | None = None,
     device: str | torch.device | None = "auto",
     dtype: torch.dtype | None = None,
     exclude: Sequence[str] | str | None = DEFAULT_EXCLUDE,
@@ -183,6 +178,8 @@ def quantize_checkpoint(
     data_cache: bool = True,
     progress: bool = False,
     backend: str | None = None,
+    gptq_scales: str | None = None,
+    gptq_damp: float = DEFAULT_DAMP,
 ) -> StreamReport:
     """Calibrate and export the checkpoint in ``model_dir`` one decoder layer at a time; see the module docstring.
 
@@ -196,14 +193,20 @@ def quantize_checkpoint(
         unless data_cache=False, see fp4cal.stream.data).
     propagation: "float" (each layer sees the unquantized outputs of the layers before it; with the same
         batches the result equals calibrate() + export() bit for bit) or "quantized" (it sees the outputs of
-        the already fake-quantized layers).
+        the already fake-quantized layers). Default: "quantized" for method "gptq" (each layer's GPTQ then
+        corrects for the error of the quantized layers before it), "float" otherwise.
+    gptq_scales / gptq_damp: method "gptq" only, as calibrate() takes them.
     activation_budget: bytes (or "8GB") of device memory the layer inputs and outputs may take; above it they
         are kept in pinned CPU memory. Default: a quarter of the device's free memory (CPU: always in memory).
     Other arguments as for calibrate() and export(). Returns a StreamReport.
     """
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS}, got {method!r}")
+    # bad GPTQ options fail before any work
+    gptq = GPTQConfig(gptq_scales or DEFAULT_SCALES, gptq_damp) if method == "gptq" else None
+    if propagation is None:
+        propagation = "quantized" if method == "gptq" else "float"
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if propagation not in PROPAGATIONS:
@@ -290,6 +293,7 @@ def quantize_checkpoint(
                 "config": fingerprint_hash({"config": config_bytes(model_dir).decode(errors="replace")}),
                 "shards": reader.shard_sizes(),
                 "method": method, "format": format, "propagation": propagation, "w4a4": w4a4,
+                "gptq": None if gptq is None else [gptq.scales, gptq.damp],
                 "dtype": str(entries[0].tensor.dtype), "exclude": list(exclude or []) if not isinstance(exclude, str)
                 else [exclude], "include": include, "min_expert_tokens": min_expert_tokens,
                 "max_shard_bytes": shard_bytes, "data": tensor_digest(ids),
@@ -305,8 +309,8 @@ def quantize_checkpoint(
         _load_into(model, outside, owners, reader, dev)
         _init_outside_buffers(model, layers, dev)
         extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
-        hessians = method == "local_hessian"
-        with ActivationCapture(model, outside_targets, hessians) as cap_out:
+        hessians, full = method == "local_hessian", method == "gptq"
+        with ActivationCapture(model, outside_targets, hessians, full_hessians=full) as cap_out:
             captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
             cap_out.check()
         # the modules outside the layers leave the device until the end (re-read there for writing)
@@ -315,7 +319,8 @@ def quantize_checkpoint(
         tail_targets = [t for t in outside_targets if not _reached(t, cap_out.stats)]
         weights: dict[str, WeightResult] = {}
         if head_targets:
-            weights.update(solve(head_targets, cap_out.stats, method, min_expert_tokens, backend=backend).weights)
+            weights.update(solve(head_targets, cap_out.stats, method, min_expert_tokens, backend=backend,
+                                 gptq=gptq).weights)
             if propagation == "quantized":  # layer 0 must see the quantized modules before it
                 fake_quantize_weights(head_targets, weights)
                 captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
@@ -351,11 +356,12 @@ def quantize_checkpoint(
                 outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True)
                 t = clock.add("forward", t)
             else:
-                with ActivationCapture(layer, layer_targets[i], hessians) as cap:
+                with ActivationCapture(layer, layer_targets[i], hessians, full_hessians=full) as cap:
                     outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float")
                     cap.check()
                 t = clock.add("forward", t)
-                layer_w = solve(layer_targets[i], cap.stats, method, min_expert_tokens, backend=backend).weights
+                layer_w = solve(layer_targets[i], cap.stats, method, min_expert_tokens, backend=backend,
+                                gptq=gptq).weights
                 del cap
                 weights.update(layer_w)
                 t = clock.add("search", t)
@@ -379,11 +385,12 @@ def quantize_checkpoint(
         elif tail_targets:
             _load_into(model, [e for e in layer_entries[n_layers] if _current(owners[e.name]).is_meta],
                        owners, reader, dev)
-            with ActivationCapture(model, tail_targets, hessians) as cap_tail:
+            with ActivationCapture(model, tail_targets, hessians, full_hessians=full) as cap_tail:
                 layer_inputs.replay_outputs(model, layers, hidden_states, store, batches, dev, extras)
                 cap_tail.check()
             t = clock.add("forward", t)
-            weights.update(solve(tail_targets, cap_tail.stats, method, min_expert_tokens, backend=backend).weights)
+            weights.update(solve(tail_targets, cap_tail.stats, method, min_expert_tokens, backend=backend,
+                                 gptq=gptq).weights)
             t = clock.add("search", t)
         if staging is not None:
             if not staging.committed(n_layers):
@@ -416,7 +423,7 @@ def quantize_checkpoint(
         result=result, out_dir=out_path, description=desc, timings=dict(clock.t), background=dict(busy),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         peak_cpu_bytes=peak_cpu_bytes(), resumed_layers=resumed, layers=n_layers,
-        activations_on_device=on_device, activation_bytes=act_bytes,
+        activations_on_device=on_device, activation_bytes=act_bytes, propagation=propagation,
     )
 
 
