@@ -355,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         if not (model_path / "config.json").is_file():
             return _fail(f"MODEL_DIR {str(model_path)!r} has no config.json; expected a Hugging Face model directory")
         stream, why = choose_path(args, model_path, device)
+        args.warmup = start_kernel_warmup(args, model_path, device)  # compiles while the model loads
         if stream:
             return _run_streaming(args, model_path, label, device, why)
         args.path_reason = why
@@ -376,6 +377,53 @@ def run(args: argparse.Namespace) -> int:
         return code
     finally:
         dist.destroy_process_group()
+
+
+def start_kernel_warmup(args: argparse.Namespace, model_path: Path, device):
+    """On CUDA, start compiling the search kernels this run needs (fp4cal.search.warmup, a background thread)
+    for the checkpoint's dtype, so that a cold Triton cache costs load time rather than search time; None
+    elsewhere (the CPU search compiles nothing)."""
+    import json
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    if args.method == "gptq":
+        methods = ["mse"] if args.gptq_scales in ("mse", "max") else ["local_hessian"]
+    else:
+        methods = [m for m in (args.method,) if m != "max"]
+    if not methods:
+        return None
+    dtype = args.dtype
+    if dtype == "auto":
+        try:
+            cfg = json.loads((model_path / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    dtype = getattr(torch, str(dtype), torch.bfloat16)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    from fp4cal.search import warmup
+
+    return warmup(methods, dtype, device)
+
+
+def wait_for_warmup(args: argparse.Namespace) -> tuple[float, float | None]:
+    """(seconds this thread waited, seconds the warm-up took in all, None without one). A failed warm-up is
+    reported and ignored: the search then compiles what it needs itself."""
+    handle = getattr(args, "warmup", None)
+    if handle is None:
+        return 0.0, None
+    t = time.perf_counter()
+    try:
+        took = handle.wait()
+    except Exception as e:  # noqa: BLE001 - the run goes on; the kernels compile at first use instead
+        print(f"fp4cal quantize: note: kernel warm-up failed ({type(e).__name__}: {e}); compiling at first use",
+              file=sys.stderr)
+        took = None
+    return time.perf_counter() - t, took
 
 
 def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
@@ -418,9 +466,10 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     if args.method == "gptq":
         kwargs.update(gptq_scales=args.gptq_scales, gptq_damp=args.gptq_damp)
     if ctx is None:
+        waited, args.warmup_seconds = wait_for_warmup(args)
         result = calibrate(model, batches, args.method, **kwargs)
-        phases = {"load + data": t_load, "calibration forward": result.timings["capture"],
-                  "scale search": result.timings["search"]}
+        phases = {"load + data": t_load, "kernel compile wait": waited,
+                  "calibration forward": result.timings["capture"], "scale search": result.timings["search"]}
     else:
         from fp4cal.calib.distributed import calibrate_distributed
 
@@ -448,6 +497,8 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
         header += f", {world} processes (timings of rank 0)"
     if args.out is not None:
         header += f"\nwrote {args.format} checkpoint to {args.out}"
+    if getattr(args, "warmup_seconds", None) is not None:
+        header += f"\nkernel compilation: {args.warmup_seconds:.2f} s in a background thread, started before loading"
     if getattr(args, "path_reason", None):
         header += f"\npath: whole model ({args.path_reason})"
     print(format_summary(result, header, phases) + "\n" + _memory_line(device))
@@ -481,6 +532,7 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     budget = args.activation_budget
     if budget is None and device.type == "cuda":
         budget = _available_memory(device) // 4
+    waited, args.warmup_seconds = wait_for_warmup(args)
     try:
         rep = quantize_checkpoint(
             model_path, args.out, None, texts=args.calib, samples=args.samples, seq_len=args.seq_len,
@@ -493,14 +545,16 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         return _fail(str(e).strip("'\""))
     t = rep.timings
-    phases = {"setup + data": t.get("setup", 0.0), "embed": t.get("embed", 0.0), "read": t.get("read", 0.0),
-              "forward + capture": t.get("forward", 0.0), "search": t.get("search", 0.0),
-              "write": t.get("write", 0.0), "other": t.get("other", 0.0), "total": t["total"]}
+    phases = {"kernel compile wait": waited, "setup + data": t.get("setup", 0.0), "embed": t.get("embed", 0.0),
+              "read": t.get("read", 0.0), "forward + capture": t.get("forward", 0.0), "search": t.get("search", 0.0),
+              "write": t.get("write", 0.0), "other": t.get("other", 0.0), "total": t["total"] + waited}
     n_batches = -(-args.samples // args.batch_size)
     header = (f"fp4cal quantize: {label or model_path.name} ({rep.description}), method {args.method}, "
               f"{args.samples} x {args.seq_len} tokens ({n_batches} batches), {device}")
     if args.out is not None:
         header += f"\nwrote {args.format} checkpoint to {args.out}"
+    if getattr(args, "warmup_seconds", None) is not None:
+        header += f"\nkernel compilation: {args.warmup_seconds:.2f} s in a background thread, started before loading"
     where = "device" if rep.activations_on_device else "pinned CPU memory"
     header += (f"\npath: streaming, {rep.layers} layers, propagation {rep.propagation} ({why}); activations "
                f"{_gib(rep.activation_bytes)} in {where}")
