@@ -395,19 +395,27 @@ def start_kernel_warmup(args: argparse.Namespace, model_path: Path, device):
         methods = [m for m in (args.method,) if m != "max"]
     if not methods:
         return None
+    try:
+        cfg = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
     dtype = args.dtype
     if dtype == "auto":
-        try:
-            cfg = json.loads((model_path / "config.json").read_text())
-        except (OSError, ValueError):
-            cfg = {}
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     dtype = getattr(torch, str(dtype), torch.bfloat16)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.bfloat16
     from fp4cal.search import warmup
 
-    return warmup(methods, dtype, device)
+    # the weights' shape classes from the config (hidden and MLP widths as rows and as inputs; expert stacks)
+    widths = [int(cfg.get(k)) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size")
+              if isinstance(cfg.get(k), int) and cfg.get(k) > 0]
+    stacked = any(isinstance(cfg.get(k), int) and cfg.get(k) > 1 for k in ("num_experts", "num_local_experts",
+                                                                            "n_routed_experts"))
+    shapes = [(r, c, s) for r in widths for c in widths for s in ((False, True) if stacked else (False,))] or None
+    return warmup(methods, dtype, device, shapes=shapes, calibration_only=True)
+
 
 
 def wait_for_warmup(args: argparse.Namespace) -> tuple[float, float | None]:

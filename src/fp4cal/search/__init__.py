@@ -28,12 +28,12 @@ __all__ = ["BACKENDS", "METHODS", "choose_backend", "fallback_blocks", "search_s
            "triton_available", "warmup"]
 
 
-def warmup(methods, dtype: torch.dtype = torch.bfloat16, device="cuda"):
+def warmup(methods, dtype: torch.dtype = torch.bfloat16, device="cuda", shapes=None, calibration_only: bool = False):
     """Compile the search kernels a run will need in a background thread; returns a handle whose wait() gives
     the seconds it took (fp4cal.search.precompile.warmup)."""
     from fp4cal.search.precompile import warmup as _warmup
 
-    return _warmup(methods, dtype, device)
+    return _warmup(methods, dtype, device, shapes, calibration_only)
 
 
 def triton_available() -> bool:

@@ -64,13 +64,17 @@ def _needs_kernels(device: torch.device) -> bool:
 
 
 def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
-           device: torch.device | str = "cuda") -> WarmupHandle:
+           device: torch.device | str = "cuda", shapes: Iterable[tuple[int, int, bool]] | None = None,
+           calibration_only: bool = False) -> WarmupHandle:
     """Start compiling, in a background thread, the kernel specialisations that searching weights of ``dtype``
     on ``device`` with ``methods`` ('mse', 'local_hessian'; 'max' needs none) will use: both mse launch forms
     (one-launch and two-launch), the local-Hessian prep, factor and sweep kernels, with and without the losses
     epilogue (search_scales / calibrate), 2-D weights and expert stacks. Returns a WarmupHandle; its wait()
     gives the seconds taken. Nothing to compile (CPU without the Triton interpreter, or triton missing): the
-    thread returns at once."""
+    thread returns at once. shapes: (cout, cin, stacked) of the weights the run will search (only their
+    specialisation classes are compiled; default: both classes of _WARM_SHAPES, 2-D and stacked).
+    calibration_only: only the variants calibrate() launches (with the losses epilogue): each sweep
+    specialisation costs seconds to compile on a cold cache, so a run compiles what it uses and no more."""
     from fp4cal.search import METHODS
 
     methods = list(methods)
@@ -83,6 +87,12 @@ def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    if shapes is None:
+        plan = [(cout, cin, stack) for cout, cin in _WARM_SHAPES for stack in (False, True)]
+    else:  # one representative per specialisation class: rows and block columns a multiple of 16 or not
+        classes = {(cout % 16 == 0, (cin // BLOCK) % 16 == 0, bool(stack)) for cout, cin, stack in shapes}
+        plan = [(32 if rows16 else 24, (16 if nb16 else 24) * BLOCK, stack) for rows16, nb16, stack in sorted(classes)]
+
     def run() -> None:
         if not _needs_kernels(device):
             return
@@ -93,21 +103,23 @@ def warmup(methods: Iterable[str], dtype: torch.dtype = torch.bfloat16,
 
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        for cout, cin in _WARM_SHAPES:
+        for cout, cin, stack in plan:
             nb = cin // BLOCK
             g = torch.tensor(1.0, device=device)
-            for stack in (False, True):
-                shape = (2, cout, cin) if stack else (cout, cin)
-                w = torch.zeros(shape, dtype=dtype, device=device)
-                gg = g.expand(2).contiguous() if stack else g
-                if "mse" in methods:
-                    for fused in (True, False):
-                        search_triton(w, "mse", gg, None, checked=False, fused=fused)
-                        search_triton(w, "mse", gg, None, checked=False, fused=fused, losses=losses(shape))
-                if "local_hessian" in methods:
-                    h = torch.eye(BLOCK, device=device).expand(*shape[:-2], nb, BLOCK, BLOCK).contiguous()
+            shape = (2, cout, cin) if stack else (cout, cin)
+            w = torch.zeros(shape, dtype=dtype, device=device)
+            gg = g.expand(2).contiguous() if stack else g
+            if "mse" in methods:
+                for fused in ((None,) if calibration_only else (True, False)):
+                    opts = {} if fused is None else {"fused": fused}
+                    if not calibration_only:
+                        search_triton(w, "mse", gg, None, checked=False, **opts)
+                    search_triton(w, "mse", gg, None, checked=False, losses=losses(shape), **opts)
+            if "local_hessian" in methods:
+                h = torch.eye(BLOCK, device=device).expand(*shape[:-2], nb, BLOCK, BLOCK).contiguous()
+                search_triton(w, "local_hessian", gg, h, checked=False, losses=losses(shape))
+                if not calibration_only:
                     search_triton(w, "local_hessian", gg, h, checked=False)
-                    search_triton(w, "local_hessian", gg, h, checked=False, losses=losses(shape))
                     search_triton(w, "local_hessian", gg, h, factor=prepare_factor(h))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
