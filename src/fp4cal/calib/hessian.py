@@ -8,6 +8,17 @@ import torch
 from fp4cal.validation import BLOCK, FLOAT_DTYPES, check_finite
 
 
+def check_activations(x: torch.Tensor, cin: int, device: torch.device, name: str) -> None:
+    """What both accumulators' add() take: a float tensor (..., cin) on the accumulator's device."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"activations of {name} must be a float tensor, got {got}")
+    if x.dim() == 0 or x.shape[-1] != cin:
+        raise ValueError(f"activations of {name} must have last dimension cin = {cin}, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"activations of {name} are on {x.device}, the accumulator is on {device}")
+
+
 class HessianAccumulator:
     """Accumulates sum x x^T per 16-channel block, and the token count.
 
@@ -48,15 +59,7 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Add activations x: (..., cin), float; non-finite values raise."""
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"activations of {self.name} must be a float tensor, got {got}")
-        if x.dim() == 0 or x.shape[-1] != self.cin:
-            raise ValueError(
-                f"activations of {self.name} must have last dimension cin = {self.cin}, got shape {tuple(x.shape)}"
-            )
-        if x.device != self._sum.device:
-            raise ValueError(f"activations of {self.name} are on {x.device}, the accumulator is on {self._sum.device}")
+        check_activations(x, self.cin, self._sum.device, self.name)
         xb = x.reshape(-1, self.cin // BLOCK, BLOCK).float()
         if xb.shape[0] == 0:
             return
@@ -120,15 +123,7 @@ class FullHessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Add activations x: (..., cin), float; non-finite values raise, naming the input."""
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"activations of {self.name} must be a float tensor, got {got}")
-        if x.dim() == 0 or x.shape[-1] != self.cin:
-            raise ValueError(
-                f"activations of {self.name} must have last dimension cin = {self.cin}, got shape {tuple(x.shape)}"
-            )
-        if x.device != self._sum.device:
-            raise ValueError(f"activations of {self.name} are on {x.device}, the accumulator is on {self._sum.device}")
+        check_activations(x, self.cin, self._sum.device, self.name)
         xf = x.reshape(-1, self.cin).float()
         if xf.shape[0] == 0:
             return
