@@ -44,6 +44,7 @@ from fp4cal.gptq.hessian import (
 )
 from fp4cal.numerics import block_scale_code, global_scale, quantize_blocks, scale_candidates
 from fp4cal.search import search_scales, triton_available
+from fp4cal.search.hessian_blocks import is_psd
 from fp4cal.search.reference import block_error, candidate_block_scales
 from fp4cal.validation import BLOCK, check_global_amax, check_weight
 
@@ -141,12 +142,17 @@ def check_inputs(w: torch.Tensor, hessian: torch.Tensor, global_amax, cfg: GPTQC
 
 
 def static_block_amax(
-    w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, scales: str, backend: str | None
+    w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, scales: str, backend: str | None, damp: float = 0.0
 ) -> torch.Tensor:
     """Block amax fp32 [cout, cin/16] of w0 [cout, cin] by the search ``scales`` names (the local-Hessian ones
-    read the 16x16 diagonal blocks of h [cin, cin])."""
+    read the 16x16 diagonal blocks of h [cin, cin]). A Hessian whose blocks are not positive semi-definite
+    (only an indefinite H, which GPTQ itself had to damp by ``damp`` x mean(diag H) to factor) is searched on
+    the blocks of that same damped matrix, so the scales and the rounding optimise one objective."""
     method = "local_hessian" if scales.startswith("local_hessian") else scales
     hb = block_diagonal(h).float() if method == "local_hessian" else None
+    if hb is not None and not is_psd(hb):
+        shift = damp * float(torch.diagonal(h).double().mean())
+        hb = hb + shift * torch.eye(BLOCK, dtype=hb.dtype, device=hb.device)
     return search_scales(w0, method, hessian=hb, global_amax=g, backend=backend)
 
 
@@ -154,8 +160,10 @@ def rtn_fallback(
     w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, scales: str, backend: str | None, why: str, damp: float,
     dead: int,
 ) -> GPTQOutput:
-    """Round-to-nearest with the scales of ``scales`` (mse when the Hessian is all zero), named ``why``."""
-    used = "mse" if bool((torch.diagonal(h) == 0).all()) else scales.removesuffix("_dynamic")
+    """Round-to-nearest with the scales of ``scales`` (mse when the Hessian is all zero or could not be factored
+    even with damping: then it carries nothing trustworthy), named ``why``."""
+    unusable = bool((torch.diagonal(h) == 0).all()) or why.startswith("Hessian not positive definite")
+    used = "mse" if unusable else scales.removesuffix("_dynamic")
     amax = static_block_amax(w0, h, g, used, backend)
     s_b = block_scale_values(amax, g)
     nb = w0.shape[1] // BLOCK
@@ -179,7 +187,7 @@ def prepare(
     if f.u is None:
         why = (
             f"Hessian not positive definite even with damping {f.damp:g} (after {DAMP_RETRIES} retries x10 from "
-            f"{cfg.damp:g}); rounded to nearest with {cfg.scales} scales"
+            f"{cfg.damp:g}); rounded to nearest with mse scales"
         )
         return g, w0, f, rtn_fallback(w.float(), hessian, g, cfg.scales, backend, why, f.damp, dead)
     return g, w0, f, None
@@ -268,7 +276,7 @@ def gptq_round(
         amax = torch.empty(cout, cin // BLOCK, dtype=torch.float32, device=w.device)
         s_b = torch.empty_like(amax)
     else:
-        amax = static_block_amax(w0, hessian, g, cfg.scales, backend)
+        amax = static_block_amax(w0, hessian, g, cfg.scales, backend, f.damp)
         s_b = block_scale_values(amax, g)
     clock("scales")
     work = w0.to(work_dtype)

@@ -64,7 +64,7 @@ def gptq_reference(
         a_cand = scale_candidates(g)
         amax = torch.empty(cout, cin // BLOCK, dtype=torch.float32, device=w.device)
     else:
-        amax = static_block_amax(w0, hessian, g, cfg.scales, "reference")
+        amax = static_block_amax(w0, hessian, g, cfg.scales, "reference", f.damp)
     s_b = block_scale_values(amax, g) if not dynamic else torch.empty_like(amax)
     codes = torch.empty(cout, cin, dtype=torch.int32, device=w.device)
     q = torch.empty(cout, cin, dtype=torch.float32, device=w.device)

@@ -48,15 +48,25 @@ def with_fallback(h: torch.Tensor) -> torch.Tensor:
     return torch.where(fallback_mask(h)[..., None, None], eye, h)
 
 
-def check_psd(h: torch.Tensor, name: str = "hessian") -> None:
-    """Raise ValueError if a block of h [..., 16, 16] has an eigenvalue below -PSD_RTOL x its largest |entry|
-    (after symmetrising). The message names the first such block (its index in h's leading dims), its smallest
-    eigenvalue and its largest diagonal entry. float64 eigenvalues, on h's device."""
+def _psd_test(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(symmetrised float64 h, smallest eigenvalue, largest |entry|, failing-block mask) per block of h."""
     hd = h.detach().double()
     hd = (hd + hd.transpose(-1, -2)) * 0.5
     lam = torch.linalg.eigvalsh(hd)[..., 0]
     scale = hd.abs().amax(dim=(-2, -1))
-    bad = lam < -PSD_RTOL * scale
+    return hd, lam, scale, lam < -PSD_RTOL * scale
+
+
+def is_psd(h: torch.Tensor) -> bool:
+    """Whether every block of h [..., 16, 16] passes check_psd (same criterion, no exception)."""
+    return not bool(_psd_test(h)[3].any())
+
+
+def check_psd(h: torch.Tensor, name: str = "hessian") -> None:
+    """Raise ValueError if a block of h [..., 16, 16] has an eigenvalue below -PSD_RTOL x its largest |entry|
+    (after symmetrising). The message names the first such block (its index in h's leading dims), its smallest
+    eigenvalue and its largest diagonal entry. float64 eigenvalues, on h's device."""
+    hd, lam, scale, bad = _psd_test(h)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         diag = torch.diagonal(hd[idx])
