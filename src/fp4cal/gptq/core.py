@@ -162,7 +162,8 @@ def rtn_fallback(
 ) -> GPTQOutput:
     """Round-to-nearest with the scales of ``scales`` (mse when the Hessian is all zero or could not be factored
     even with damping: then it carries nothing trustworthy), named ``why``."""
-    unusable = bool((torch.diagonal(h) == 0).all()) or why.startswith("Hessian not positive definite")
+    hessian_scales = scales.startswith("local_hessian")
+    unusable = bool((torch.diagonal(h) == 0).all()) or (hessian_scales and why.startswith("Hessian not positive"))
     used = "mse" if unusable else scales.removesuffix("_dynamic")
     amax = static_block_amax(w0, h, g, used, backend)
     s_b = block_scale_values(amax, g)
@@ -187,7 +188,8 @@ def prepare(
     if f.u is None:
         why = (
             f"Hessian not positive definite even with damping {f.damp:g} (after {DAMP_RETRIES} retries x10 from "
-            f"{cfg.damp:g}); rounded to nearest with mse scales"
+            f"{cfg.damp:g}); rounded to nearest with {'mse' if cfg.scales.startswith('local_hessian') else cfg.scales} "
+            "scales"
         )
         return g, w0, f, rtn_fallback(w.float(), hessian, g, cfg.scales, backend, why, f.damp, dead)
     return g, w0, f, None
