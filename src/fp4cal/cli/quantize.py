@@ -434,6 +434,11 @@ def wait_for_warmup(args: argparse.Namespace) -> tuple[float, float | None]:
     return time.perf_counter() - t, took
 
 
+def _wait_phase(args: argparse.Namespace, waited: float) -> dict[str, float]:
+    """The summary's "kernel compile wait" phase, present when a warm-up ran (CUDA)."""
+    return {"kernel compile wait": waited} if getattr(args, "warmup", None) is not None else {}
+
+
 def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     """One process's work: ctx is None (single process) or (rank, world, device) under a launcher."""
     from fp4cal.calib.calibrate import DEFAULT_MIN_EXPERT_TOKENS, calibrate
@@ -476,7 +481,7 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     if ctx is None:
         waited, args.warmup_seconds = wait_for_warmup(args)
         result = calibrate(model, batches, args.method, **kwargs)
-        phases = {"load + data": t_load, "kernel compile wait": waited,
+        phases = {"load + data": t_load, **_wait_phase(args, waited),
                   "calibration forward": result.timings["capture"], "scale search": result.timings["search"]}
     else:
         from fp4cal.calib.distributed import calibrate_distributed
@@ -553,7 +558,7 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         return _fail(str(e).strip("'\""))
     t = rep.timings
-    phases = {"kernel compile wait": waited, "setup + data": t.get("setup", 0.0), "embed": t.get("embed", 0.0),
+    phases = {**_wait_phase(args, waited), "setup + data": t.get("setup", 0.0), "embed": t.get("embed", 0.0),
               "read": t.get("read", 0.0), "forward + capture": t.get("forward", 0.0), "search": t.get("search", 0.0),
               "write": t.get("write", 0.0), "other": t.get("other", 0.0), "total": t["total"] + waited}
     n_batches = -(-args.samples // args.batch_size)
