@@ -86,9 +86,10 @@ def test_partial_run_of_another_model_is_refused(llama_src, tmp_path):
 
 
 def test_full_disk_names_the_file_and_leaves_the_users_directory(llama_src, tmp_path, monkeypatch):
+    # overwrite=True no longer lets a user's own directory be replaced at all (refused before any work, see
+    # test_export_safety), so the user's file sits beside out_dir, which must not appear half-written
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
+    (tmp_path / "mine.txt").write_text("keep")
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"x")  # a partial file, as a full disk leaves
@@ -98,7 +99,7 @@ def test_full_disk_names_the_file_and_leaves_the_users_directory(llama_src, tmp_
     with pytest.raises(OSError) as e:
         quantize_checkpoint(llama_src, out, cases.batches(), method="max", device="cpu", overwrite=True)
     assert "part-00001.safetensors" in str(e.value) and "No space left" in str(e.value)
-    assert files(out) == {"mine.txt": b"keep"}
+    assert not out.exists() and (tmp_path / "mine.txt").read_text() == "keep"
     assert not list(staging_mod.staging_path(out).glob("ckpt/*.tmp"))
 
 
