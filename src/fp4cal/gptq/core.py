@@ -157,14 +157,11 @@ def static_block_amax(
 
 
 def rtn_fallback(
-    w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, scales: str, backend: str | None, why: str, damp: float,
+    w0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, used: str, backend: str | None, why: str, damp: float,
     dead: int,
 ) -> GPTQOutput:
-    """Round-to-nearest with the scales of ``scales`` (mse when the Hessian is all zero or could not be factored
-    even with damping: then it carries nothing trustworthy), named ``why``."""
-    hessian_scales = scales.startswith("local_hessian")
-    unusable = bool((torch.diagonal(h) == 0).all()) or (hessian_scales and why.startswith("Hessian not positive"))
-    used = "mse" if unusable else scales.removesuffix("_dynamic")
+    """Round-to-nearest with the scales of the search ``used`` (prepare picks mse when the Hessian carries
+    nothing trustworthy: all zero, or not factorable even with damping), named ``why``."""
     amax = static_block_amax(w0, h, g, used, backend)
     s_b = block_scale_values(amax, g)
     nb = w0.shape[1] // BLOCK
@@ -184,14 +181,14 @@ def prepare(
     dead = int(f.dead.sum())
     if dead == w.shape[1]:
         why = "every input channel had zero second moment (all calibration tokens zero); rounded to nearest, mse scales"
-        return g, w0, f, rtn_fallback(w.float(), hessian, g, cfg.scales, backend, why, float("nan"), dead)
+        return g, w0, f, rtn_fallback(w.float(), hessian, g, "mse", backend, why, float("nan"), dead)
     if f.u is None:
+        used = "mse" if cfg.scales.startswith("local_hessian") else cfg.scales  # max / mse need no Hessian
         why = (
             f"Hessian not positive definite even with damping {f.damp:g} (after {DAMP_RETRIES} retries x10 from "
-            f"{cfg.damp:g}); rounded to nearest with {'mse' if cfg.scales.startswith('local_hessian') else cfg.scales} "
-            "scales"
+            f"{cfg.damp:g}); rounded to nearest with {used} scales"
         )
-        return g, w0, f, rtn_fallback(w.float(), hessian, g, cfg.scales, backend, why, f.damp, dead)
+        return g, w0, f, rtn_fallback(w.float(), hessian, g, used, backend, why, f.damp, dead)
     return g, w0, f, None
 
 
