@@ -118,8 +118,13 @@ def write_checkpoint(args, ckpt: Path) -> dict:
 
 
 MODELOPT_CHILD = r'''
-import json, os, resource, sys, time
+import atexit, json, os, resource, sys, time
 t_start = time.perf_counter()
+def _age():
+    stat = open("/proc/self/stat").read()
+    start = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return float(open("/proc/uptime").read().split()[0]) - start
+atexit.register(lambda: print(f"[mo trace] {{_age():8.3f}} s  interpreter exit begins (atexit)", flush=True))
 import torch
 sys.path.insert(0, {src!r})
 from fp4cal.calib.data import calibration_batches
@@ -161,8 +166,12 @@ def run_child(label: str, cmd: list[str], env: dict, log: Path, timeout: float) 
         out, code = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout:.0f} s", -1
     wall = time.perf_counter() - t0
     log.write_text(" ".join(cmd) + "\n\n" + (out if isinstance(out, str) else out.decode()))
-    row = {"run": label, "wall": wall, "rc": code, "phases": {}, "gpu": None, "cpu": None, "path": None}
+    row = {"run": label, "wall": wall, "rc": code, "phases": {}, "gpu": None, "cpu": None, "path": None,
+           "exit": None}
     for line in out.splitlines():
+        m = re.match(r"\[(?:fp4cal|mo) trace\]\s+([\d.]+) s\s+(?:interpreter exit begins|exit)", line)
+        if m:  # what the process spent after its last Python line: interpreter and CUDA teardown
+            row["exit"] = wall - float(m.group(1))
         if line.startswith("time: "):
             for part in line[6:].split(" | "):
                 m = re.match(r"(.+) ([\d.]+) s$", part.strip())
@@ -194,7 +203,8 @@ def main() -> int:
                     help="streaming's GPU cap, fraction of the card (default: 25 %% of the bf16 model's size, at "
                     "least 6 GiB: the embedding and one batch's temporaries must fit)")
     ap.add_argument("--runs", default="stream-cold,stream,whole,mo-cold,mo",
-                    help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo")
+                    help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo, mo-plain(-cold); "
+                    "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof)")
     ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--json", default=None, help="write the rows here")
@@ -233,14 +243,18 @@ def main() -> int:
     rows = []
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
         cold = run.endswith("-cold")
-        kind = run.removesuffix("-cold")
+        profiled = run.endswith("-prof")  # fp4cal's main thread under cProfile (FP4CAL_PROFILE): slower, for finding
+        kind = run.removesuffix("-cold").removesuffix("-prof")
         mo = kind in ("mo", "mo-plain")  # ModelOpt local_hessian with / without its layerwise mode
         cache = work / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
             shutil.rmtree(cache)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                "TRITON_CACHE_DIR": str(cache / "triton"), "TORCH_EXTENSIONS_DIR": str(cache / "torch_ext"),
-               "FP4CAL_CACHE": str(cache / "fp4cal"), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+               "FP4CAL_CACHE": str(cache / "fp4cal"), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+               "FP4CAL_TRACE": "1"}  # fp4cal's steps with their process age, and the start of its exit
+        if profiled:
+            env["FP4CAL_PROFILE"] = str(logs / f"{run}.prof")
         out = work / f"out-{run}"
         if out.exists():
             shutil.rmtree(out)
@@ -270,13 +284,14 @@ def main() -> int:
     print(f"\n{shape}-shaped, {config(args).num_hidden_layers} layers, "
           f"{size / 2**30:.2f} GiB bf16; {args.samples} x {args.seq_len} tokens, {args.method}; "
           f"checkpoint read {read_s:.2f} s; streaming GPU cap {frac if frac else '-'}")
-    print(f"{'run':<12} {'wall s':>8} {'vs MO':>6} {'GPU GiB':>8} {'CPU GiB':>8}  phases (s)")
+    print(f"{'run':<12} {'wall s':>8} {'vs MO':>6} {'exit s':>6} {'GPU GiB':>8} {'CPU GiB':>8}  phases (s)")
     for r in rows:
         ratio = f"{ref / r['wall']:.2f}x" if ref and r["rc"] == 0 else "-"
         gpu = f"{r['gpu']:.1f}" if r["gpu"] is not None else "-"
         cpu = f"{r['cpu']:.1f}" if r["cpu"] is not None else "-"
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()) or r.get("error", "")
-        print(f"{r['run']:<12} {r['wall']:>8.1f} {ratio:>6} {gpu:>8} {cpu:>8}  {phases}")
+        ext = f"{r['exit']:.1f}" if r.get("exit") is not None else "-"
+        print(f"{r['run']:<12} {r['wall']:>8.1f} {ratio:>6} {ext:>6} {gpu:>8} {cpu:>8}  {phases}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "read_s": read_s,
                                                "fraction": frac, "args": vars(args)}, indent=2, default=str))

@@ -20,8 +20,17 @@ def test_default_model_prints_a_summary(capsys):
     assert "BertModel" in out and "method max, 2 x 16 tokens (1 batches)" in out
     assert "weights quantized: 37; fallbacks: 0; left in high precision: 0; model forwards: 1" in out
     assert "encoder.layer.*.attention.self.query.weight" in out and "total" in out
-    for phase in ("load + data", "calibration forward", "scale search", "total"):
-        assert phase in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("time: "))
+    phases = {}
+    for part in line[len("time: "):].split(" | "):
+        name, value, unit = part.rsplit(" ", 2)
+        assert unit == "s"
+        phases[name] = float(value)
+    assert list(phases)[:3] == ["startup", "load model", "data"]
+    for phase in ("calibration forward", "scale search", "other", "total"):
+        assert phase in phases
+    # the phases add up to the total (within the rounding of the printed values)
+    assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) <= 0.005 * len(phases)
 
 
 def test_local_hessian_summary_reports_hessian_weighted_reduction(capsys):

@@ -215,7 +215,7 @@ def test_disagreeing_models_raise_on_every_rank(runs):
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank(runs):
     errs = runs["errors"]
-    assert errs[1]["capture"].startswith("ValueError: activations of model.layers.1.mlp.down_proj")
+    assert errs[1]["capture"].startswith("ValueError: activations at the input of model.layers.1.mlp.down_proj")
     assert "non-finite" in errs[1]["capture"]
     assert errs[0]["capture"] == "RuntimeError: capture failed on rank 1: " + errs[1]["capture"]
 

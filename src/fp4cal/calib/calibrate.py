@@ -42,18 +42,21 @@ def _sync(device: torch.device) -> None:
 
 
 def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[str, object]:
-    """logits_to_keep=1 for a Hugging Face causal LM whose output head is not quantized: calibration needs
-    no logits, and the full [batch, seq, vocab] logits are often the largest tensor of the forward."""
+    """use_cache=False where the forward takes it, and logits_to_keep=1 for a Hugging Face causal LM whose output
+    head is not quantized: calibration needs no logits, and the full [batch, seq, vocab] logits are often the
+    largest tensor of the forward."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
+    # no key/value cache: nothing generates after the forward, and the cache of every layer would be written
+    kw: dict[str, object] = {"use_cache": False} if "use_cache" in params else {}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if "logits_to_keep" not in params or head is None:
-        return {}
+        return kw
     if any(t.module is head for t in targets):
-        return {}
-    return {"logits_to_keep": 1}
+        return kw
+    return {**kw, "logits_to_keep": 1}
 
 
 def group_global_amax(targets: list[Target]) -> dict[str, torch.Tensor]:

@@ -94,6 +94,15 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return next(iter(kwargs.values()))
 
 
+def _abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as an fp32 scalar tensor (0 for an empty x), NaN if x holds one: one read of x (aminmax), not the
+    |x| copy that x.abs().amax() writes first."""
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, -lo).float()
+
+
 def _check_finite_amax(amax: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(amax).all()):
         raise ValueError(
@@ -194,11 +203,13 @@ class ActivationCapture:
             return  # already accumulated for another member of this input
         self._recent[id(x)] = (weakref.ref(x), slot)
         x = x.detach()
+        # no per-batch finiteness test (a host sync per input and batch): a non-finite activation makes this
+        # input's amax non-finite, which check() reports once, naming the layer
         if slot.hessian is not None:
-            slot.hessian.add(x)  # raises, naming the layer, on non-finite activations
+            slot.hessian.add(x, check=False)
         if slot.full is not None:
-            slot.full.add(x)
-        a = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+            slot.full.add(x, check=False)
+        a = _abs_max(x)
         slot.amax = a if slot.amax is None else torch.maximum(slot.amax, a)
         slot.tokens += n
 
@@ -260,14 +271,14 @@ class ActivationCapture:
             x = hs[tok]
             y = self._expert_linear(x, first[e], None if first_bias is None else first_bias[e], m.is_transposed)
             h = m._apply_gate(y) if m.has_gate else m.act_fn(y)
-            if st.in_hessians is not None:
-                st.in_hessians[e].add(x)
-                st.mid_hessians[e].add(h)
+            if st.in_hessians is not None:  # finiteness: checked once at the end through the amax (as above)
+                st.in_hessians[e].add(x, check=False)
+                st.mid_hessians[e].add(h, check=False)
             if st.in_full is not None:
-                st.in_full[e].add(x)
-                st.mid_full[e].add(h)
-            st.in_amax[e] = torch.maximum(st.in_amax[e], x.abs().amax().float())
-            st.mid_amax[e] = torch.maximum(st.mid_amax[e], h.abs().amax().float())
+                st.in_full[e].add(x, check=False)
+                st.mid_full[e].add(h, check=False)
+            st.in_amax[e] = torch.maximum(st.in_amax[e], _abs_max(x))
+            st.mid_amax[e] = torch.maximum(st.mid_amax[e], _abs_max(h))
             y = self._expert_linear(h, m.down_proj[e], None if down_bias is None else down_bias[e], m.is_transposed)
             if getattr(m, "has_post_expert_norm", False):
                 y = m.post_expert_norm(y)

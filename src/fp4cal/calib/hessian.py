@@ -19,6 +19,20 @@ def check_activations(x: torch.Tensor, cin: int, device: torch.device, name: str
         raise ValueError(f"activations of {name} are on {x.device}, the accumulator is on {device}")
 
 
+def _block_gram(xt: torch.Tensor) -> torch.Tensor:
+    """xt^T xt per block as fp32 [nb, 16, 16] for tokens xt [nb, T, 16] (a strided view of [T, cin]). On CUDA,
+    bf16/fp16 activations go straight into a batched tensor-core matmul with fp32 output (products of 8/11-bit
+    mantissas are exact in fp32, sums in fp32): no fp32 copy of the activations, which for a [16384, 12288] input
+    is 0.8 GB written and read again per batch. Elsewhere (and for fp32 input): the fp32 bmm."""
+    if xt.is_cuda and xt.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.bmm(xt.transpose(1, 2), xt, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without bmm(out_dtype=): the fp32 product below
+            pass
+    xf = xt.float()
+    return torch.bmm(xf.transpose(1, 2), xf)
+
+
 class HessianAccumulator:
     """Accumulates sum x x^T per 16-channel block, and the token count.
 
@@ -57,17 +71,19 @@ class HessianAccumulator:
         """The float64 accumulator itself, [cin/16, 16, 16] (not a copy: in-place reductions write into it)."""
         return self._sum
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add activations x: (..., cin), float; non-finite values raise."""
+    def add(self, x: torch.Tensor, check: bool = True) -> None:
+        """Add activations x: (..., cin), float; non-finite values raise. check=False skips that test (a host
+        sync per call): for callers that check the same activations another way (the capture checks each input's
+        amax once at the end, and a non-finite activation makes its amax non-finite)."""
         check_activations(x, self.cin, self._sum.device, self.name)
-        xb = x.reshape(-1, self.cin // BLOCK, BLOCK).float()
-        if xb.shape[0] == 0:
+        if x.numel() == 0:
             return
-        check_finite(xb, f"activations of {self.name}")
+        xb = x.reshape(-1, self.cin // BLOCK, BLOCK)
+        if check:
+            check_finite(xb, f"activations of {self.name}")
         # [nb, T, 16]^T @ [nb, T, 16] -> [nb, 16, 16]: this batch's products in fp32 (the matmul's own
         # accumulation, a fixed function of the batch), added to the float64 running sum.
-        xt = xb.transpose(0, 1)
-        self._sum += torch.bmm(xt.transpose(1, 2), xt)
+        self._sum += _block_gram(xb.transpose(0, 1))
         self.n += xb.shape[0]
 
     def merge(self, other: HessianAccumulator) -> None:
@@ -86,16 +102,17 @@ class HessianAccumulator:
         return (self._sum / self.n).float()
 
 
-def _gram(x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
-    """x^T x as fp32 [cin, cin] for tokens x [T, cin] (xf: x in fp32). On CUDA, bf16/fp16 activations go through
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x as fp32 [cin, cin] for tokens x [T, cin]. On CUDA, bf16/fp16 activations go through
     the tensor cores with fp32 output (torch.mm out_dtype): the products of 8/11-bit mantissas are exact in fp32
     and the sums are fp32, the same arithmetic as the fp32 matmul of xf, ~10-30x faster for a [12288, 12288]
-    Hessian (the fp32 product would dominate GPTQ's time). Elsewhere: xf^T @ xf."""
+    Hessian (the fp32 product would dominate GPTQ's time). Elsewhere: the fp32 product."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.mm(x.t(), x, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the fp32 product below
             pass
+    xf = x.float()
     return xf.t() @ xf
 
 
@@ -121,15 +138,17 @@ class FullHessianAccumulator:
         """The float64 accumulator itself, [cin, cin] (not a copy)."""
         return self._sum
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add activations x: (..., cin), float; non-finite values raise, naming the input."""
+    def add(self, x: torch.Tensor, check: bool = True) -> None:
+        """Add activations x: (..., cin), float; non-finite values raise, naming the input (check=False: the
+        caller checks them another way, as HessianAccumulator.add)."""
         check_activations(x, self.cin, self._sum.device, self.name)
-        xf = x.reshape(-1, self.cin).float()
-        if xf.shape[0] == 0:
+        x2 = x.reshape(-1, self.cin)
+        if x2.shape[0] == 0:
             return
-        check_finite(xf, f"activations of {self.name}")
-        self._sum += _gram(x.reshape(-1, self.cin), xf)  # this batch in fp32, added to the float64 running sum
-        self.n += xf.shape[0]
+        if check:
+            check_finite(x2, f"activations of {self.name}")
+        self._sum += _gram(x2)  # this batch in fp32, added to the float64 running sum
+        self.n += x2.shape[0]
 
     def merge(self, other: FullHessianAccumulator) -> None:
         """Add another accumulator's sums (e.g. from another data shard)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # sub-command -> module that defines add_arguments(parser) and run(args) -> int
@@ -16,6 +18,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fp4cal.cli import clock
+
+    command_line = argv is None
+    if not command_line:  # called from Python: the wall clock of this command starts here, not at process start
+        clock.start_here()
     parser = argparse.ArgumentParser(prog="fp4cal", description="NVFP4 quantization with accurate block scales")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
@@ -27,7 +34,38 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    run = importlib.import_module(COMMANDS[args.command][0]).run
+    profile = os.environ.get("FP4CAL_PROFILE")
+    if profile:  # a cProfile of the command (main thread), for finding where a slow run's time went
+        import cProfile
+
+        prof = cProfile.Profile()
+        try:
+            code = int(prof.runcall(run, args) or 0)
+        finally:
+            prof.dump_stats(profile)
+    else:
+        code = int(run(args) or 0)
+    if command_line:  # nothing is left to do but leave
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown, which takes a second or more once torch, Triton and
+    transformers are loaded (and longer with a CUDA context and a model on the GPU): the command's files are
+    written and renamed and its threads joined by now, so only the output streams and log handlers need
+    flushing. atexit handlers do not run (clock's exit trace prints its line here instead)."""
+    from fp4cal.cli import clock
+
+    clock.trace("exit (skipping the interpreter's teardown)")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from fp4cal.cli.clock import process_age, trace
 from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
 from fp4cal.gptq import DEFAULT_SCALES as GPTQ_DEFAULT_SCALES
 from fp4cal.gptq import SCALES as GPTQ_SCALES
@@ -178,9 +179,10 @@ def _init_distributed(args: argparse.Namespace):
     return rank, world, dev
 
 
-def load_model(model_dir: str | None, device, dtype: str = "auto"):
+def load_model(model_dir: str | None, device, dtype: str = "auto", tokenizer: bool = True):
     """(model, tokenizer, description) for a Hugging Face directory; causal LMs load with
-    AutoModelForCausalLM, anything else (encoders such as the bundled MiniLM) with AutoModel."""
+    AutoModelForCausalLM, anything else (encoders such as the bundled MiniLM) with AutoModel.
+    tokenizer=False: None in its place (quantize reads its token ids through the token cache)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -201,15 +203,15 @@ def load_model(model_dir: str | None, device, dtype: str = "auto"):
         model = cls.from_pretrained(path, dtype=torch_dtype, device_map={"": torch.device(device)}).eval()
     else:
         model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     arch = (config.architectures or [type(model).__name__])[0]
-    return model, tokenizer, f"{label or path.name} ({arch}, {cls.__name__})"
+    return model, tok, f"{label or path.name} ({arch}, {cls.__name__})"
 
 
-def load_model_for_run(args: argparse.Namespace, device):
-    """load_model(args.model_dir, device, args.dtype), then check args.seq_len against the model's
+def load_model_for_run(args: argparse.Namespace, device, tokenizer: bool = True):
+    """load_model(args.model_dir, device, args.dtype, tokenizer), then check args.seq_len against the model's
     max_position_embeddings. Raises FileNotFoundError / ValueError / OSError / ImportError with the message."""
-    model, tokenizer, desc = load_model(args.model_dir, device, args.dtype)
+    model, tokenizer, desc = load_model(args.model_dir, device, args.dtype, tokenizer)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
@@ -316,6 +318,7 @@ def format_summary(result, header: str, phases: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    trace("quantize: arguments parsed")
     if args.gpu_memory_fraction is not None and not 0 < args.gpu_memory_fraction <= 1:
         return _fail(f"--gpu-memory-fraction must be in (0, 1], got {args.gpu_memory_fraction}")
     try:  # every argument and output path is checked before minutes of loading and calibration
@@ -356,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"MODEL_DIR {str(model_path)!r} has no config.json; expected a Hugging Face model directory")
         stream, why = choose_path(args, model_path, device)
         args.warmup = start_kernel_warmup(args, model_path, device)  # compiles while the model loads
+        trace("kernel warm-up started" if args.warmup is not None else "no kernel warm-up")
         if stream:
             return _run_streaming(args, model_path, label, device, why)
         args.path_reason = why
@@ -442,8 +446,8 @@ def _wait_phase(args: argparse.Namespace, waited: float) -> dict[str, float]:
 def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     """One process's work: ctx is None (single process) or (rank, world, device) under a launcher."""
     from fp4cal.calib.calibrate import DEFAULT_MIN_EXPERT_TOKENS, calibrate
-    from fp4cal.calib.data import calibration_batches
     from fp4cal.calib.targets import DEFAULT_EXCLUDE
+    from fp4cal.stream.data import cached_calibration_batches
 
     rank, world = (0, 1) if ctx is None else ctx[:2]
     if args.no_progress or rank != 0:
@@ -451,16 +455,22 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
+    startup = process_age()  # interpreter, imports, argument checks: the user waited for them too
     err = None
+    t_model = 0.0
     try:
         device = parse_device(args.device) if ctx is None else ctx[2]
-        model, tokenizer, desc = load_model_for_run(args, device)
+        model, _, desc = load_model_for_run(args, device, tokenizer=False)
+        t_model = time.perf_counter() - t0
+        trace("model loaded")
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         err = str(e)
     if err is None:
-        try:
-            batches = calibration_batches(tokenizer, args.calib, args.samples, args.seq_len, args.batch_size)
-        except (FileNotFoundError, ValueError, TypeError) as e:
+        try:  # token ids through the content-hash cache: a repeated run does not tokenize again
+            batches = cached_calibration_batches(_model_path(args.model_dir)[0], args.calib, args.samples,
+                                                 args.seq_len, args.batch_size)
+            trace("calibration tokens ready")
+        except (FileNotFoundError, ValueError, TypeError, OSError) as e:
             err = str(e)
     if ctx is not None:  # every rank stops if one cannot go on (the others would wait in a collective)
         from fp4cal.calib.distributed import first_error
@@ -469,6 +479,7 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     if err is not None:
         return _fail(err) if rank == 0 or ctx is None else 2
     t_load = time.perf_counter() - t0
+    loading = {"startup": startup, "load model": t_model, "data": t_load - t_model}
 
     kwargs = dict(
         exclude=list(DEFAULT_EXCLUDE) + list(args.exclude),
@@ -480,14 +491,16 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
         kwargs.update(gptq_scales=args.gptq_scales, gptq_damp=args.gptq_damp)
     if ctx is None:
         waited, args.warmup_seconds = wait_for_warmup(args)
+        trace("kernel warm-up waited for")
         result = calibrate(model, batches, args.method, **kwargs)
-        phases = {"load + data": t_load, **_wait_phase(args, waited),
+        trace("calibrated")
+        phases = {**loading, **_wait_phase(args, waited),
                   "calibration forward": result.timings["capture"], "scale search": result.timings["search"]}
     else:
         from fp4cal.calib.distributed import calibrate_distributed
 
         result = calibrate_distributed(model, batches, args.method, **kwargs)
-        phases = {"load + data": t_load, "calibration forward": result.timings["capture"],
+        phases = {**loading, "calibration forward": result.timings["capture"],
                   "all-reduce": result.timings["reduce"], "scale search": result.timings["search"],
                   "gather": result.timings["gather"]}
     if exporter is not None:
@@ -499,7 +512,10 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
 
             run_on_rank0(lambda: exporter(result, model, args.out, format=args.format))
         phases["export"] = time.perf_counter() - t1
-    phases["total"] = time.perf_counter() - t0
+        trace("exported")
+    total = startup + time.perf_counter() - t0
+    phases["other"] = max(total - sum(phases.values()), 0.0)  # finding targets, global amax, the result's losses
+    phases["total"] = total
     if rank != 0:
         return 0
     dtype = next(model.parameters()).dtype
@@ -545,7 +561,9 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     budget = args.activation_budget
     if budget is None and device.type == "cuda":
         budget = _available_memory(device) // 4
+    startup = process_age()  # interpreter, imports, argument checks
     waited, args.warmup_seconds = wait_for_warmup(args)
+    trace("kernel warm-up waited for")
     try:
         rep = quantize_checkpoint(
             model_path, args.out, None, texts=args.calib, samples=args.samples, seq_len=args.seq_len,
@@ -558,9 +576,11 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
         return _fail(str(e).strip("'\""))
     t = rep.timings
-    phases = {**_wait_phase(args, waited), "setup + data": t.get("setup", 0.0), "embed": t.get("embed", 0.0),
-              "read": t.get("read", 0.0), "forward + capture": t.get("forward", 0.0), "search": t.get("search", 0.0),
-              "write": t.get("write", 0.0), "other": t.get("other", 0.0), "total": t["total"] + waited}
+    trace("streamed")
+    phases = {"startup": startup, **_wait_phase(args, waited), "setup + data": t.get("setup", 0.0),
+              "embed": t.get("embed", 0.0), "read": t.get("read", 0.0), "forward + capture": t.get("forward", 0.0),
+              "search": t.get("search", 0.0), "write": t.get("write", 0.0), "other": t.get("other", 0.0),
+              "total": startup + waited + t["total"]}
     n_batches = -(-args.samples // args.batch_size)
     header = (f"fp4cal quantize: {label or model_path.name} ({rep.description}), method {args.method}, "
               f"{args.samples} x {args.seq_len} tokens ({n_batches} batches), {device}")
