@@ -364,11 +364,11 @@ def export(
     ignore = ignore_list(model, entries)
 
     with staged_directory(out_dir, overwrite) as tmp:
-        writer = ShardedWriter(tmp, shard_bytes)
-        for entry in tqdm(entries, desc=f"export {format}", unit="tensor", disable=None):
-            for ckpt_name, t, meta in entry_tensors(entry, format, w4a4, input_amax.get(entry.name)):
-                writer.add(ckpt_name, t, meta)
-        writer.close()
+        with ShardedWriter(tmp, shard_bytes) as writer:  # shards go to disk in a thread while the next is made
+            for entry in tqdm(entries, desc=f"export {format}", unit="tensor", disable=None):
+                for ckpt_name, t, meta in entry_tensors(entry, format, w4a4, input_amax.get(entry.name)):
+                    writer.add(ckpt_name, t, meta)
+            writer.close()
         moe = any(e.weight is not None and e.tensor.dim() == 3 for e in entries)
         write_side_files(model, tmp, format, ignore, w4a4, src, moe=moe)
         check_export(tmp, format)  # what the engines' loaders need (docs/export.md); raises before the rename

@@ -344,10 +344,14 @@ class ShardedWriter:
     """Write named tensors into safetensors shards of at most ``max_shard_bytes`` each (a single
     tensor larger than that gets a shard of its own), in the order given.
 
-    One shard is kept in memory at a time. Shards are written as they fill, under provisional names,
-    and renamed by close() to ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors``
-    plus ``model.safetensors.index.json``. ``metadata`` strings attached with add() go into the header
-    of the shard holding that tensor (besides {"format": "pt"}, which transformers requires).
+    Shards are written as they fill, under provisional names, by a background thread: while one shard goes to
+    disk the caller quantizes and copies the next (safetensors writes without holding the GIL). At most two
+    shards are in memory, the one being written and the one being filled. close() writes the last shard, waits,
+    and renames them to ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``. ``metadata`` strings attached with add() go into the header of the shard
+    holding that tensor (besides {"format": "pt"}, which transformers requires). Use it as a context manager (or
+    call wait()) so that a failure elsewhere does not leave a write running into a directory being removed; a
+    failed write raises from the next add(), close() or wait().
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
@@ -358,7 +362,21 @@ class ShardedWriter:
         self._bytes = 0
         self._files: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
+        self._pending = None  # the background write of the previous shard (concurrent.futures.Future)
+        self._pool = None
         self.total_size = 0
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.wait()
+        except BaseException:
+            if exc_type is None:
+                raise  # nothing else is propagating: the write's own failure is the error
+        finally:
+            self._shutdown()
 
     def add(self, name: str, tensor: torch.Tensor, metadata: dict[str, dict] | None = None) -> None:
         """Queue one tensor. metadata: {key: {entry: str}}; entries of the same key are merged per shard."""
@@ -375,12 +393,28 @@ class ShardedWriter:
         for key, entries in (metadata or {}).items():
             self._metadata.setdefault(key, {}).update(entries)
 
+    def wait(self) -> None:
+        """Wait for the shard being written; re-raises its failure."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _flush(self) -> None:
         if not self._tensors:
             return
+        self.wait()  # one shard in flight at a time; a failed write stops the export here
         path = self.directory / f"shard-{len(self._files) + 1:05d}.partial.safetensors"
         meta = {"format": "pt", **{k: json.dumps(v, sort_keys=True) for k, v in self._metadata.items()}}
-        self._write_shard(self._tensors, path, meta)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp4cal-shard-writer")
+        self._pending = self._pool.submit(self._write_shard, self._tensors, path, meta)
         self._files.append((path, list(self._tensors)))
         self._tensors, self._metadata, self._bytes = {}, {}, 0
 
@@ -390,6 +424,10 @@ class ShardedWriter:
     def close(self) -> list[str]:
         """Write the last shard, give the shards their final names, write the index; returns file names."""
         self._flush()
+        try:
+            self.wait()
+        finally:
+            self._shutdown()
         n = len(self._files)
         if n == 0:
             raise ValueError("no tensors were written; the checkpoint would be empty")
