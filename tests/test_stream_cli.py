@@ -34,7 +34,8 @@ def test_streaming_summary_names_the_path_phases_and_memory(llama_dir, tmp_path,
     assert "weights quantized: 14;" in text and "lm_head.weight: excluded" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("time: "))
     phases = dict((p.rsplit(" ", 2)[0], float(p.rsplit(" ", 2)[1])) for p in line[6:].split(" | "))
-    assert list(phases) == ["startup", "setup + data", "embed", "read", "forward + capture", "search", "write", "other", "total"]
+    assert list(phases) == ["startup", "setup + data", "embed", "read", "forward + capture", "search", "write",
+                            "other", "total"]
     # adds up: the printed values are each rounded to 0.01 s, so the printed sum may differ from the printed
     # total by at most half a hundredth per printed value (the phases and the total)
     assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) <= 0.005 * len(phases) + 1e-9
