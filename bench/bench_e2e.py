@@ -204,7 +204,8 @@ def main() -> int:
                     "least 6 GiB: the embedding and one batch's temporaries must fit)")
     ap.add_argument("--runs", default="stream-cold,stream,whole,mo-cold,mo",
                     help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo, mo-plain(-cold); "
-                    "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof)")
+                    "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof); whole-nowarm / "
+                    "stream-nowarm: without the kernel warm-up thread")
     ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--json", default=None, help="write the rows here")
@@ -244,7 +245,8 @@ def main() -> int:
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
         cold = run.endswith("-cold")
         profiled = run.endswith("-prof")  # fp4cal's main thread under cProfile (FP4CAL_PROFILE): slower, for finding
-        kind = run.removesuffix("-cold").removesuffix("-prof")
+        nowarm = run.endswith("-nowarm")  # fp4cal without its kernel warm-up thread (FP4CAL_WARMUP=0)
+        kind = run.removesuffix("-cold").removesuffix("-prof").removesuffix("-nowarm")
         mo = kind in ("mo", "mo-plain")  # ModelOpt local_hessian with / without its layerwise mode
         cache = work / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
@@ -255,6 +257,8 @@ def main() -> int:
                "FP4CAL_TRACE": "1"}  # fp4cal's steps with their process age, and the start of its exit
         if profiled:
             env["FP4CAL_PROFILE"] = str(logs / f"{run}.prof")
+        if nowarm:
+            env["FP4CAL_WARMUP"] = "0"
         out = work / f"out-{run}"
         if out.exists():
             shutil.rmtree(out)

@@ -386,12 +386,12 @@ def run(args: argparse.Namespace) -> int:
 def start_kernel_warmup(args: argparse.Namespace, model_path: Path, device):
     """On CUDA, start compiling the search kernels this run needs (fp4cal.search.warmup, a background thread)
     for the checkpoint's dtype, so that a cold Triton cache costs load time rather than search time; None
-    elsewhere (the CPU search compiles nothing)."""
+    elsewhere (the CPU search compiles nothing) and with FP4CAL_WARMUP=0 (kernels compile at first use)."""
     import json
 
     import torch
 
-    if device.type != "cuda":
+    if device.type != "cuda" or os.environ.get("FP4CAL_WARMUP", "1") == "0":  # 0: compile at first use instead
         return None
     if args.method == "gptq":
         methods = ["mse"] if args.gptq_scales in ("mse", "max") else ["local_hessian"]
