@@ -205,6 +205,9 @@ def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[Qu
     s_g = q.global_scale.reshape(-1).cpu()
     modules = []
     for piece in entry.pieces:
+        rows = piece.rows
+        if rows.numel() == codes.shape[0] and bool((rows == torch.arange(rows.numel())).all()):
+            rows = None  # the piece is the whole tensor, in order: no copy of its codes
         experts = torch.unique(piece.rows // cout)
         if experts.numel() != 1:
             raise ValueError(
@@ -214,8 +217,8 @@ def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[Qu
         modules.append(
             QuantizedModule(
                 module=module_of(piece.name, entry.name),
-                codes=codes.index_select(0, piece.rows).contiguous(),
-                block_scale=scales.index_select(0, piece.rows).contiguous(),
+                codes=codes if rows is None else codes.index_select(0, rows).contiguous(),
+                block_scale=scales if rows is None else scales.index_select(0, rows).contiguous(),
                 global_scale=s_g[e].clone(),
                 input_amax=None if input_amax is None else input_amax[e if input_amax.numel() > 1 else 0].clone(),
             )

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from fp4cal.export.safetensors_writer import save_file
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -346,7 +347,8 @@ class ShardedWriter:
 
     Shards are written as they fill, under provisional names, by a background thread: while one shard goes to
     disk the caller quantizes and copies the next (safetensors writes without holding the GIL). At most two
-    shards are in memory, the one being written and the one being filled. close() writes the last shard, waits,
+    shards are in memory, the one being written and the one being filled (the write itself is threaded:
+    fp4cal.export.safetensors_writer). close() writes the last shard, waits,
     and renames them to ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``. ``metadata`` strings attached with add() go into the header of the shard
     holding that tensor (besides {"format": "pt"}, which transformers requires). Use it as a context manager (or
@@ -419,7 +421,7 @@ class ShardedWriter:
         self._tensors, self._metadata, self._bytes = {}, {}, 0
 
     def _write_shard(self, tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-        save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, path, metadata)  # threaded (safetensors_writer): the shard's bytes in parallel
 
     def close(self) -> list[str]:
         """Write the last shard, give the shards their final names, write the index; returns file names."""

@@ -28,7 +28,6 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fp4cal.calib.result import WeightResult
 from fp4cal.export.io import (
@@ -37,6 +36,7 @@ from fp4cal.export.io import (
     swap_into_place,
     write_json,
 )
+from fp4cal.export.safetensors_writer import save_file
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -72,26 +72,6 @@ def _atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write_json(tmp, data)
     os.replace(tmp, path)
-
-
-def canonical_header(path: Path) -> None:
-    """Rewrite a safetensors file's header in place with its ``__metadata__`` keys sorted.
-
-    safetensors keeps the metadata in a hash map whose iteration order changes from process to process, so
-    the same tensors and metadata give different bytes in two runs; a resumed run must end byte-identical to
-    an uninterrupted one. Same keys and values, so the same length: the data offsets do not move."""
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n)
-        header = json.loads(raw)
-        meta = header.pop("__metadata__", None)
-        out = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
-        out.update(header)
-        new = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(new) > n:  # cannot happen for a header safetensors wrote; keep the file as it is
-            return
-        f.seek(8)
-        f.write(new + b" " * (n - len(new)))
 
 
 class Staging:
@@ -223,8 +203,7 @@ class Staging:
         header = {"format": "pt", **{k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}}
         tmp = path.with_name(path.name + ".tmp")
         try:
-            save_file(tensors, str(tmp), metadata=header)
-            canonical_header(tmp)
+            save_file(tensors, tmp, header)  # deterministic bytes (sorted metadata): a resumed run ends identical
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
