@@ -157,6 +157,20 @@ print(f"peak memory: GPU {{torch.cuda.max_memory_allocated() / 2**30:.1f}} GiB, 
 '''
 
 
+MODELOPT_BUILD = r'''
+import copy, torch
+import modelopt.torch.quantization as mtq
+from transformers import AutoModelForCausalLM, Qwen3Config
+cfg = Qwen3Config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  vocab_size=1024, num_hidden_layers=1)
+model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+q = copy.deepcopy(mtq.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG)
+q["algorithm"] = {{"method": "local_hessian", "fp8_scale_sweep": True}}
+mtq.quantize(model, q, lambda m: m(input_ids=torch.randint(0, 1024, (2, 64), device="cuda")))
+print("time: build 0.00 s")
+'''
+
+
 def run_child(label: str, cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
@@ -204,6 +218,7 @@ def main() -> int:
                     "least 6 GiB: the embedding and one batch's temporaries must fit)")
     ap.add_argument("--runs", default="stream-cold,stream,whole,mo-cold,mo",
                     help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo, mo-plain(-cold); "
+                    "mo-build: only ModelOpt's extension build on a tiny model (so that mo-plain is warm); "
                     "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof); whole-nowarm / "
                     "stream-nowarm: without the kernel warm-up thread")
     ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp dir)")
@@ -247,7 +262,7 @@ def main() -> int:
         profiled = run.endswith("-prof")  # fp4cal's main thread under cProfile (FP4CAL_PROFILE): slower, for finding
         nowarm = run.endswith("-nowarm")  # fp4cal without its kernel warm-up thread (FP4CAL_WARMUP=0)
         kind = run.removesuffix("-cold").removesuffix("-prof").removesuffix("-nowarm")
-        mo = kind in ("mo", "mo-plain")  # ModelOpt local_hessian with / without its layerwise mode
+        mo = kind in ("mo", "mo-plain", "mo-build")  # ModelOpt local_hessian with / without its layerwise mode
         cache = work / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
             shutil.rmtree(cache)
@@ -272,9 +287,12 @@ def main() -> int:
             if not cuda:
                 print(f"  {run}: skipped (Model Optimizer needs CUDA)")
                 continue
-            code = MODELOPT_CHILD.format(src=str(ROOT / "src"), ckpt=str(ckpt), texts=texts, samples=args.samples,
-                                         seq_len=args.seq_len, batch=args.batch_size, out=str(out),
-                                         layerwise=kind == "mo")
+            if kind == "mo-build":  # only builds ModelOpt's CUDA extension (its cold start) on a tiny model
+                code = MODELOPT_BUILD.format()
+            else:
+                code = MODELOPT_CHILD.format(src=str(ROOT / "src"), ckpt=str(ckpt), texts=texts, samples=args.samples,
+                                             seq_len=args.seq_len, batch=args.batch_size, out=str(out),
+                                             layerwise=kind == "mo")
             cmd = [sys.executable, "-c", code]
         else:
             raise SystemExit(f"unknown run {run!r}")
@@ -284,12 +302,13 @@ def main() -> int:
 
     # the ratio is against ModelOpt's fastest warm run (layerwise or not), the fairest anchor for a user
     ref = min((r["wall"] for r in rows if r["run"] in ("mo", "mo-plain") and r["rc"] == 0), default=None)
+    rows_shown = [r for r in rows if r["run"] != "mo-build"]
     shape = "tiny" if args.tiny else ("Qwen3-30B-A3B" if args.moe else "Qwen3-8B")
     print(f"\n{shape}-shaped, {config(args).num_hidden_layers} layers, "
           f"{size / 2**30:.2f} GiB bf16; {args.samples} x {args.seq_len} tokens, {args.method}; "
           f"checkpoint read {read_s:.2f} s; streaming GPU cap {frac if frac else '-'}")
     print(f"{'run':<12} {'wall s':>8} {'vs MO':>6} {'exit s':>6} {'GPU GiB':>8} {'CPU GiB':>8}  phases (s)")
-    for r in rows:
+    for r in rows_shown:
         ratio = f"{ref / r['wall']:.2f}x" if ref and r["rc"] == 0 else "-"
         gpu = f"{r['gpu']:.1f}" if r["gpu"] is not None else "-"
         cpu = f"{r['cpu']:.1f}" if r["cpu"] is not None else "-"
