@@ -242,6 +242,11 @@ def main() -> int:
         print(f"checkpoint: {info['bytes'] / 2**30:.2f} GiB in {info['shards']} shards, written in "
               f"{info['seconds']:.1f} s", flush=True)
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    # the checkpoint a user quantizes was written long before: flush the bench's own dirty pages now, or every
+    # run's writes are throttled behind their writeback
+    t0 = time.perf_counter()
+    os.sync()
+    print(f"sync after writing the checkpoint: {time.perf_counter() - t0:.2f} s", flush=True)
     t0 = time.perf_counter()
     for p in sorted(ckpt.glob("*.safetensors")):
         with open(p, "rb") as f:
@@ -296,6 +301,7 @@ def main() -> int:
             cmd = [sys.executable, "-c", code]
         else:
             raise SystemExit(f"unknown run {run!r}")
+        os.sync()  # the previous run's output is deleted; nothing of it is left to write back during this run
         rows.append(run_child(run, cmd, env, logs / f"{run}.log", args.timeout))
         rows[-1]["cold"] = cold
         shutil.rmtree(out, ignore_errors=True)
