@@ -67,9 +67,44 @@ def test_automatic_choice_follows_free_memory(llama_dir, monkeypatch):
     assert stream and "would not fit" in why
 
 
-def test_streaming_with_nproc_is_refused(llama_dir, capsys):
-    assert main(["quantize", str(llama_dir), *FAST, "--streaming", "--nproc", "2"]) != 0
-    assert "--streaming with --nproc is not implemented" in capsys.readouterr().err
+def test_streaming_with_nproc_2_writes_the_single_process_checkpoint(llama_dir, tmp_path, capfd, monkeypatch):
+    """--streaming --nproc 2 (gloo on the CPU, torchrun children): each rank streams every other batch through the
+    layers, statistics all-reduced per layer, weights searched in parallel, rank 0 writes: the same bytes as one
+    process. 3 batches over 2 ranks: rank 1 forwards one."""
+    pytest.importorskip("torch.distributed")
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("FP4CAL_CACHE", str(tmp_path / "cache"))
+    common = ["quantize", str(llama_dir), "--samples", "3", "--seq-len", "16", "--batch-size", "1", "--method",
+              "local_hessian", "--device", "cpu", "--no-progress", "--streaming"]
+    assert main([*common, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    out = capfd.readouterr().out
+    assert out.count("path: streaming") == 1 and "2 processes" in out and "model forwards: 3" in out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun child runs (OMP_NUM_THREADS=1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) and files
+    scales = 0
+    for name in files:
+        one, two = (load_file(tmp_path / d / name) for d in ("one", "two"))
+        assert set(one) == set(two)
+        scales += sum(k.endswith("weight_scale") for k in one)
+        for k in one:
+            assert torch.equal(one[k].view(torch.uint8), two[k].view(torch.uint8)), k
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert scales == 14  # 2 layers x 7 linear weights
+
+
+def test_streaming_with_nproc_refuses_quantized_propagation(llama_dir, tmp_path, capfd):
+    args = ["quantize", str(llama_dir), *FAST, "--streaming", "--nproc", "2", "--device", "cpu", "--propagation",
+            "quantized", "--out", str(tmp_path / "q")]
+    assert main(args) != 0
+    assert "distributed streaming supports" in capfd.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_token_cache_is_used_and_keyed_by_content(llama_dir, tmp_path, monkeypatch):

@@ -122,6 +122,9 @@ def command_line(args: argparse.Namespace) -> list[str]:
         opt = next(o for o in a.option_strings if o.startswith("--"))
         if isinstance(a, argparse._StoreTrueAction):
             options.append(opt)
+        elif isinstance(a, argparse._StoreConstAction):  # --streaming / --no-streaming share one dest
+            if value == a.const:
+                options.append(opt)
         elif isinstance(a, argparse._AppendAction):
             for item in value:
                 options += [opt, str(item)]
@@ -338,8 +341,6 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(exporter, str):  # fail before spending minutes on calibration
             return _fail(f"export is unavailable (fp4cal.export could not be imported: {exporter})", 3)
     distributed = under_launcher()
-    if args.streaming and (distributed or args.nproc > 1):
-        return _fail("--streaming with --nproc is not implemented yet; pass --no-streaming (or drop --nproc)")
     if args.nproc > 1 and not distributed:
         try:
             return _relaunch(args)
@@ -371,7 +372,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     try:
-        code = _run(args, exporter, ctx)
+        if args.streaming:  # forced only: with several processes the automatic choice is the whole model
+            model_path, label = _model_path(args.model_dir)
+            code = _run_streaming(args, model_path, label, ctx[2], "--streaming", ctx)
+        else:
+            code = _run(args, exporter, ctx)
         # leave together (every rank gets here: failures before and during calibration are agreed on): a gloo
         # rank whose peer exits while their connection is still open can abort at exit
         if ctx[2].type == "cuda":
@@ -545,15 +550,18 @@ def _memory_line(device, peak_gpu: int | None = None) -> str:
     return f"peak memory: {gpu}CPU {_gib(peak_cpu_bytes())} (max resident set)"
 
 
-def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None, device, why: str) -> int:
-    """The streaming path: fp4cal.stream.quantize_checkpoint, then the same summary plus memory."""
+def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None, device, why: str,
+                   ctx: tuple | None = None) -> int:
+    """The streaming path: fp4cal.stream.quantize_checkpoint, then the same summary plus memory. ctx: (rank,
+    world, device) under a launcher: every rank streams its share of the batches, rank 0 writes and prints."""
     import torch
 
     from fp4cal.calib.calibrate import DEFAULT_MIN_EXPERT_TOKENS
     from fp4cal.calib.targets import DEFAULT_EXCLUDE
     from fp4cal.stream import quantize_checkpoint
 
-    if args.no_progress:
+    rank, world = (0, 1) if ctx is None else ctx[:2]
+    if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -570,11 +578,15 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
             batch_size=args.batch_size, method=args.method, format=args.format, propagation=args.propagation,
             device=device, dtype=dtype, exclude=list(DEFAULT_EXCLUDE) + list(args.exclude), include=args.include,
             min_expert_tokens=DEFAULT_MIN_EXPERT_TOKENS if args.min_expert_tokens is None else args.min_expert_tokens,
-            activation_budget=budget, resume=not args.restart, progress=not args.no_progress,
+            activation_budget=budget, resume=not args.restart, progress=not args.no_progress and rank == 0,
+            distributed=ctx is not None,
             **({"gptq_scales": args.gptq_scales, "gptq_damp": args.gptq_damp} if args.method == "gptq" else {}),
         )
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError) as e:
-        return _fail(str(e).strip("'\""))
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
+            RuntimeError) as e:
+        return _fail(str(e).strip("'\"")) if rank == 0 else 2
+    if rank != 0:
+        return 0
     t = rep.timings
     trace("streamed")
     phases = {"startup": startup, **_wait_phase(args, waited), "setup + data": t.get("setup", 0.0),
@@ -584,6 +596,8 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     n_batches = -(-args.samples // args.batch_size)
     header = (f"fp4cal quantize: {label or model_path.name} ({rep.description}), method {args.method}, "
               f"{args.samples} x {args.seq_len} tokens ({n_batches} batches), {device}")
+    if ctx is not None:
+        header += f", {world} processes (timings of rank 0)"
     if args.out is not None:
         header += f"\nwrote {args.format} checkpoint to {args.out}"
     if getattr(args, "warmup_seconds", None) is not None:

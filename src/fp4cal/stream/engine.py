@@ -180,6 +180,7 @@ def quantize_checkpoint(
     backend: str | None = None,
     gptq_scales: str | None = None,
     gptq_damp: float = DEFAULT_DAMP,
+    distributed: bool = False,
 ) -> StreamReport:
     """Calibrate and export the checkpoint in ``model_dir`` one decoder layer at a time; see the module docstring.
 
@@ -198,6 +199,12 @@ def quantize_checkpoint(
     gptq_scales / gptq_damp: method "gptq" only, as calibrate() takes them.
     activation_budget: bytes (or "8GB") of device memory the layer inputs and outputs may take; above it they
         are kept in pinned CPU memory. Default: a quarter of the device's free memory (CPU: always in memory).
+    distributed: every rank of the initialized default process group calls this with the same arguments (one
+        GPU each, or gloo on the CPU): rank r forwards batches[r::world] through every layer, each layer's
+        statistics are all-reduced (float64 Hessian sums) and its weights searched in parallel across the ranks
+        (fp4cal.calib.distributed), so the scales equal one process's bit for bit; rank 0 alone writes (and
+        resumes) the checkpoint. Methods max / mse / local_hessian, float propagation. Every rank returns the
+        full result.
     Other arguments as for calibrate() and export(). Returns a StreamReport.
     """
     t_start = time.perf_counter()
@@ -211,14 +218,39 @@ def quantize_checkpoint(
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}")
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        from fp4cal.calib import distributed as fd
+
+        if not dist.is_initialized():
+            raise ValueError("distributed=True needs an initialized default process group (torch.distributed)")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if method == "gptq" or propagation != "float":
+            raise NotImplementedError("distributed streaming supports max / mse / local_hessian with float "
+                                      f"propagation, got method {method!r}, propagation {propagation!r}")
     model_dir = Path(model_dir)
     dev = _resolve_device(device)
     clock = _Clock(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     shard_bytes = parse_size(max_shard_size)
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:
         check_out_dir(out_dir, overwrite)  # fail before any work: unsafe paths, non-checkpoint dirs
+
+    def together(fn, what: str):
+        """fn() on every rank; under distributed, a failure on one rank is raised on all (never a hang)."""
+        return fd.agree(fn, None, what) if distributed else fn()
+
+    def reduce_(stats) -> None:
+        if distributed:
+            fd.reduce_statistics(stats, dev)
+
+    def solve_(layer_targets_, stats) -> dict[str, WeightResult]:
+        if distributed:
+            return fd.solve_distributed(layer_targets_, stats, method, min_expert_tokens, backend)[0].weights
+        return solve(layer_targets_, stats, method, min_expert_tokens, backend=backend, gptq=gptq).weights
 
     model, desc = build_skeleton(model_dir, dtype)
     reader = CheckpointReader(model_dir)
@@ -270,7 +302,11 @@ def quantize_checkpoint(
         batches = list(batches)
         if not batches:
             raise ValueError("batches was empty: calibration needs at least one batch")
-        n_tokens, ids = _token_count_and_ids(batches)
+        _, ids = _token_count_and_ids(batches)  # every rank's ids: the fingerprint covers the whole data
+        n_batches = len(batches)
+        if distributed:
+            batches = fd.shard(batches, rank, world)
+        n_tokens, _ = _token_count_and_ids(batches)
         hidden = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
                          "hidden_size", 0)
         act_bytes = 2 * n_tokens * int(hidden or 0) * torch.empty((), dtype=entries[0].tensor.dtype).element_size()
@@ -298,7 +334,15 @@ def quantize_checkpoint(
                 else [exclude], "include": include, "min_expert_tokens": min_expert_tokens,
                 "max_shard_bytes": shard_bytes, "data": tensor_digest(ids),
             }
-            staging = Staging(Path(out_dir), fp, shard_bytes, resume=resume)
+            if rank == 0:  # one writer; a refusal (another job's staging) reaches every rank
+                staging = together(lambda: Staging(Path(out_dir), fp, shard_bytes, resume=resume), "staging")
+            else:
+                together(lambda: None, "staging")
+        committed = set(staging.units) if staging is not None else set()
+        if distributed:
+            box = [sorted(committed)]
+            dist.broadcast_object_list(box, src=0)
+            committed = set(box[0])
         t = clock.add("setup", t_start)
 
         # -- the modules outside the layers, and what the layers are called with --------------------------------
@@ -311,16 +355,20 @@ def quantize_checkpoint(
         extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
         hessians, full = method == "local_hessian", method == "gptq"
         with ActivationCapture(model, outside_targets, hessians, full_hessians=full) as cap_out:
-            captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
-            cap_out.check()
+            def first_pass():
+                out = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
+                cap_out.check()
+                return out
+
+            captured = together(first_pass, "the embedding pass")
+        reduce_(cap_out.stats)
         # the modules outside the layers leave the device until the end (re-read there for writing)
         _unload([e for e in outside if e.name not in {tg.name for tg in outside_targets}], owners)
         head_targets = [t for t in outside_targets if _reached(t, cap_out.stats)]
         tail_targets = [t for t in outside_targets if not _reached(t, cap_out.stats)]
         weights: dict[str, WeightResult] = {}
         if head_targets:
-            weights.update(solve(head_targets, cap_out.stats, method, min_expert_tokens, backend=backend,
-                                 gptq=gptq).weights)
+            weights.update(solve_(head_targets, cap_out.stats))
             if propagation == "quantized":  # layer 0 must see the quantized modules before it
                 fake_quantize_weights(head_targets, weights)
                 captured = layer_inputs.capture_layer_inputs(model, layers, batches, dev, store, extras)
@@ -346,10 +394,10 @@ def quantize_checkpoint(
             del loaded
             t = clock.add("read", t)
             calls = captured.calls[i]
-            done = staging is not None and staging.committed(i)
+            done = i in committed
             if done:  # resumed: this layer's results are on disk; only its outputs are needed
                 resumed += 1
-                layer_w = staging.load_results(i, dev)
+                layer_w = _load_committed(staging, i, dev, distributed)
                 weights.update(layer_w)
                 if propagation == "quantized":
                     fake_quantize_weights(layer_targets[i], layer_w)
@@ -357,18 +405,23 @@ def quantize_checkpoint(
                 t = clock.add("forward", t)
             else:
                 with ActivationCapture(layer, layer_targets[i], hessians, full_hessians=full) as cap:
-                    outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float")
-                    cap.check()
+                    def layer_pass(layer=layer, hidden_states=hidden_states, calls=calls, cap=cap):
+                        out = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float")
+                        cap.check()
+                        return out
+
+                    outputs = together(layer_pass, f"layer {i}")
+                reduce_(cap.stats)
                 t = clock.add("forward", t)
-                layer_w = solve(layer_targets[i], cap.stats, method, min_expert_tokens, backend=backend,
-                                gptq=gptq).weights
+                layer_w = solve_(layer_targets[i], cap.stats)
                 del cap
                 weights.update(layer_w)
                 t = clock.add("search", t)
                 if staging is not None:
                     items = _unit_tensors(layer_entries[i], layer_w, format, w4a4, owners)
                     writes.append(writer.submit(commit, i, items, layer_w))
-                    _raise_failed(writes)
+                if out_dir is not None:  # a failed write on rank 0 stops every rank here
+                    together(lambda: _raise_failed(writes), "writing")
                     t = clock.add("write", t)
                 if propagation == "quantized":
                     fake_quantize_weights(layer_targets[i], layer_w)
@@ -380,19 +433,24 @@ def quantize_checkpoint(
         t = clock.add("other", t)
 
         # -- outside the layers: the tail pass (weights after the layers), their tensors, the side files --------
-        if staging is not None and staging.committed(n_layers):
-            weights.update(staging.load_results(n_layers, dev))  # resumed after the last unit
+        if n_layers in committed:
+            weights.update(_load_committed(staging, n_layers, dev, distributed))  # resumed after the last unit
         elif tail_targets:
             _load_into(model, [e for e in layer_entries[n_layers] if _current(owners[e.name]).is_meta],
                        owners, reader, dev)
             with ActivationCapture(model, tail_targets, hessians, full_hessians=full) as cap_tail:
-                layer_inputs.replay_outputs(model, layers, hidden_states, store, batches, dev, extras)
-                cap_tail.check()
+                def tail_pass():
+                    layer_inputs.replay_outputs(model, layers, hidden_states, store, batches, dev, extras)
+                    cap_tail.check()
+
+                together(tail_pass, "the pass after the layers")
+            reduce_(cap_tail.stats)
             t = clock.add("forward", t)
-            weights.update(solve(tail_targets, cap_tail.stats, method, min_expert_tokens, backend=backend,
-                                 gptq=gptq).weights)
+            weights.update(solve_(tail_targets, cap_tail.stats))
             t = clock.add("search", t)
-        if staging is not None:
+        out_path = None
+
+        def finish_writing():
             if not staging.committed(n_layers):
                 outside_w = {tg.name: weights[tg.name] for tg in outside_targets}
                 items = _unit_tensors(layer_entries[n_layers], outside_w, format, w4a4, owners, reader)
@@ -404,15 +462,20 @@ def quantize_checkpoint(
             write_side_files(model, staging.ckpt, format, ignore, w4a4, model_dir, moe=moe)
             staging.finalize_shards()
             check_export(staging.ckpt, format)  # what the engines' loaders need; raises before the rename
-            out_path = staging.publish(overwrite)
+            return staging.publish(overwrite)
+
+        if out_dir is not None:
+            if distributed:  # rank 0 writes, the others wait (with a timeout fit for a long write)
+                fd.run_on_rank0(finish_writing)
+                out_path = Path(out_dir)
+            else:
+                out_path = finish_writing()
             t = clock.add("write", t)
-        else:
-            out_path = None
     finally:
         prefetch.close()
         writer.shutdown(wait=True)
 
-    result = CalibrationResult(method=method, forward_calls=len(batches))
+    result = CalibrationResult(method=method, forward_calls=n_batches)
     result.weights = {tg.name: weights[tg.name] for tg in targets}
     result.skipped = skipped
     clock.t["total"] = time.perf_counter() - t_start
@@ -493,6 +556,19 @@ def _unit_tensors(entries: list[Entry], weights: dict[str, WeightResult], format
         entry = Entry(e.name, value, e.pieces, weights.get(e.name))
         items.extend(entry_tensors(entry, format, w4a4, input_amax.get(e.name)))
     return items
+
+
+def _load_committed(staging, unit: int, device: torch.device, distributed: bool) -> dict[str, WeightResult]:
+    """A committed unit's results, read by the writer (rank 0) and, under distributed, sent to every rank."""
+    if not distributed:
+        return staging.load_results(unit, device)
+    import torch.distributed as dist
+
+    box = [None]
+    if staging is not None:
+        box = [{n: wr.to_dict() for n, wr in staging.load_results(unit, torch.device("cpu")).items()}]
+    dist.broadcast_object_list(box, src=0)
+    return {n: WeightResult.from_dict(d, device) for n, d in box[0].items()}
 
 
 def _raise_failed(futures: list[Future]) -> None:
