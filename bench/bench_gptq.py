@@ -93,6 +93,13 @@ def reset_peak(device) -> None:
 Row = tuple[str, float, str]
 
 
+def show(rows: list[Row]) -> list[Row]:
+    """Print rows as they are measured (a run cut short by its time limit keeps what it had), return them."""
+    for label, sec, note in rows:
+        print(f"  [{label}]  {sec:.2f} s  {note}", flush=True)
+    return rows
+
+
 def fp4cal_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
     """Shared forward/capture rows, then each variant's warm-up, end to end and breakdown; also returns the end
     to end seconds per variant."""
@@ -123,10 +130,10 @@ def fp4cal_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
             _, t_fwd = timed(forwards, device)
             stats, t_cap = timed(lambda: capture_statistics(model, batches, targets, full_hessians=True,
                                                             extra_kwargs=extra), device)
-            rows += [("forwards (no capture)", t_fwd, "shared by the variants"),
-                     ("Hessian capture", t_cap - t_fwd, f"capture pass {t_cap:.2f} s")]
-        rows += [(f"warm-up calibrate, 1 batch ({scales})", t_warm, ""),
-                 (f"fp4cal gptq ({scales}) end to end", t_e2e, f"peak {p_e2e:.1f} GiB")]
+            rows += show([("forwards (no capture)", t_fwd, "shared by the variants"),
+                          ("Hessian capture", t_cap - t_fwd, f"capture pass {t_cap:.2f} s")])
+        rows += show([(f"warm-up calibrate, 1 batch ({scales})", t_warm, ""),
+                       (f"fp4cal gptq ({scales}) end to end", t_e2e, f"peak {p_e2e:.1f} GiB")])
         if stats is None:
             continue
         gcfg = GPTQConfig(scales, args.damp)
@@ -139,12 +146,12 @@ def fp4cal_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
             _, dt = timed(lambda: (layer_objective(w, fake_quantize(w, None, amax[t.name], torch.float32), h),  # noqa: B023
                                    layer_objective(w, out.weight, h)), device)  # noqa: B023
             t_loss += dt
-        rows += [
+        rows += show([
             ("  factor (damp, Cholesky)", phases.get("factor", 0.0), f"{len(targets)} weights"),
             ("  scale search", phases.get("scales", 0.0), ""),
             ("  column loop", phases.get("column loop", 0.0), ""),
             ("  losses (reporting)", t_loss, ""),
-        ]
+        ])
     return rows, e2e  # the model and statistics are freed with this frame
 
 
@@ -177,6 +184,7 @@ def modelopt_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
 
     warm_samples = min(args.modelopt_warmup_samples, args.samples)
     t_first, n_first = run(1, warm_samples)
+    show([("ModelOpt first call", t_first, n_first)])
     gc.collect()
     reset_peak(device)
     t_warm, n_warm = run(args.layers, args.samples)
