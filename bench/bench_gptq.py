@@ -5,11 +5,13 @@ Set-up (as ../shared/tools/modelopt_layerwise_bench.py): a randomly initialized 
 layer shapes (hidden 4096, intermediate 12288, 32 heads, 8 kv heads, head_dim 128, vocab 151936), 4 decoder
 layers, bf16, resident on one GPU, 128 samples x 2048 random token ids, batch 8. Rows of the table:
 
-    forwards (no capture)       one pass over the data with logits_to_keep=1, no capture (shared by all variants)
-    Hessian capture             capture_statistics(full_hessians=True) minus the plain forwards (shared)
     per variant (--variants, default local_hessian, local_hessian_dynamic, max):
       warm-up calibrate         calibrate on one batch first (CUDA start, Triton compilation of that variant)
-      fp4cal gptq end to end    calibrate(model, batches, 'gptq', gptq_scales=variant) from scratch
+      fp4cal gptq end to end    calibrate(model, batches, 'gptq', gptq_scales=variant) from scratch (all the
+                                variants' end to end runs come first, so that their peaks are their own)
+    forwards (no capture)       one pass over the data with logits_to_keep=1, no capture (shared by all variants)
+    Hessian capture             capture_statistics(full_hessians=True) minus the plain forwards (shared)
+    per variant, on those statistics:
       factor (damp, Cholesky)   per weight: validation, damping, Cholesky of H, its inverse, Cholesky of that
       scale search              per weight: the static block scales (none for the dynamic variant)
       column loop               per weight: the GPTQ loop (Triton kernel per 128-column block + lazy GEMMs;
@@ -115,9 +117,7 @@ def fp4cal_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
 
     rows: list[Row] = []
     e2e: dict[str, float] = {}
-    stats = None
-    amax = group_global_amax(targets)
-    for k, scales in enumerate(args.variants):
+    for scales in args.variants:  # every end to end run before the statistics below exist (clean peaks)
         kw = dict(method="gptq", gptq_scales=scales, gptq_damp=args.damp, progress=False)
         _, t_warm = timed(lambda: calibrate(model, batches[:1], **kw), device)  # noqa: B023
         reset_peak(device)
@@ -126,16 +126,17 @@ def fp4cal_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
         del res
         gc.collect()
         e2e[scales] = t_e2e
-        if k == 0 and not args.no_breakdown:
-            _, t_fwd = timed(forwards, device)
-            stats, t_cap = timed(lambda: capture_statistics(model, batches, targets, full_hessians=True,
-                                                            extra_kwargs=extra), device)
-            rows += show([("forwards (no capture)", t_fwd, "shared by the variants"),
-                          ("Hessian capture", t_cap - t_fwd, f"capture pass {t_cap:.2f} s")])
         rows += show([(f"warm-up calibrate, 1 batch ({scales})", t_warm, ""),
-                       (f"fp4cal gptq ({scales}) end to end", t_e2e, f"peak {p_e2e:.1f} GiB")])
-        if stats is None:
-            continue
+                      (f"fp4cal gptq ({scales}) end to end", t_e2e, f"peak {p_e2e:.1f} GiB")])
+    if args.no_breakdown:
+        return rows, e2e
+    _, t_fwd = timed(forwards, device)
+    stats, t_cap = timed(lambda: capture_statistics(model, batches, targets, full_hessians=True,
+                                                    extra_kwargs=extra), device)
+    rows += show([("forwards (no capture)", t_fwd, "shared by the variants"),
+                  ("Hessian capture", t_cap - t_fwd, f"capture pass {t_cap:.2f} s")])
+    amax = group_global_amax(targets)
+    for scales in args.variants:
         gcfg = GPTQConfig(scales, args.damp)
         phases: dict[str, float] = {}
         t_loss = 0.0
@@ -147,10 +148,10 @@ def fp4cal_rows(args, device, ids) -> tuple[list[Row], dict[str, float]]:
                                    layer_objective(w, out.weight, h)), device)  # noqa: B023
             t_loss += dt
         rows += show([
-            ("  factor (damp, Cholesky)", phases.get("factor", 0.0), f"{len(targets)} weights"),
-            ("  scale search", phases.get("scales", 0.0), ""),
-            ("  column loop", phases.get("column loop", 0.0), ""),
-            ("  losses (reporting)", t_loss, ""),
+            (f"  {scales}: factor (damp, Cholesky)", phases.get("factor", 0.0), f"{len(targets)} weights"),
+            (f"  {scales}: scale search", phases.get("scales", 0.0), ""),
+            (f"  {scales}: column loop", phases.get("column loop", 0.0), ""),
+            (f"  {scales}: losses (reporting)", t_loss, ""),
         ])
     return rows, e2e  # the model and statistics are freed with this frame
 
