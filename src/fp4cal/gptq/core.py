@@ -226,9 +226,7 @@ class _Clock:
 def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, dyn) -> None:
     """One lazy block [i1, i2) through the Triton kernel (padded to 128 columns; one launch), then the lazy
     update of the later columns. dyn: None (static scales s_b), or (m group factors, s_cand, a_cand, amax):
-    the kernel searches each group's scales itself and the chosen indices fill amax and s_b here.
-    FP4CAL_GPTQ_SEARCH=torch (a measurement switch, same picks): search each group with search_group between
-    16-column launches instead (no host wait either, but ~10 launches per group)."""
+    the kernel searches each group's scales itself and the chosen indices fill amax and s_b here."""
     from fp4cal.gptq.kernel import BS, gptq_block
 
     cout, cin = work.shape
@@ -244,14 +242,6 @@ def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, dyn) -> None:
         s1 = torch.zeros(cout, BS // BLOCK, dtype=torch.float32, device=work.device)
         s1[:, :groups] = s_b[:, j0 : j0 + groups]
         gptq_block(w1, u1, s1, e1, q1, c1, 0, groups)
-    elif os.environ.get("FP4CAL_GPTQ_SEARCH", "kernel") == "torch":  # measurement switch: search between launches
-        m, s_cand, a_cand, amax = dyn
-        s1 = torch.zeros(cout, BS // BLOCK, dtype=torch.float32, device=work.device)
-        for gi in range(groups):
-            pick = search_group(w1[:, gi * BLOCK : (gi + 1) * BLOCK], m[j0 + gi], s_cand)
-            amax[:, j0 + gi] = a_cand[pick]
-            s1[:, gi] = s_b[:, j0 + gi] = s_cand[pick]
-            gptq_block(w1, u1, s1, e1, q1, c1, gi, gi + 1)
     else:
         m, s_cand, a_cand, amax = dyn
         idx = torch.zeros(cout, BS // BLOCK, dtype=torch.int32, device=work.device)
