@@ -17,8 +17,10 @@ matrix product E_block @ U[block, later] when the block is done (the same sums, 
 
 Dynamic scales (scales='local_hessian_dynamic'): when the loop reaches group j, its block amax is re-searched
 with the local-Hessian objective on the *error-updated* columns W[:, 16j:16j+16], with the group's conditional
-Hessian (U_jj^T U_jj)^-1 (see conditional_block_hessians): the loss of the group's rounding error given that
-earlier columns are fixed and later ones compensate.
+Hessian (U_jj^T U_jj)^-1 (see hessian.conditional_block_hessians): the loss of the group's rounding error given
+that earlier columns are fixed and later ones compensate. The fast path evaluates it as ||M_j^T e||^2 with
+M_j = U_jj^-1 (group_factors, all groups in one batched triangular solve up front), a float64 sum of squares;
+on CUDA the search runs inside the column-loop kernel, so a block is one launch and no group waits on the host.
 
 Fallbacks (named in GPTQOutput.fallback, weights always finite): every diagonal entry of H zero (no
 calibration token carried signal) -> round-to-nearest with the scales searched on the identity Hessian (mse);
@@ -27,6 +29,7 @@ H not positive definite after every damping retry -> round-to-nearest with the c
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,7 +42,6 @@ from fp4cal.gptq.hessian import (
     block_diagonal,
     check_damp,
     check_full_hessian,
-    conditional_block_hessians,
     inverse_factor,
 )
 from fp4cal.numerics import block_scale_code, global_scale, quantize_blocks, scale_candidates
@@ -105,17 +107,29 @@ def round_column(x: torch.Tensor, s_b: torch.Tensor) -> tuple[torch.Tensor, torc
     return code.squeeze(-1), q.squeeze(-1)
 
 
-def search_group(grp: torch.Tensor, hc: torch.Tensor, s_cand: torch.Tensor, rows: int = 2048) -> torch.Tensor:
-    """Best candidate index (int64 [cout]) of one 16-column group: argmin_c e_c^T hc e_c over the 126 candidate
-    scales s_cand (fp32 [126]), e_c = fp32(grp) - q_c(fp32(grp)) rounded as numerics does, loss in float64,
-    ties to the smaller candidate (argmin's first minimum). grp: [cout, 16]; hc: [16, 16] float64. All
-    candidates at once, rows in chunks (a [rows, 126, 16] temporary): one call per group instead of 126."""
+def group_factors(u: torch.Tensor) -> torch.Tensor:
+    """M_j = U_jj^-1 for every 16-column group j: float64 [cin/16, 16, 16], upper triangular, from the upper
+    factor u [cin, cin] (float64, H'^-1 = u^T u). The group's conditional Hessian (U_jj^T U_jj)^-1 equals
+    M_j M_j^T, so the dynamic search's loss e^T Hc_j e is ||M_j^T e||^2: a sum of squares (no cancellation),
+    and no second factorization. One batched triangular solve for the whole weight."""
+    ub = block_diagonal(u.double())
+    eye = torch.eye(BLOCK, dtype=torch.float64, device=u.device).expand_as(ub)
+    return torch.linalg.solve_triangular(ub, eye, upper=True).contiguous()
+
+
+def search_group(grp: torch.Tensor, m: torch.Tensor, s_cand: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """Best candidate index (int64 [cout]) of one 16-column group: argmin_c ||m^T e_c||^2 over the 126
+    candidate scales s_cand (fp32 [126]), e_c = fp32(grp) - q_c(fp32(grp)) rounded as numerics does, loss in
+    float64, ties to the smaller candidate (argmin's first minimum). grp: [cout, 16]; m: [16, 16] float64, the
+    group factor (group_factors). All candidates at once, rows in chunks (a [rows, 126, 16] temporary); no
+    host synchronization."""
     out = torch.empty(grp.shape[0], dtype=torch.int64, device=grp.device)
-    hd = hc.double()
+    md = m.double()
     for r0 in range(0, grp.shape[0], rows):
         x = grp[r0 : r0 + rows].float().unsqueeze(1)  # [r, 1, 16]
         dw = block_error(x.expand(-1, s_cand.numel(), -1), s_cand.expand(x.shape[0], -1)).double()
-        out[r0 : r0 + rows] = torch.einsum("rck,kl,rcl->rc", dw, hd, dw).argmin(dim=1)
+        y = dw @ md  # y_l = sum_k dw_k M_kl = (M^T dw)_l
+        out[r0 : r0 + rows] = (y * y).sum(-1).argmin(dim=1)
     return out
 
 
@@ -209,9 +223,10 @@ class _Clock:
         self.t = now
 
 
-def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, pick_group) -> None:
-    """One lazy block [i1, i2) through the Triton kernel (padded to 128 columns), then the lazy update of the
-    later columns; pick_group(grp, j) (dynamic scales) runs before each 16-column group."""
+def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, dyn) -> None:
+    """One lazy block [i1, i2) through the Triton kernel (padded to 128 columns; one launch), then the lazy
+    update of the later columns. dyn: None (static scales s_b), or (m group factors, s_cand, a_cand, amax):
+    the kernel searches each group's scales itself and the chosen indices fill amax and s_b here."""
     from fp4cal.gptq.kernel import BS, gptq_block
 
     cout, cin = work.shape
@@ -223,20 +238,31 @@ def _kernel_block(work, u, s_b, codes, q, i1: int, i2: int, pick_group) -> None:
     e1, q1 = torch.zeros_like(w1), torch.zeros_like(w1)
     c1 = torch.zeros(cout, BS, dtype=torch.int32, device=work.device)
     groups = width // BLOCK
-    if pick_group is None:
+    if dyn is None:
         s1 = torch.zeros(cout, BS // BLOCK, dtype=torch.float32, device=work.device)
         s1[:, :groups] = s_b[:, j0 : j0 + groups]
-        gptq_block(w1, u1, s1, e1, q1, c1, 0, width)
+        gptq_block(w1, u1, s1, e1, q1, c1, 0, groups)
     else:
-        for g in range(groups):
-            pick_group(w1[:, g * BLOCK : (g + 1) * BLOCK], j0 + g)
-            s1 = torch.zeros(cout, BS // BLOCK, dtype=torch.float32, device=work.device)
-            s1[:, :groups] = s_b[:, j0 : j0 + groups]
-            gptq_block(w1, u1, s1, e1, q1, c1, g * BLOCK, (g + 1) * BLOCK)
+        m, s_cand, a_cand, amax = dyn
+        idx = torch.zeros(cout, BS // BLOCK, dtype=torch.int32, device=work.device)
+        gptq_block(w1, u1, idx, e1, q1, c1, 0, groups, m=m, s_cand=s_cand, j0=j0)
+        pick = idx[:, :groups].long()
+        amax[:, j0 : j0 + groups] = a_cand[pick]
+        s_b[:, j0 : j0 + groups] = s_cand[pick]
     codes[:, i1:i2] = c1[:, :width]
     q[:, i1:i2] = q1[:, :width]
     if i2 < cin:
         work[:, i2:].addmm_(e1[:, :width], u[i1:i2, i2:], alpha=-1.0)
+
+
+def check_kernel_device(w: torch.Tensor) -> None:
+    """The Triton column loop needs CUDA tensors, or Triton's interpreter (TRITON_INTERPRET=1, set before
+    triton is imported) for CPU tensors: otherwise a clear ValueError instead of Triton's pointer error."""
+    if not w.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"gptq_round(kernel=True) needs CUDA tensors (w is on {w.device}); on the CPU either pass "
+            "kernel=False (or None: the torch path) or set TRITON_INTERPRET=1 before importing triton"
+        )
 
 
 def gptq_round(
@@ -255,7 +281,8 @@ def gptq_round(
     fused group passes its shared value). cfg: GPTQConfig (default scales local_hessian, damp 0.01, 128-column
     blocks). backend: passed to search_scales. work_dtype: precision of the working weights and the error
     propagation (float32; float64 for the exactness tests). kernel: run each block's column loop in the Triton
-    kernel (fp4cal.gptq.kernel; default: on CUDA with fp32 and 128-column blocks), else torch ops, any device.
+    kernel (fp4cal.gptq.kernel; default: on CUDA with fp32 and 128-column blocks), else torch ops, any device;
+    kernel=True on CPU tensors needs TRITON_INTERPRET=1 (tests), else ValueError.
     timings: when given, seconds are added to its 'factor' (validation, damping, Cholesky), 'scales' (static
     search) and 'column loop' (incl. dynamic searches and lazy updates) entries, with a device sync per phase.
     """
@@ -269,7 +296,7 @@ def gptq_round(
     u = f.u.to(work_dtype)
     dynamic = cfg.scales == "local_hessian_dynamic"
     if dynamic:
-        hc = conditional_block_hessians(f.u)
+        m = group_factors(f.u)
         s_cand = candidate_block_scales(global_scale(g))
         a_cand = scale_candidates(g)
         amax = torch.empty(cout, cin // BLOCK, dtype=torch.float32, device=w.device)
@@ -286,16 +313,18 @@ def gptq_round(
         kernel = w.is_cuda and work_dtype == torch.float32 and bs == 128 and triton_available()
     if kernel and (work_dtype != torch.float32 or bs != 128):
         raise ValueError(f"the GPTQ kernel runs fp32 128-column blocks, got work_dtype {work_dtype}, block_size {bs}")
+    if kernel:
+        check_kernel_device(w)
 
     def pick_group(grp: torch.Tensor, j: int) -> None:  # dynamic scales of group j from its updated columns
-        p = search_group(grp, hc[j], s_cand)
+        p = search_group(grp, m[j], s_cand)
         amax[:, j] = a_cand[p]
         s_b[:, j] = s_cand[p]
 
     for i1 in range(0, cin, bs):
         i2 = min(i1 + bs, cin)
         if kernel:
-            _kernel_block(work, u, s_b, codes, q, i1, i2, pick_group if dynamic else None)
+            _kernel_block(work, u, s_b, codes, q, i1, i2, (m, s_cand, a_cand, amax) if dynamic else None)
             continue
         w1 = work[:, i1:i2].clone()
         e1 = torch.empty_like(w1)
