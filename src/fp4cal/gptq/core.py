@@ -51,7 +51,7 @@ from fp4cal.search.reference import block_error, candidate_block_scales
 from fp4cal.validation import BLOCK, check_global_amax, check_weight
 
 SCALES = ("local_hessian", "local_hessian_dynamic", "mse", "max")
-DEFAULT_SCALES = "local_hessian"
+DEFAULT_SCALES = "local_hessian_dynamic"  # measured best: docs/gptq.md (quality), BENCHMARKS.md (H200 time 1.06x static)
 DEFAULT_BLOCK_SIZE = 128
 
 
@@ -278,7 +278,7 @@ def gptq_round(
     """GPTQ-round w [cout, cin] (float32|float16|bfloat16, cin % 16 == 0) onto NVFP4; see the module docstring.
 
     hessian: [cin, cin] float32|float64 on w's device, H = sum x x^T / n. global_amax: [] (default max |w|; a
-    fused group passes its shared value). cfg: GPTQConfig (default scales local_hessian, damp 0.01, 128-column
+    fused group passes its shared value). cfg: GPTQConfig (default scales local_hessian_dynamic, damp 0.01, 128-column
     blocks). backend: passed to search_scales. work_dtype: precision of the working weights and the error
     propagation (float32; float64 for the exactness tests). kernel: run each block's column loop in the Triton
     kernel (fp4cal.gptq.kernel; default: on CUDA with fp32 and 128-column blocks), else torch ops, any device;
