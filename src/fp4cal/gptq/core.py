@@ -51,7 +51,7 @@ from fp4cal.search.reference import block_error, candidate_block_scales
 from fp4cal.validation import BLOCK, check_global_amax, check_weight
 
 SCALES = ("local_hessian", "local_hessian_dynamic", "mse", "max")
-DEFAULT_SCALES = "local_hessian_dynamic"  # measured best: docs/gptq.md (quality), BENCHMARKS.md (H200 time 1.06x static)
+DEFAULT_SCALES = "local_hessian_dynamic"  # the measured best: docs/gptq.md (quality; H200 time 1.06x static)
 DEFAULT_BLOCK_SIZE = 128
 
 
