@@ -67,15 +67,31 @@ def test_automatic_choice_follows_free_memory(llama_dir, monkeypatch):
     assert stream and "would not fit" in why
 
 
-def test_streaming_with_nproc_2_writes_the_single_process_checkpoint(llama_dir, tmp_path, capfd, monkeypatch):
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "qwen3moe"
+    tok = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    cfg = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      vocab_size=tok.vocab_size, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen3_moe"])
+def test_streaming_with_nproc_2_writes_the_single_process_checkpoint(model, request, tmp_path, capfd, monkeypatch):
     """--streaming --nproc 2 (gloo on the CPU, torchrun children): each rank streams every other batch through the
-    layers, statistics all-reduced per layer, weights searched in parallel, rank 0 writes: the same bytes as one
-    process. 3 batches over 2 ranks: rank 1 forwards one."""
+    layers, statistics all-reduced per layer (MoE: per-expert Hessians and routed-token counts), weights searched in
+    parallel, rank 0 writes: the same bytes as one process. 3 batches over 2 ranks: rank 1 forwards one."""
     pytest.importorskip("torch.distributed")
     from safetensors.torch import load_file
 
+    model_dir = request.getfixturevalue("llama_dir" if model == "llama" else "moe_dir")
     monkeypatch.setenv("FP4CAL_CACHE", str(tmp_path / "cache"))
-    common = ["quantize", str(llama_dir), "--samples", "3", "--seq-len", "16", "--batch-size", "1", "--method",
+    common = ["quantize", str(model_dir), "--samples", "3", "--seq-len", "16", "--batch-size", "1", "--method",
               "local_hessian", "--device", "cpu", "--no-progress", "--streaming"]
     assert main([*common, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
     out = capfd.readouterr().out
@@ -96,7 +112,7 @@ def test_streaming_with_nproc_2_writes_the_single_process_checkpoint(llama_dir, 
         for k in one:
             assert torch.equal(one[k].view(torch.uint8), two[k].view(torch.uint8)), k
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    assert scales == 14  # 2 layers x 7 linear weights
+    assert scales == (14 if model == "llama" else 2 * (4 + 4 * 3))  # 2 layers x (7 linears | 4 attention + 4 experts x 3)
 
 
 def test_streaming_with_nproc_refuses_quantized_propagation(llama_dir, tmp_path, capfd):
