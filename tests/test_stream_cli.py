@@ -111,6 +111,34 @@ def test_streaming_with_nproc_2_writes_the_single_process_checkpoint(model, requ
     assert scales == (14 if model == "llama" else 32)  # 2 layers x (7 linears | 4 attention + 4 experts x 3)
 
 
+def test_a_killed_run_resumes_under_nproc_2_byte_identical(llama_dir, tmp_path, capfd, monkeypatch, one_torch_thread):
+    """SIGKILL after layer 0's commit (one process), the same command again with --nproc 2: rank 0 reads the
+    committed results and sends them to rank 1, both go on from layer 1, the checkpoint equals an uninterrupted
+    run's byte for byte."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fp4cal.stream import staging as staging_mod
+
+    monkeypatch.setenv("FP4CAL_CACHE", str(tmp_path / "cache"))
+    common = ["quantize", str(llama_dir), "--samples", "3", "--seq-len", "16", "--batch-size", "1", "--method",
+              "local_hessian", "--device", "cpu", "--no-progress", "--streaming"]
+    assert main([*common, "--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    src = str(Path(cli_quantize.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", staging_mod.FAULT_ENV: "commit:0"}
+    killed = subprocess.run([sys.executable, "-m", "fp4cal", *common, "--out", str(out)], env=env,
+                            capture_output=True)
+    assert killed.returncode == -9 and not out.exists() and staging_mod.staging_path(out).is_dir()
+    assert main([*common, "--nproc", "2", "--out", str(out)]) == 0
+    text = capfd.readouterr().out
+    assert "resumed after 1 committed layers" in text and "2 processes" in text
+    ref = {p.name: p.read_bytes() for p in sorted((tmp_path / "ref").iterdir())}
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == ref
+
+
 def test_streaming_with_nproc_refuses_quantized_propagation(llama_dir, tmp_path, capfd):
     args = ["quantize", str(llama_dir), *FAST, "--streaming", "--nproc", "2", "--device", "cpu", "--propagation",
             "quantized", "--out", str(tmp_path / "q")]
