@@ -32,7 +32,6 @@ import os
 import platform
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ from fp4cal.calib.calibrate import calibrate  # noqa: E402
 from fp4cal.calib.distributed import assign_owners, calibrate_distributed, search_cost  # noqa: E402
 from fp4cal.calib.targets import find_targets  # noqa: E402
 from fp4cal.search import choose_backend  # noqa: E402
+from timing import timed  # noqa: E402 - bench/timing.py, beside this script
 
 
 def build_model(layers: int, seq: int, tiny: bool, device: torch.device):
@@ -60,11 +60,6 @@ def build_model(layers: int, seq: int, tiny: bool, device: torch.device):
     with torch.device(device):  # initialize in place: seconds instead of a minute for the full shapes
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval(), cfg
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def barrier(device: torch.device) -> None:
@@ -97,14 +92,6 @@ def compare(got, want) -> list[str]:
         if not same:
             bad.append(name)
     return bad
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_json: str) -> None:

@@ -39,7 +39,6 @@ import copy
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,19 +50,7 @@ from fp4cal.calib.capture import capture_statistics, run_batch  # noqa: E402
 from fp4cal.calib.targets import find_targets  # noqa: E402
 from fp4cal.gptq import SCALES, GPTQConfig, gptq_round, layer_objective  # noqa: E402
 from fp4cal.numerics import fake_quantize  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
+from timing import timed  # noqa: E402 - bench/timing.py, beside this script
 
 
 def build(args, device):

@@ -144,7 +144,6 @@ def test_kill_between_renames_rolls_back_when_new_is_lost(tmp_path, two_checkpoi
     _killed_export(out, new, "between")
     journal = json.loads((tmp_path / ".ckpt.fp4cal-swap.json").read_text())
     shutil.rmtree(tmp_path / journal["new"])
-    model, result = case("llama")
     with pytest.warns(CheckpointRecoveryWarning, match="rolled back an interrupted export"):
         export_io.recover_interrupted(out)
     assert torch.equal(_embed(out), _embed(old))

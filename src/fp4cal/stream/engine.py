@@ -302,11 +302,11 @@ def quantize_checkpoint(
         batches = list(batches)
         if not batches:
             raise ValueError("batches was empty: calibration needs at least one batch")
-        _, ids = _token_count_and_ids(batches)  # every rank's ids: the fingerprint covers the whole data
+        n_tokens, ids = _token_count_and_ids(batches)  # every rank's ids: the fingerprint covers the whole data
         n_batches = len(batches)
-        if distributed:
+        if distributed:  # this rank's share decides where its activations live
             batches = fd.shard(batches, rank, world)
-        n_tokens, _ = _token_count_and_ids(batches)
+            n_tokens, _ = _token_count_and_ids(batches)
         hidden = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
                          "hidden_size", 0)
         act_bytes = 2 * n_tokens * int(hidden or 0) * torch.empty((), dtype=entries[0].tensor.dtype).element_size()
