@@ -40,7 +40,9 @@ from fp4cal.search.kernel_common import (
 )
 
 TAU: tl.constexpr = tl.constexpr(2.0**-18)  # fp32 loss error bound, in units of S^2 (module docstring)
-SLACK: tl.constexpr = tl.constexpr(1.0001)  # a bound must exceed the best by this factor (fp32 bound arithmetic)
+# A bound must exceed the best by this factor (fp32 bound arithmetic), and exceed 0: on a singular block the loss
+# ||F^T dw||^2 - sum rd dw^2 can be slightly negative (H's fp32 rounding noise), while a trivial bound is 0.
+SLACK: tl.constexpr = tl.constexpr(1.0001)
 
 
 @triton.jit
@@ -337,7 +339,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                     # ~10 % less work in this phase
                     if weak & ((it1 // UNROLL) % 2 == 0):
                         bound = tl.maximum(bound, _box_bound(w, s_next, fb, sd, rd))
-                active = active & ~(bound > (best + bmar) * SLACK)
+                active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
             active = active & (c >= 0)
         n_active = tl.sum(active.to(tl.int32))
 
@@ -363,7 +365,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             active = active & (c <= zero_at)
             if u == UNROLL - 1:
                 bound = _up_bound(w, mb, nbp, 0.5 * tl.load(s_ptr + tl.minimum(c, N_CAND - 1)))
-                active = active & ~(bound > (best + bmar) * SLACK)
+                active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
         n_active = tl.sum(active.to(tl.int32))
 
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
