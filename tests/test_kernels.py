@@ -222,23 +222,39 @@ def test_value_scan_finds_one_bad_weight(where, device_for_kernels):
             fp4cal.search_scales(w, method, hh, torch.tensor(0.1, device=dev), backend="triton")
 
 
-@pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag", "deadchan"])
+@pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag", "deadchan", "rank1", "collinear"])
 def test_hessian_factor(hkind, device_for_kernels):
     from fp4cal.search.hessian_blocks import with_fallback
-    from fp4cal.search.kernels import hessian_factor
+    from fp4cal.search.kernels import REG_DELTA, hessian_factor
 
-    if hkind == "deadchan":
+    if hkind in ("deadchan", "rank1", "collinear"):
         h = make_ill_hessian(hkind, 64, device_for_kernels, seed=12)
     else:
         h = make_hessian(hkind, 64, device_for_kernels, seed=12)
-    f, mu, nu = hessian_factor(h)
+    f, mu, nu, rd = hessian_factor(h)
     h64, f64 = with_fallback(h).double().cpu(), f.double().cpu()  # zero-trace blocks are factored as identity
+    # F F^T = H + diag(rd): rd = REG_DELTA diag(H) on singular blocks (factored regularised in the kernel), else 0
+    r64 = rd.double().cpu()
+    d64 = torch.diagonal(h64, dim1=-2, dim2=-1)
+    reg = (r64 > 0).any(-1)
+    assert torch.allclose(r64[reg], REG_DELTA * d64[reg], rtol=1e-6, atol=0) and bool((r64[~reg] == 0).all())
+    if hkind in ("lowrank", "rank1"):
+        assert bool(reg.all())  # every block singular
+    if hkind in ("psd", "range", "diag", "deadchan", "zero"):
+        assert not bool(reg.any())
+    isd = torch.where(d64 > 0, d64.clamp_min(1e-300).rsqrt(), 0.0)
+    recon = (f64 @ f64.transpose(-1, -2) - torch.diag_embed(r64) - h64) * isd[..., :, None] * isd[..., None, :]
+    assert float(recon.abs().max()) < 1e-6  # entry (i, k) relative to sqrt(H_ii H_kk): fp32 rounding of F
     scale = torch.diagonal(h64, dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
-    assert torch.allclose((f64 @ f64.transpose(-1, -2)) / scale, h64 / scale, atol=1e-5, rtol=0)
+    assert torch.allclose((f64 @ f64.transpose(-1, -2) - torch.diag_embed(r64)) / scale, h64 / scale, atol=1e-5,
+                          rtol=0)
     assert torch.equal(f64, torch.tril(f64))  # every block lower triangular (the row kernel's product relies on it)
     m = mu.double().cpu()
     if hkind == "zero":  # the mse fallback: identity blocks, mu = 1 - 1e-6
         assert torch.allclose(m, torch.full_like(m, 1 - 1e-6))
+    if hkind in ("rank1", "collinear"):  # mu = nu = 0 on the singular (regularised) blocks
+        assert bool((m[reg] == 0).all()) and bool((nu.double().cpu()[reg] == 0).all())
+        return
     if hkind == "deadchan":  # dead channels get mu = 0, the live ones keep a bound (no longer all singular)
         dead = torch.diagonal(h64, dim1=-2, dim2=-1) == 0
         assert bool((m[dead] == 0).all()) and bool((m[~dead] > 0).all())
@@ -267,6 +283,26 @@ def test_hessian_factor(hkind, device_for_kernels):
         assert bool((n[pos] > 0).all())
     low = torch.linalg.eigvalsh(h64 - torch.diag_embed(n))[..., 0]
     assert bool((low >= -1e-6 * d.amax(-1).clamp_min(1e-30)).all()), low.min()  # fp32 H is PSD to ~1e-7
+
+
+def test_singular_blocks_factored_without_eigendecomposition(monkeypatch, device_for_kernels):
+    """Issue 13.1: rank-deficient blocks are factored in the kernel (regularised Cholesky, status 1); the host's
+    eigendecomposition runs only for a block whose regularised factor fails (status 2), and a non-PSD block is
+    still refused with check_psd's message."""
+    from fp4cal.search import kernels
+
+    calls = []
+    real = kernels._refactor_by_eigh
+    monkeypatch.setattr(kernels, "_refactor_by_eigh", lambda *a: (calls.append(1), real(*a)))
+    for kind in ("rank1", "rank2", "rank8", "collinear"):
+        h = make_ill_hessian(kind, 64, device_for_kernels, seed=21)
+        *_, status = kernels.prepare_factor(h)
+        assert int(status.max()) <= 1, (kind, status.tolist())
+    assert calls == []
+    bad = make_hessian("psd", 64, device_for_kernels, seed=22)
+    bad[2] = -bad[2]
+    with pytest.raises(ValueError, match=r"hessian block \(2,\) .*not positive semi-definite"):
+        kernels.prepare_factor(bad)
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy", "outliers", "threshold"])

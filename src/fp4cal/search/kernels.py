@@ -42,15 +42,28 @@ Launches: _prep_kernel computes the candidate tables, factors the Hessian blocks
 those alone, so a call returns while its sweep runs. Small mse calls are one launch instead: the sweep
 computes its own candidate scales and checks the values (FUSED), and the host waits for it.
 
-Where the quadratic form runs: each H_j is factored once (float64 Cholesky in _prep_kernel; singular blocks
-by eigendecomposition, made lower triangular by QR), so the loss is a sum of squares ||F_j^T dw||^2, 136 fp32
-FMAs per block and candidate in sweep_rows.py (one block per thread). Near-ties of that fp32 loss are re-scored
-in float64 and a box bound prunes singular blocks (sweep_rows.py's docstring). A tile layout with the product on
+Where the quadratic form runs: each H_j is factored once (float64 Cholesky in _prep_kernel), so the loss is a
+sum of squares ||F_j^T dw||^2, 136 fp32 FMAs per block and candidate in sweep_rows.py (one block per thread).
+
+Singular blocks (a live pivot at or below 1e-12 of its diagonal: rank < 16, or near-collinear channels within
+fp32 rounding) are factored in the same kernel, with no eigendecomposition and no host round trip: a plain
+Cholesky of a semi-definite H in the channel order is unstable (a pivot at the fp32 noise level of H divides
+noise by noise), so the block is factored as H + diag(rd), rd_i = REG_DELTA H_ii (2^-14). That matrix is
+definite whenever H's fp32 rounding noise is below REG_DELTA (relative to sqrt(H_ii H_kk)), its float64
+Cholesky is backward stable, and the factor stays lower triangular in the channel order as the row kernel
+needs. The sweep subtracts the known term: loss = ||F^T dw||^2 - sum_i rd_i dw_i^2 = dw^T H dw up to the same
+fp32 rounding as a definite block (16 more FMAs, on such blocks only). mu = nu = 0 there (H is singular). If
+even H + diag(rd) fails (a pivot at or below 0: an eigenvalue of H below -REG_DELTA max_i H_ii), the block gets
+status 2: the host runs check_psd, which raises for a block that is not PSD, and otherwise (a block within its
+tolerance) factors it by float64 eigendecomposition with rd = 0 and sweeps again (rare).
+
+Near-ties of the fp32 loss are re-scored in float64 (exact=True) and a box bound prunes singular blocks
+(sweep_rows.py's docstring). A tile layout with the product on
 tensor cores (3xTF32) was measured slower on H100 and removed (BENCHMARKS.md, third session).
 
 Hessian blocks with zero trace are replaced by the identity before factoring (MSE objective; hessian_blocks.py).
-The factor kernel also refuses blocks that are not positive semi-definite: a pivot below -PSD_RTOL x the
-block's largest |entry| sets status 2, and the host raises hessian_blocks.check_psd's message.
+The factor kernel also refuses blocks that are not positive semi-definite: a failed factor sets status 2, and
+the host raises hessian_blocks.check_psd's message.
 This module: the prep and factor kernels and the host entry point (search_triton, hessian_factor).
 """
 
@@ -72,6 +85,13 @@ from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
 _SCAN_ROWS = 16  # weight rows per value-scan program of _prep_kernel
 PSD_TOL: tl.constexpr = tl.constexpr(PSD_RTOL)
+# Regularisation of singular blocks, relative to each channel's diagonal (module docstring, 'Singular blocks'):
+# above the fp32 rounding noise of a computed X^T X / n (a few 1e-7 of sqrt(H_ii H_kk) per entry), so that
+# H + REG_DELTA diag(H) is definite and its Cholesky stable; small enough that every block it admits passes
+# check_psd (H + REG_DELTA D > 0 implies an eigenvalue of H above -REG_DELTA max_i H_ii > -PSD_RTOL x its largest
+# |entry|).
+REG_DELTA = 2.0**-14
+REG: tl.constexpr = tl.constexpr(REG_DELTA)
 # Launch configuration of the sweep, measured on H100 (BENCHMARKS.md): one warp (32 blocks) per program; the
 # interpreter (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster.
 # Register cap for the local-Hessian sweep: it wants ~240 and runs 8 one-warp programs per SM uncapped.
@@ -118,7 +138,8 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 
 
 @triton.jit
-def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, w_ptr, n_e, n_hb,
+def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, w_ptr, n_e,
+                 n_hb,
                  n_rows, cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
                  SR: tl.constexpr, SC: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
@@ -130,7 +151,8 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
         _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64))
     elif pid < n_e + n_hb:
         if FACTOR:
-            _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64), True)
+            _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64),
+                          True)
     else:
         if SCAN:
             _scan_rows(w_ptr, flag_ptr, (pid - n_e - n_hb).to(tl.int64), n_rows, cout, cin, stride_we, stride_wr,
@@ -138,39 +160,59 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
 
 
 @triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr):
+def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr):
     """One 16x16 block per program (_factor_block)."""
-    _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, status_ptr, tl.program_id(0).to(tl.int64), False)
+    _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, status_ptr, tl.program_id(0).to(tl.int64), False)
 
 
 @triton.jit
-def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
-    """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H_AA^-1)_ii on the live
-    channels A (non-zero diagonal; a dead channel's zero row and column do not enter the loss, so it neither
-    makes the block singular nor gets a bound: mu_i = 0) and nu_i = lambda H_ii with lambda the Gershgorin bound
-    of the module docstring (both 0 if singular). status: 0 done; 1 a live pivot at or below 1e-12 of its
-    diagonal (singular: the host redoes the block by eigendecomposition); 2 a pivot below -PSD_TOL x the block's
-    largest |entry| (not PSD: the host raises); 3 non-finite input. FLAG: also max the status into flag_ptr."""
-    i = tl.arange(0, 16)
-    h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
-    a = (h + tl.trans(h)) * 0.5
-    a0 = a
-    diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
-    scale = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+def _cholesky(a, d0, scale, i):
+    """float64 Cholesky of the symmetric 16x16 block a (original diagonal d0, largest |entry| scale): (lower,
+    singular, indefinite). A pivot at or below 1e-12 of its channel's original diagonal gets a zero column (a dead
+    channel, d0 = 0, always does and is not singular); singular: such a pivot on a live channel; indefinite: a
+    pivot below -PSD_TOL x scale."""
     lower = tl.zeros([16, 16], tl.float64)
     singular = tl.zeros([1], tl.int32)
     indefinite = tl.zeros([1], tl.int32)
     for k in tl.static_range(16):
         col = tl.sum(tl.where(i[None, :] == k, a, 0.0), axis=1)
         piv = tl.sum(tl.where(i == k, col, 0.0))
-        d0 = tl.sum(tl.where(i == k, diag0, 0.0))
-        ok = piv > 1e-12 * d0
-        singular = singular | ((~ok) & (d0 > 0)).to(tl.int32)
+        d0k = tl.sum(tl.where(i == k, d0, 0.0))
+        ok = piv > 1e-12 * d0k
+        singular = singular | ((~ok) & (d0k > 0)).to(tl.int32)
         indefinite = indefinite | (piv < -(scale * PSD_TOL)).to(tl.int32)
         inv = tl.where(ok, 1.0 / tl.sqrt(tl.where(ok, piv, 1.0)), 0.0)
         lcol = tl.where(i >= k, col * inv, 0.0)
         lower = tl.where(i[None, :] == k, lcol[:, None], lower)
         a = a - lcol[:, None] * lcol[None, :]
+    return lower, tl.sum(singular) > 0, tl.sum(indefinite) > 0
+
+
+@triton.jit
+def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
+    """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H_AA^-1)_ii on the live
+    channels A (non-zero diagonal; a dead channel's zero row and column do not enter the loss, so it neither
+    makes the block singular nor gets a bound: mu_i = 0) and nu_i = lambda H_ii with lambda the Gershgorin bound
+    of the module docstring.
+
+    Singular blocks (a live pivot at or below 1e-12 of its diagonal: rank-deficient, or within fp32 rounding of
+    it) are factored here too, without an eigendecomposition: L L^T = H + diag(rd), rd = REG_DELTA * diag(H)
+    (module docstring, 'Singular blocks'), and mu = nu = 0 (no bound from a singular H). status: 0 plain; 1
+    regularised; 2 the regularised factor failed too (H has an eigenvalue below -REG_DELTA x its largest
+    diagonal, or a pivot below -PSD_TOL x the largest |entry|: the host runs check_psd, which raises unless the
+    block is within its tolerance, then factors it by eigendecomposition); 3 non-finite input. FLAG: also max
+    the status into flag_ptr."""
+    i = tl.arange(0, 16)
+    h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
+    a0 = (h + tl.trans(h)) * 0.5
+    diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a0, 0.0), axis=1)
+    scale = tl.max(tl.max(tl.abs(a0), axis=1), axis=0)
+    lower, singular, indefinite = _cholesky(a0, diag0, scale, i)
+    rd = tl.where(singular, REG * diag0, 0.0)
+    lower_r, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
+                                                  diag0, scale, i)
+    lower = tl.where(singular, lower_r, lower)
+    failed = tl.where(singular, singular_r | indefinite_r, indefinite)
     # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
     # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
     x = tl.zeros([16, 16], tl.float64)
@@ -182,38 +224,42 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, status_ptr, flag_ptr, pid, FLAG:
         x = tl.where(i[:, None] == k, row[None, :], x)
     hinv = tl.sum(x * x, axis=0)
     live = diag0 > 0
-    mu = tl.where((tl.sum(singular) > 0) | ~live, 0.0, (1.0 - 1e-6) / hinv)
+    mu = tl.where(singular | ~live, 0.0, (1.0 - 1e-6) / hinv)
     # Gershgorin on D^-1/2 H D^-1/2 (unit diagonal): every eigenvalue is >= 1 - (largest off-diagonal row sum)
     isd = 1.0 / tl.sqrt(tl.where(live, diag0, 1.0))
     corr = tl.abs(a0) * isd[:, None] * isd[None, :]
     radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
-    lam = tl.where(tl.sum(singular) > 0, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
+    lam = tl.where(singular, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
     nu = tl.where(live, lam * diag0, 0.0)
     tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
+    tl.store(rd_ptr + pid * 16 + i, rd.to(tl.float32))
     n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
-    status = tl.where(n_bad > 0, 3, tl.where(tl.sum(indefinite) > 0, 2, tl.where(tl.sum(singular) > 0, 1, 0)))
+    status = tl.where(n_bad > 0, 3, tl.where(failed, 2, tl.where(singular, 1, 0)))
     tl.store(status_ptr + pid, status)
     if FLAG:  # the worst status, for the host's single read of the prep flags
         tl.atomic_max(flag_ptr, status, mask=status > 0)
 
 
 def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(h as contiguous fp32 with the zero-trace fallback applied, F, mu, nu, status) buffers for _factor_block."""
+    """(h as contiguous fp32 with the zero-trace fallback applied, F, mu, nu, rd, status) buffers for
+    _factor_block."""
     hc = with_fallback(h.float()).contiguous()
     f = torch.empty_like(hc)
     mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
     nu = torch.empty_like(mu)
+    rd = torch.empty_like(mu)
     status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
-    return hc, f, mu, nu, status
+    return hc, f, mu, nu, rd, status
 
 
-def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor,
+def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, rd: torch.Tensor,
                       status: torch.Tensor) -> None:
-    """Blocks with status 1 or 2: F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = 0.
-    hc: the factored fp32 blocks (fallback applied); raises check_psd's error if one is not PSD."""
-    sel = ((status == 1) | (status == 2)).reshape(hc.shape[:-2])
+    """Blocks with status 2 (rare: the regularised Cholesky failed on a block within check_psd's tolerance):
+    F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = rd = 0. hc: the factored fp32
+    blocks (fallback applied); raises check_psd's error if one is not PSD."""
+    sel = (status == 2).reshape(hc.shape[:-2])
     hs = hc.double()[sel]
     check_psd(hs, "hessian (singular blocks)")
     lam, vec = torch.linalg.eigh((hs + hs.transpose(-1, -2)) / 2)
@@ -222,32 +268,35 @@ def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: t
     f[sel] = torch.linalg.qr(fe.transpose(-1, -2)).R.transpose(-1, -2).float()
     mu[sel] = 0.0
     nu[sel] = 0.0
+    rd[sel] = 0.0
 
 
-def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu, nu fp32 [..., 16]).
+def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16] lower triangular, mu, nu,
+    rd fp32 [..., 16]).
 
-    F F^T = H, so dw^T H dw = ||F^T dw||^2 (float64 Cholesky in a Triton kernel, float64 eigendecomposition
-    for blocks that are singular); a zero-trace block is factored as the identity (the MSE fallback).
+    F F^T = H + diag(rd), so dw^T H dw = ||F^T dw||^2 - sum_i rd_i dw_i^2 (float64 Cholesky in a Triton kernel;
+    rd = 0 except on singular blocks, which are factored regularised: module docstring); a zero-trace block is
+    factored as the identity (the MSE fallback).
     mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii, a lower bound used to end sweeps early (0 for singular
     blocks and dead channels), and nu_i = lambda H_ii with H >= diag(nu) (module docstring). Raises on
     non-finite h and on a block that is not PSD.
     """
-    _, f, mu, nu, _ = prepare_factor(h)
-    return f, mu, nu
+    _, f, mu, nu, rd, _ = prepare_factor(h)
+    return f, mu, nu, rd
 
 
-def _check_factor_status(worst: int, h, hc, f, mu, nu, status) -> None:
-    """Act on the worst factor status: raise for non-finite (3) or non-PSD (2) blocks, refactor singular ones (and
-    negative-pivot blocks that pass check_psd's tolerance)."""
+def _check_factor_status(worst: int, h, hc, f, mu, nu, rd, status) -> None:
+    """Act on the worst factor status: raise for non-finite (3) or non-PSD (2) blocks; refactor the status-2
+    blocks that pass check_psd's tolerance. Singular blocks (status 1) need nothing: the kernel factored them."""
     if worst == 3:
         check_finite(h, "hessian")
     if worst == 2:
-        # A negative pivot beyond tolerance: usually not PSD (raise). A block within the eigenvalue tolerance can
-        # still have one after a tiny earlier pivot; it is then refactored by eigendecomposition like a singular one.
+        # The regularised Cholesky failed: usually not PSD (raise). A block within the eigenvalue tolerance (an
+        # eigenvalue between -PSD_RTOL x its largest |entry| and -REG_DELTA x its largest diagonal) is refactored
+        # by eigendecomposition instead.
         check_psd(h)
-    if worst >= 1:
-        _refactor_by_eigh(hc, f, mu, nu, status)
+        _refactor_by_eigh(hc, f, mu, nu, rd, status)
 
 
 _thread_state = threading.local()
@@ -332,17 +381,17 @@ def search_triton(
     n_hb = 0
     if hess:
         if factor is None:
-            hc, f, mu, nu, status = _factor_buffers(hessian)
+            hc, f, mu, nu, rd, status = _factor_buffers(hessian)
             n_hb = status.numel()
         else:
-            hc, f, mu, nu, status = factor
+            hc, f, mu, nu, rd, status = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
-        hc = f = mu = nu = v_tab  # unused placeholder pointers
+        hc = f = mu = nu = rd = v_tab  # unused placeholder pointers
         status = None
         stride_fe = 0
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
-    factor_bufs = (hc, f, mu, nu, status) if n_hb else (flags,) * 5  # placeholders when nothing is factored here
+    factor_bufs = (hc, f, mu, nu, rd, status) if n_hb else (flags,) * 6  # placeholders when nothing is factored here
     if not fused:
         _prep_kernel[(n_e + n_hb + n_scan,)](
             g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
@@ -355,14 +404,14 @@ def search_triton(
         host_flags.copy_(flags, non_blocking=True)
         ready.record()
     elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
-        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status, losses)
+        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, rd, status, losses)
         if early is not None:
             return early
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
     block_rows = 32 * num_warps
     grid = (triton.cdiv(cout, block_rows), nb, n_e)
-    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, hc, nohalf, out, flags if stats is None else stats,
+    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, rd, hc, nohalf, out, flags if stats is None else stats,
             flags if losses is None else losses, cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe,
             cout * nb)
     opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
@@ -379,21 +428,22 @@ def search_triton(
     if host_flags is not None:
         ready.synchronize()  # the one host wait: prep kernel and flag copy, not the sweep
         got = host_flags.tolist()
-        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, status, losses)
+        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, rd, status, losses)
         if early is not None:
             return early
-        if got[3] in (1, 2):  # rare: a singular block, refactored above; sweep again (queued after the first)
+        if got[3] == 2:  # rare: a block refactored by eigendecomposition above; sweep again (queued after the first)
             if losses is not None:
                 losses.zero_()
             launch()
     elif fused:  # one launch: the sweep checked the values itself, and has run
-        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, status, losses)
+        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, rd, status, losses)
         if early is not None:
             return early
     return out if stack else out[0]
 
 
-def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status, losses=None) -> torch.Tensor | None:
+def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, status,
+                  losses=None) -> torch.Tensor | None:
     """Raise for bad values, refactor singular blocks; return the reference's result when s_g is outside the
     exact range (None otherwise). flags: bad w, bad g, s_g out of range, worst factor status."""
     from fp4cal.search.reference import reference_losses, search_reference
@@ -404,7 +454,7 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status
     if bad_g:
         check_global_amax_values(g)
     if fstatus:
-        _check_factor_status(fstatus, hessian, hc, f, mu, nu, status)
+        _check_factor_status(fstatus, hessian, hc, f, mu, nu, rd, status)
     if out_of_range:
         out = search_reference(w, method, g, hessian)
         if losses is not None:
@@ -415,8 +465,8 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, status
 
 def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
-    nu, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
-    hc, f, mu, nu, status = _factor_buffers(h)
-    _factor_kernel[(status.numel(),)](hc, f, mu, nu, status)
-    _check_factor_status(int(status.max()), h, hc, f, mu, nu, status)
-    return hc, f, mu, nu, status
+    nu, rd, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
+    hc, f, mu, nu, rd, status = _factor_buffers(h)
+    _factor_kernel[(status.numel(),)](hc, f, mu, nu, rd, status)
+    _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, status)
+    return hc, f, mu, nu, rd, status

@@ -219,7 +219,8 @@ def _search_rows(
                     bound = _down_bound(wr, ar_abs, s_tab[cn], bd)
                 else:
                     bound = _up_bound(ar_abs, s_tab[cn], bd)
-                ar = ar & ~(bound > best[ix] * (1 + _SLACK))
+                # above max(best, 0): with H's fp32 rounding noise a loss can be slightly negative, a trivial bound is 0
+                ar = ar & ~(bound > best[ix].clamp_min(0.0) * (1 + _SLACK))
             c[ix] = cr
             active[ix] = ar
             step += 1
