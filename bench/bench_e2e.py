@@ -191,6 +191,8 @@ def run_child(label: str, cmd: list[str], env: dict, log: Path, timeout: float) 
                 m = re.match(r"(.+) ([\d.]+) s$", part.strip())
                 if m:
                     row["phases"][m.group(1)] = float(m.group(2))
+        if line.startswith("peak GPU memory by phase: "):
+            row["gpu_by_phase"] = line.split(": ", 1)[1]
         m = re.match(r"peak memory: (?:GPU ([\d.]+) GiB, )?CPU ([\d.]+) GiB", line)
         if m:
             row["gpu"] = float(m.group(1)) if m.group(1) else None
@@ -218,6 +220,7 @@ def main() -> int:
                     "least 6 GiB: the embedding and one batch's temporaries must fit)")
     ap.add_argument("--runs", default="stream-cold,stream,whole,mo-cold,mo",
                     help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo, mo-plain(-cold); "
+                    "stream2: streaming with --nproc 2 (two GPUs); stream-gptq: --method gptq streamed (uncapped); "
                     "mo-build: only ModelOpt's extension build on a tiny model (so that mo-plain is warm); "
                     "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof); whole-nowarm / "
                     "stream-nowarm: without the kernel warm-up thread")
@@ -282,10 +285,12 @@ def main() -> int:
         out = work / f"out-{run}"
         if out.exists():
             shutil.rmtree(out)
-        if kind == "stream":
-            cmd = base + ["--out", str(out), "--streaming"]
+        if kind in ("stream", "stream2"):
+            cmd = base + ["--out", str(out), "--streaming"] + (["--nproc", "2"] if kind == "stream2" else [])
             if frac:
                 cmd += ["--gpu-memory-fraction", f"{frac:.4f}"]
+        elif kind == "stream-gptq":  # GPTQ with quantized propagation, one layer at a time, no memory cap
+            cmd = [c if c != args.method else "gptq" for c in base] + ["--out", str(out), "--streaming"]
         elif kind == "whole":
             cmd = base + ["--out", str(out), "--no-streaming"]
         elif mo:
@@ -321,6 +326,8 @@ def main() -> int:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()) or r.get("error", "")
         ext = f"{r['exit']:.1f}" if r.get("exit") is not None else "-"
         print(f"{r['run']:<12} {r['wall']:>8.1f} {ratio:>6} {ext:>6} {gpu:>8} {cpu:>8}  {phases}")
+        if r.get("gpu_by_phase"):
+            print(f"{'':<12} peak GPU by phase: {r['gpu_by_phase']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "read_s": read_s,
                                                "fraction": frac, "args": vars(args)}, indent=2, default=str))

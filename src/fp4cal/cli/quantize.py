@@ -608,6 +608,10 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     if rep.resumed_layers:
         header += f"; resumed after {rep.resumed_layers} committed layers"
     bg = ", ".join(f"{k} {v:.2f} s" for k, v in rep.background.items())
+    by_phase = ""
+    if rep.peak_gpu_by_phase:
+        by_phase = "\npeak GPU memory by phase: " + ", ".join(
+            f"{k} {_gib(v)}" for k, v in rep.peak_gpu_by_phase.items())
     print(format_summary(rep.result, header, phases) + f"\nbackground threads (overlapped): {bg}\n"
-          + _memory_line(device, rep.peak_gpu_bytes))
+          + _memory_line(device, rep.peak_gpu_bytes) + by_phase)
     return 0

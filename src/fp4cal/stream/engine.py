@@ -52,7 +52,7 @@ from fp4cal.export.exporter import (
 from fp4cal.export.io import check_out_dir, parse_size
 from fp4cal.gptq import DEFAULT_DAMP, DEFAULT_SCALES, GPTQConfig
 from fp4cal.stream import inputs as layer_inputs
-from fp4cal.stream.reader import CheckpointReader, Prefetcher, to_device
+from fp4cal.stream.reader import CheckpointReader, Prefetcher, pin, to_device
 from fp4cal.stream.skeleton import (
     build_skeleton,
     config_bytes,
@@ -76,7 +76,8 @@ class StreamReport:
     plan, data), embed (the forward that records the layers' inputs), read (waiting for layer tensors),
     forward (layer forwards with capture, and the quantized re-run), search, write (packing plus waiting for
     the writer), other. background: seconds the reading / writing threads were busy (overlapped).
-    peak_gpu_bytes: torch.cuda.max_memory_allocated (None on CPU); peak_cpu_bytes: the process's max RSS.
+    peak_gpu_bytes: torch.cuda.max_memory_allocated over the run (None on CPU; the engine restarts CUDA's peak
+    counter at each phase boundary), peak_gpu_by_phase: the same per phase; peak_cpu_bytes: the process's max RSS.
     resumed_layers: layers taken from an earlier, interrupted run. activations_on_device: where the layer
     inputs / outputs were kept. propagation: "float" or "quantized", as run.
     """
@@ -87,6 +88,7 @@ class StreamReport:
     timings: dict[str, float] = field(default_factory=dict)
     background: dict[str, float] = field(default_factory=dict)
     peak_gpu_bytes: int | None = None
+    peak_gpu_by_phase: dict[str, int] = field(default_factory=dict)
     peak_cpu_bytes: int = 0
     resumed_layers: int = 0
     layers: int = 0
@@ -99,10 +101,16 @@ class _Clock:
     def __init__(self, device: torch.device):
         self.device = device
         self.t: dict[str, float] = {}
+        self.peak: dict[str, int] = {}  # peak GPU bytes allocated per phase
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
     def add(self, phase: str, since: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # CUDA's peak counter restarts at every phase boundary, so the report can say which phase set it
+            self.peak[phase] = max(self.peak.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
         now = time.perf_counter()
         self.t[phase] = self.t.get(phase, 0.0) + now - since
         return now
@@ -282,10 +290,15 @@ def quantize_checkpoint(
     writes: list[Future] = []
     busy = {"read": 0.0, "write": 0.0}
 
+    # where the reading thread leaves a layer: on the device (overlapping the copy too), or, when memory is
+    # tight (activations in pinned memory), in pinned CPU memory until the layer's turn, so that only the
+    # computing layer is on the device (the copy then costs ~10 ms per GB on the compute stream)
+    read_to = {"device": False}
+
     def read_layer(i: int) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         cpu = {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces) for e in layer_entries[i]}
-        out = to_device(cpu, dev)
+        out = to_device(cpu, dev) if read_to["device"] else pin(cpu, dev)
         busy["read"] += time.perf_counter() - t0
         return out
 
@@ -321,6 +334,7 @@ def quantize_checkpoint(
         else:
             on_device = True
         store = layer_inputs.ActivationStore(dev, on_device)
+        read_to["device"] = on_device
 
         staging = None
         if out_dir is not None:
@@ -387,7 +401,9 @@ def quantize_checkpoint(
             loaded = prefetch.take(i)
             layer = layers[i]
             for name, value in loaded.items():
-                if dev.type == "cuda":
+                if value.device != dev:  # read into pinned memory: copied now, on the compute stream
+                    value = value.to(dev, non_blocking=True)
+                elif dev.type == "cuda":
                     value.record_stream(torch.cuda.current_stream(dev))
                 set_tensor(owners[name], value)
             init_non_persistent_buffers(model, layer.modules(), dev)
@@ -404,6 +420,8 @@ def quantize_checkpoint(
                 outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True)
                 t = clock.add("forward", t)
             else:
+                probe = _memory_probe(layer, i) if (dev.type == "cuda" and i == resumed
+                                                    and os.environ.get("FP4CAL_TRACE")) else None
                 with ActivationCapture(layer, layer_targets[i], hessians, full_hessians=full) as cap:
                     def layer_pass(layer=layer, hidden_states=hidden_states, calls=calls, cap=cap):
                         out = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float")
@@ -412,6 +430,8 @@ def quantize_checkpoint(
 
                     outputs = together(layer_pass, f"layer {i}")
                 reduce_(cap.stats)
+                if probe is not None:
+                    probe()
                 t = clock.add("forward", t)
                 layer_w = solve_(layer_targets[i], cap.stats)
                 del cap
@@ -484,7 +504,9 @@ def quantize_checkpoint(
     result.timings = dict(clock.t)
     return StreamReport(
         result=result, out_dir=out_path, description=desc, timings=dict(clock.t), background=dict(busy),
-        peak_gpu_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        peak_gpu_bytes=max([torch.cuda.max_memory_allocated(dev), *clock.peak.values()]) if dev.type == "cuda"
+        else None,
+        peak_gpu_by_phase=dict(clock.peak),
         peak_cpu_bytes=peak_cpu_bytes(), resumed_layers=resumed, layers=n_layers,
         activations_on_device=on_device, activation_bytes=act_bytes, propagation=propagation,
     )
@@ -524,15 +546,46 @@ def _unload(entries: list[Entry], owners) -> None:
         set_tensor(owners[e.name], torch.empty(tuple(e.tensor.shape), dtype=e.tensor.dtype, device="meta"))
 
 
+def _memory_probe(layer: nn.Module, index: int):
+    """FP4CAL_TRACE: hooks on the layer's direct children print, for its first batch, the device memory
+    allocated after each child and CUDA's peak so far in the phase (where a layer's peak comes from); returns
+    the function that removes them."""
+    handles, seen = [], set()
+
+    def after(name: str):
+        def hook(mod, args, out):
+            if name in seen:
+                return
+            seen.add(name)
+            torch.cuda.synchronize()
+            print(f"[fp4cal memory] layer {index} {name}: allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
+                  f"peak so far {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+        return hook
+
+    for name, child in layer.named_children():
+        handles.append(child.register_forward_hook(after(name)))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+    return remove
+
+
 def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], calls, store, device: torch.device, keep: bool):
-    """Run every batch through one layer; returns the outputs (in the store) when ``keep``."""
+    """Run every batch through one layer; returns the outputs (in the store) when ``keep``. Batch b + 1's
+    inputs are copied to the device while batch b computes (pinned store)."""
     outs = []
+    store.sync()  # the previous pass's outputs (this pass's inputs) are all in the store
     with torch.no_grad():
-        for b, h in enumerate(hidden):
+        nxt = store.fetch(hidden[0]) if hidden else None
+        for b in range(len(hidden)):
+            h = store.use(nxt)
+            if b + 1 < len(hidden):
+                nxt = store.fetch(hidden[b + 1])
             args, kwargs = calls[b]
             memo: dict = {}
-            out = layer(store.get(h), *layer_inputs.unpack(args, device, memo),
-                        **layer_inputs.unpack(kwargs, device, memo))
+            out = layer(h, *layer_inputs.unpack(args, device, memo), **layer_inputs.unpack(kwargs, device, memo))
+            del h
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"{type(layer).__name__} returned {type(out).__name__}, expected the hidden-states "
                                 "tensor (transformers >= 5 decoder layers); streaming cannot follow this model")

@@ -155,3 +155,11 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
         out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
     stream.synchronize()
     return out
+
+
+def pin(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pinned CPU copies of CPU tensors when ``device`` is CUDA (a later copy to it is then asynchronous and at
+    full bus speed); the tensors themselves otherwise."""
+    if device.type != "cuda":
+        return tensors
+    return {k: v.pin_memory() for k, v in tensors.items()}
