@@ -221,6 +221,7 @@ def main() -> int:
     ap.add_argument("--runs", default="stream-cold,stream,whole,mo-cold,mo",
                     help="comma list of stream-cold, stream, whole-cold, whole, mo-cold, mo, mo-plain(-cold); "
                     "stream2: streaming with --nproc 2 (two GPUs); stream-gptq: --method gptq streamed (uncapped); "
+                    "RUN@bN: that fp4cal run with --batch-size N; "
                     "mo-build: only ModelOpt's extension build on a tiny model (so that mo-plain is warm); "
                     "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof); whole-nowarm / "
                     "stream-nowarm: without the kernel warm-up thread")
@@ -266,10 +267,12 @@ def main() -> int:
             "--no-progress", "--device", "cuda" if cuda else "cpu"]
     rows = []
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
-        cold = run.endswith("-cold")
-        profiled = run.endswith("-prof")  # fp4cal's main thread under cProfile (FP4CAL_PROFILE): slower, for finding
-        nowarm = run.endswith("-nowarm")  # fp4cal without its kernel warm-up thread (FP4CAL_WARMUP=0)
-        kind = run.removesuffix("-cold").removesuffix("-prof").removesuffix("-nowarm")
+        base_run = run.partition("@b")[0]
+        cold = base_run.endswith("-cold")
+        profiled = base_run.endswith("-prof")  # fp4cal's main thread under cProfile (FP4CAL_PROFILE): slower
+        nowarm = base_run.endswith("-nowarm")  # fp4cal without its kernel warm-up thread (FP4CAL_WARMUP=0)
+        run_name, _, bopt = run.partition("@b")  # "stream@b4": that run with --batch-size 4
+        kind = run_name.removesuffix("-cold").removesuffix("-prof").removesuffix("-nowarm")
         mo = kind in ("mo", "mo-plain", "mo-build")  # ModelOpt local_hessian with / without its layerwise mode
         cache = work / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
@@ -306,6 +309,11 @@ def main() -> int:
             cmd = [sys.executable, "-c", code]
         else:
             raise SystemExit(f"unknown run {run!r}")
+        if bopt:
+            if mo:
+                raise SystemExit(f"{run}: @bN applies to fp4cal's runs")
+            i = cmd.index("--batch-size")
+            cmd[i + 1] = str(int(bopt))
         os.sync()  # the previous run's output is deleted; nothing of it is left to write back during this run
         rows.append(run_child(run, cmd, env, logs / f"{run}.log", args.timeout))
         rows[-1]["cold"] = cold

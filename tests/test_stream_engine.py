@@ -22,11 +22,11 @@ def same_weights(a, b) -> list[str]:
     assert list(a.weights) == list(b.weights)
     for name, wa in a.weights.items():
         wb = b.weights[name]
-        ok = torch.equal(wa.block_scale.view(torch.uint8), wb.block_scale.view(torch.uint8))
-        for f in FIELDS:
+        ok = torch.equal(wa.block_scale.view(torch.uint8).cpu(), wb.block_scale.view(torch.uint8).cpu())
+        for f in FIELDS:  # on the CPU: a streamed run on CUDA returns its results there
             x, y = getattr(wa, f), getattr(wb, f)
-            ok &= (x is None and y is None) if x is None or y is None else torch.equal(torch.as_tensor(x),
-                                                                                      torch.as_tensor(y))
+            ok &= (x is None and y is None) if x is None or y is None else torch.equal(torch.as_tensor(x).cpu(),
+                                                                                      torch.as_tensor(y).cpu())
         ok &= (wa.loss_max, wa.loss_chosen, wa.method, wa.fallback, wa.expert_fallback) == (
             wb.loss_max, wb.loss_chosen, wb.method, wb.fallback, wb.expert_fallback)
         if not ok:

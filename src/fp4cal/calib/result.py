@@ -53,6 +53,14 @@ class WeightResult:
     codes: torch.Tensor | None = None
     hessian_fallback_blocks: int = 0
 
+    def to(self, device: torch.device | str) -> WeightResult:
+        """A copy with every tensor field on ``device`` (the others shared)."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = v.to(device)
+        return WeightResult(**kw)
+
     def to_dict(self, exclude: tuple[str, ...] = ()) -> dict:
         """Every field (but those in ``exclude``) as plain Python values and CPU tensors: what torch.save
         (weights_only) and pickling collectives carry portably. shape becomes a list; from_dict reverses it."""

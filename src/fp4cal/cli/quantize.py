@@ -567,8 +567,9 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
         hf_logging.disable_progress_bar()
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     budget = args.activation_budget
-    if budget is None and device.type == "cuda":
-        budget = _available_memory(device) // 4
+    if budget is None and device.type == "cuda":  # asked after the engine's setup (the CUDA context is made
+        def budget():  # meanwhile by the warm-up thread)
+            return _available_memory(device) // 4
     startup = process_age()  # interpreter, imports, argument checks
     waited, args.warmup_seconds = wait_for_warmup(args)
     trace("kernel warm-up waited for")
