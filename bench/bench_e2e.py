@@ -171,6 +171,26 @@ print("time: build 0.00 s")
 '''
 
 
+def output_digest(out: Path) -> str:
+    """sha256 over the written tensors (name, dtype, shape, bytes; sorted by name, whatever the sharding: the
+    streaming path writes a shard per layer, the whole-model path by size): equal digests = equal tensors."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    per = {}
+    for p in sorted(out.glob("*.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).contiguous()
+                d = hashlib.sha256(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+                if t.numel():
+                    d.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+                per[name] = d.hexdigest()
+    return hashlib.sha256("".join(per[k] for k in sorted(per)).encode()).hexdigest()[:16]
+
+
 def run_child(label: str, cmd: list[str], env: dict, log: Path, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
@@ -226,6 +246,8 @@ def main() -> int:
                     "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof); whole-nowarm / "
                     "stream-nowarm: without the kernel warm-up thread")
     ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp dir)")
+    ap.add_argument("--caches", default=None, help="folder for the tools' cache folders (default: --work; share "
+                    "it between two invocations to keep their compiled kernels)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--logs", default=None, help="folder for each run's output (default: WORK/logs)")
@@ -238,6 +260,7 @@ def main() -> int:
     args.gen_device = "cuda" if cuda else "cpu"
     work = Path(args.work or tempfile.mkdtemp(prefix="fp4cal-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
+    caches = Path(args.caches) if args.caches else work
     logs = Path(args.logs) if args.logs else work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ckpt = work / "ckpt"
@@ -274,7 +297,7 @@ def main() -> int:
         run_name, _, bopt = run.partition("@b")  # "stream@b4": that run with --batch-size 4
         kind = run_name.removesuffix("-cold").removesuffix("-prof").removesuffix("-nowarm")
         mo = kind in ("mo", "mo-plain", "mo-build")  # ModelOpt local_hessian with / without its layerwise mode
-        cache = work / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
+        cache = caches / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
             shutil.rmtree(cache)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -317,6 +340,8 @@ def main() -> int:
         os.sync()  # the previous run's output is deleted; nothing of it is left to write back during this run
         rows.append(run_child(run, cmd, env, logs / f"{run}.log", args.timeout))
         rows[-1]["cold"] = cold
+        if not mo and rows[-1]["rc"] == 0 and out.is_dir():  # same bytes across fp4cal's paths?
+            rows[-1]["digest"] = output_digest(out)
         shutil.rmtree(out, ignore_errors=True)
 
     # the ratio is against ModelOpt's fastest warm run (layerwise or not), the fairest anchor for a user
@@ -336,6 +361,12 @@ def main() -> int:
         print(f"{r['run']:<12} {r['wall']:>8.1f} {ratio:>6} {ext:>6} {gpu:>8} {cpu:>8}  {phases}")
         if r.get("gpu_by_phase"):
             print(f"{'':<12} peak GPU by phase: {r['gpu_by_phase']}")
+    digests = {}
+    for r in rows_shown:
+        if r.get("digest"):
+            digests.setdefault((r["digest"]), []).append(r["run"])
+    if digests:
+        print("written checkpoints, same bytes: " + "; ".join(" = ".join(v) + f" ({k})" for k, v in digests.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "read_s": read_s,
                                                "fraction": frac, "args": vars(args)}, indent=2, default=str))

@@ -37,8 +37,11 @@ print(f'WARMUP cold cache {cold:.1f} s, warm cache {warm:.3f} s')" 2>&1 | tee "$
       timeout ${GPTQ_TIMEOUT:-300} python3 bench/bench_gptq.py --json "$OUT/bench_gptq.json" ${GPTQ_ARGS:-} 2>&1 \
         | tee "$OUT/bench_gptq.log" ;;
     e2e)  # needs .anchor/assets (tokenizer + texts); writes a checkpoint of ~16 GB under /tmp
-      timeout ${E2E_TIMEOUT:-540} python3 bench/bench_e2e.py --assets .anchor/assets --work /tmp/fp4cal-e2e \
-        --json "$OUT/bench_e2e.json" --logs "$OUT/e2e_logs" ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e.log" ;;
+      # E2E_NAME names the logs (a second invocation with another name keeps the first's); the caches are shared
+      n=${E2E_NAME:-bench_e2e}
+      timeout ${E2E_TIMEOUT:-540} python3 bench/bench_e2e.py --assets .anchor/assets --work /tmp/fp4cal-$n \
+        --caches /tmp/fp4cal-e2e-caches --json "$OUT/$n.json" --logs "$OUT/${n}_logs" ${E2E_ARGS:-} 2>&1 \
+        | tee "$OUT/$n.log" ;;
     calib|all)
       if [ -f bench/bench_calibrate.py ]; then
         timeout ${CALIB_TIMEOUT:-400} python3 bench/bench_calibrate.py --json "$OUT/bench_calibrate.json" ${CALIB_ARGS:-} 2>&1 \
