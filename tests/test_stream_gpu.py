@@ -29,7 +29,8 @@ def test_pinned_activations_equal_device_activations(tmp_path, arch, propagation
         assert rep.activations_on_device == (name == "device")
         assert rep.peak_gpu_by_phase and rep.peak_gpu_bytes == max(rep.peak_gpu_by_phase.values())
         runs[name] = rep
-    assert same_weights(runs["device"].result, runs["pinned"].result) == []
+    # the losses are summed by atomic adds across programs on the GPU: equal to rounding, not bit for bit
+    assert same_weights(runs["device"].result, runs["pinned"].result, loss_rtol=1e-9) == []
     same_checkpoint(tmp_path / "device", tmp_path / "pinned")
     if propagation == "float":  # the one-forward calibrate on the device sees the same statistics
         model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).cuda().eval()
@@ -37,7 +38,7 @@ def test_pinned_activations_equal_device_activations(tmp_path, arch, propagation
             warnings.simplefilter("ignore")
             ref = calibrate(model, b, "local_hessian", min_expert_tokens=2)
             export(ref, model, tmp_path / "whole")
-        assert same_weights(ref, runs["pinned"].result) == []
+        assert same_weights(ref, runs["pinned"].result, loss_rtol=1e-9) == []
         same_checkpoint(tmp_path / "whole", tmp_path / "pinned")
 
 

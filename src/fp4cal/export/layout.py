@@ -6,8 +6,9 @@ per-expert ``mlp.experts.{e}.gate_proj.weight`` and ``up_proj.weight`` [I, H] be
 Concatenate(dim=1)), and ``save_pretrained`` reverts that. Serving engines (vLLM, SGLang, TensorRT-LLM)
 read the per-expert names. We reuse transformers' own reverse conversion to learn, for each
 parameter, which checkpoint tensors hold which of its rows: we feed it an index tensor (the row
-numbers of the parameter, shape [..., rows, 1]) and read back where each row went. Quantized weights
-are then split row-wise (codes, FP8 scales and the per-expert global scale together), which is exact.
+numbers of the parameter, shape [..., rows, 2], both columns the row number) and read back where each
+row went. Quantized weights are then split row-wise (codes, FP8 scales and the per-expert global scale
+together), which is exact.
 Conversions that touch the last (input) dimension are refused with a clear error.
 """
 
@@ -57,7 +58,9 @@ def checkpoint_pieces(model: nn.Module, name: str, shape: tuple[int, ...]) -> li
     n_rows, last = _param_rows(shape)
     lead = tuple(shape[:-1]) if len(shape) >= 2 else ()
     if len(shape) >= 2:
-        index = torch.arange(n_rows, dtype=torch.int64).reshape(*lead, 1)
+        # two equal columns, not one: some transformers releases (5.17) squeeze() the per-expert pieces, which
+        # would drop a last dimension of size 1
+        index = torch.arange(n_rows, dtype=torch.int64).reshape(*lead, 1).repeat(*([1] * len(lead)), 2)
     else:
         index = torch.zeros(1, dtype=torch.int64)
     out = _revert(model, name, index)
@@ -67,12 +70,14 @@ def checkpoint_pieces(model: nn.Module, name: str, shape: tuple[int, ...]) -> li
     seen = torch.zeros(n_rows, dtype=torch.int64)
     for ckpt_name, idx in out.items():
         idx = idx[0] if isinstance(idx, list) else idx
-        if len(shape) >= 2 and (idx.dim() < 1 or idx.shape[-1] != 1):
-            raise ValueError(
-                f"transformers' checkpoint conversion maps parameter {name!r} {tuple(shape)} to {ckpt_name!r} "
-                f"with a layout that moves the input (last) dimension (index shape {tuple(idx.shape)}); "
-                "exporting such a parameter is not supported"
-            )
+        if len(shape) >= 2:
+            if idx.dim() < 1 or idx.shape[-1] != 2 or not torch.equal(idx[..., 0], idx[..., 1]):
+                raise ValueError(
+                    f"transformers' checkpoint conversion maps parameter {name!r} {tuple(shape)} to {ckpt_name!r} "
+                    f"with a layout that moves the input (last) dimension (index shape {tuple(idx.shape)}); "
+                    "exporting such a parameter is not supported"
+                )
+            idx = idx[..., :1]
         rows = idx.reshape(-1)
         piece_shape = (*idx.shape[:-1], last) if len(shape) >= 2 else tuple(shape)
         seen.index_add_(0, rows, torch.ones_like(rows))

@@ -1,0 +1,53 @@
+"""export.layout.checkpoint_pieces: which checkpoint tensors hold which rows of a (converted) parameter."""
+
+import pytest
+import torch
+
+from fp4cal.export import layout
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_qwen3_moe():
+    cfg = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                      num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, vocab_size=128, num_hidden_layers=1)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def check_gate_up(pieces) -> None:
+    """gate_up_proj [4, 64, 64] = per expert e: gate rows e*64 + [0, 32), up rows e*64 + [32, 64)."""
+    by_name = {p.name: p for p in pieces}
+    assert len(by_name) == 8
+    for e in range(4):
+        gate = by_name[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"]
+        up = by_name[f"model.layers.0.mlp.experts.{e}.up_proj.weight"]
+        assert gate.shape == up.shape == (32, 64)
+        assert torch.equal(gate.rows, torch.arange(e * 64, e * 64 + 32))
+        assert torch.equal(up.rows, torch.arange(e * 64 + 32, e * 64 + 64))
+
+
+def test_expert_stack_rows():
+    model = tiny_qwen3_moe()
+    check_gate_up(layout.checkpoint_pieces(model, "model.layers.0.mlp.experts.gate_up_proj", (4, 64, 64)))
+
+
+def test_pieces_squeezed_by_the_reverse_conversion(monkeypatch):
+    """Some transformers releases (5.17) squeeze() each expert's piece: a size-1 trailing index dimension would
+    vanish; the two-column index keeps the rows recoverable."""
+    model = tiny_qwen3_moe()
+    real = layout._revert
+
+    def squeezing(model, name, index):
+        return {k: (v[0] if isinstance(v, list) else v).squeeze() for k, v in real(model, name, index).items()}
+
+    monkeypatch.setattr(layout, "_revert", squeezing)
+    check_gate_up(layout.checkpoint_pieces(model, "model.layers.0.mlp.experts.gate_up_proj", (4, 64, 64)))
+
+
+def test_a_conversion_that_moves_the_last_dimension_is_refused(monkeypatch):
+    model = tiny_qwen3_moe()
+    monkeypatch.setattr(layout, "_revert", lambda model, name, index: {"x.weight": index.transpose(-1, -2)})
+    with pytest.raises(ValueError, match="moves the input \\(last\\) dimension"):
+        layout.checkpoint_pieces(model, "model.layers.0.mlp.experts.gate_up_proj", (4, 64, 64))
