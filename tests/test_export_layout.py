@@ -51,3 +51,26 @@ def test_a_conversion_that_moves_the_last_dimension_is_refused(monkeypatch):
     monkeypatch.setattr(layout, "_revert", lambda model, name, index: {"x.weight": index.transpose(-1, -2)})
     with pytest.raises(ValueError, match="moves the input \\(last\\) dimension"):
         layout.checkpoint_pieces(model, "model.layers.0.mlp.experts.gate_up_proj", (4, 64, 64))
+
+
+def test_contiguous_pieces_know_their_start():
+    assert layout.Piece("a", torch.arange(5, 9), (4, 16)).start == 5
+    assert layout.Piece("b", torch.tensor([0, 2, 4]), (3, 16)).start is None
+    assert layout.Piece("c", torch.tensor([3]), (1, 16)).start == 3
+
+
+@pytest.mark.parametrize("shape, per_expert", [((48, 64), False), ((5, 12, 32), True), ((5, 12, 32), False)])
+def test_quantize_in_chunks_is_quantize(monkeypatch, shape, per_expert):
+    """Export quantizes big tensors some rows / experts at a time: the same bytes as one quantize call."""
+    from fp4cal.export import exporter
+    from fp4cal.numerics import quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g, dtype=torch.bfloat16)
+    amax = w.float().abs().reshape(*shape[:-1], -1, 16).amax(-1) * 0.9
+    glob = w.float().abs().amax(dim=(-2, -1)) if per_expert else w.float().abs().amax()
+    monkeypatch.setattr(exporter, "QUANTIZE_CHUNK", 2 * shape[-1] * (shape[-2] if len(shape) == 3 else 1) + 1)
+    a, b = exporter.quantize_in_chunks(w, amax, glob), quantize(w, amax, glob)
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+    assert torch.equal(a.global_scale, b.global_scale)

@@ -59,9 +59,14 @@ def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[
     return {**kw, "logits_to_keep": 1}
 
 
+def _abs_max(w: torch.Tensor) -> torch.Tensor:
+    """max |w| over the last two dims, fp32, without an |w| copy of the weight."""
+    return torch.maximum(w.amax(dim=(-2, -1)), -w.amin(dim=(-2, -1))).float()
+
+
 def group_global_amax(targets: list[Target]) -> dict[str, torch.Tensor]:
     """Global amax per target name: its own max |w| ([] or [E]), or the max over its fused group."""
-    own = {t.name: t.weight().abs().amax(dim=(-2, -1)).float() for t in targets}
+    own = {t.name: _abs_max(t.weight()) for t in targets}
     groups: dict[str, torch.Tensor] = {}
     for t in targets:
         if t.fused_group is not None:

@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from fp4cal.cli.clock import process_age, trace
@@ -585,6 +586,8 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
             RuntimeError) as e:
+        if os.environ.get("FP4CAL_TRACE"):  # where it failed, for a bug report
+            traceback.print_exc()
         return _fail(str(e).strip("'\"")) if rank == 0 else 2
     if rank != 0:
         return 0

@@ -172,13 +172,32 @@ def _input_amax(weights: dict[str, WeightResult], groups: dict[str, list[WeightR
     return out
 
 
+QUANTIZE_CHUNK = 1 << 25  # weights quantized at once by export: ~0.5 GiB of fp32 temporaries, not 4 x a whole stack
+
+
+def quantize_in_chunks(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor) -> NVFP4Tensor:
+    """numerics.quantize of w [cout, cin] or [E, cout, cin], some rows (or experts) at a time: the same bytes
+    (each 16-weight block is quantized on its own, with the tensor's global scale), with fp32 temporaries
+    bounded by QUANTIZE_CHUNK weights instead of several copies of a whole expert stack (1.5 GiB each for a
+    Qwen3-30B-A3B layer's gate_up_proj: the streaming engine ran out of a 6 GiB GPU budget there)."""
+    if w.numel() <= QUANTIZE_CHUNK:
+        return quantize(w, block_amax, global_amax)
+    stacked = w.dim() == 3
+    step = max(1, QUANTIZE_CHUNK // (w.shape[-2] * w.shape[-1] if stacked else w.shape[-1]))
+    per_expert = stacked and global_amax.dim() > 0
+    parts = [quantize(w[i:i + step], block_amax[i:i + step], global_amax[i:i + step] if per_expert else global_amax)
+             for i in range(0, w.shape[0], step)]
+    g = torch.cat([p.global_scale for p in parts]) if stacked else parts[0].global_scale  # stacks: [E]
+    return NVFP4Tensor(torch.cat([p.codes for p in parts]), torch.cat([p.block_scale for p in parts]), g, w.dtype)
+
+
 def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[QuantizedModule]:
     """Quantize one weight with the calibrated scales and cut it into per-module checkpoint pieces."""
     wr = entry.weight
     w = entry.tensor.detach()
     if w.is_meta:
         raise ValueError(f"parameter {entry.name!r} is on the meta device; load its weights before exporting")
-    q = quantize(w, wr.block_amax.to(w.device), wr.global_amax.to(w.device).float())
+    q = quantize_in_chunks(w, wr.block_amax.to(w.device), wr.global_amax.to(w.device).float())
     stored = wr.block_scale.to(q.block_scale.device).view(torch.uint8)
     if not torch.equal(q.block_scale.view(torch.uint8), stored):
         bad = int((q.block_scale.view(torch.uint8) != stored).sum())
@@ -206,19 +225,28 @@ def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[Qu
     modules = []
     for piece in entry.pieces:
         rows = piece.rows
-        if rows.numel() == codes.shape[0] and bool((rows == torch.arange(rows.numel())).all()):
-            rows = None  # the piece is the whole tensor, in order: no copy of its codes
-        experts = torch.unique(piece.rows // cout)
-        if experts.numel() != 1:
-            raise ValueError(
-                f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported"
-            )
-        e = int(experts)
+        if piece.start is not None:  # a run of rows (a whole tensor, an expert, its gate or up half): a view
+            n = rows.numel()
+            first, last = piece.start // cout, (piece.start + n - 1) // cout
+            if first != last:
+                raise ValueError(
+                    f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported")
+            e = first
+            piece_codes, piece_scales = codes[piece.start:piece.start + n], scales[piece.start:piece.start + n]
+        else:
+            experts = torch.unique(rows // cout)
+            if experts.numel() != 1:
+                raise ValueError(
+                    f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported"
+                )
+            e = int(experts)
+            piece_codes = codes.index_select(0, rows).contiguous()
+            piece_scales = scales.index_select(0, rows).contiguous()
         modules.append(
             QuantizedModule(
                 module=module_of(piece.name, entry.name),
-                codes=codes if rows is None else codes.index_select(0, rows).contiguous(),
-                block_scale=scales if rows is None else scales.index_select(0, rows).contiguous(),
+                codes=piece_codes,
+                block_scale=piece_scales,
                 global_scale=s_g[e].clone(),
                 input_amax=None if input_amax is None else input_amax[e if input_amax.numel() > 1 else 0].clone(),
             )
@@ -234,7 +262,8 @@ def _dense_pieces(entry: Entry) -> dict[str, torch.Tensor]:
         return {entry.pieces[0].name: t}
     rows, last = t.reshape(-1, t.shape[-1] if t.dim() else 1).shape
     flat = t.reshape(rows, last)
-    return {p.name: flat.index_select(0, p.rows.to(t.device)).reshape(p.shape) for p in entry.pieces}
+    return {p.name: (flat[p.start:p.start + p.rows.numel()] if p.start is not None
+                     else flat.index_select(0, p.rows.to(t.device))).reshape(p.shape) for p in entry.pieces}
 
 
 def entry_tensors(

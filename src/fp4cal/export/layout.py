@@ -28,6 +28,13 @@ class Piece:
     name: str
     rows: torch.Tensor  # int64 [k]
     shape: tuple[int, ...]
+    start: int | None = None  # rows == start + arange(k) (a slice: cut without a copy), else None
+
+    def __post_init__(self) -> None:
+        k = self.rows.numel()
+        if self.start is None and k and int(self.rows[-1]) - int(self.rows[0]) == k - 1 and bool(
+                (self.rows.diff() == 1).all()):
+            self.start = int(self.rows[0])
 
 
 def _param_rows(shape: tuple[int, ...]) -> tuple[int, int]:
