@@ -87,6 +87,9 @@ class _Lazy:
 
     def __init__(self, d: Path):
         self.info: dict[str, tuple[Path, torch.dtype | None, tuple[int, ...]]] = {}
+        # one open handle per shard: opening parses the shard's whole JSON header, which for an MoE shard lists
+        # ~10^4 tensors; reopened per tensor read, the check of an 8-layer 128-expert model took over a minute
+        self._open: dict[Path, object] = {}
         for path in checkpoint_files(d):
             with open_shard(path) as f:
                 for name in f.keys():
@@ -108,8 +111,10 @@ class _Lazy:
     def get(self, name: str) -> torch.Tensor:
         path = self.info[name][0]
         try:
-            with open_shard(path) as f:
-                return f.get_tensor(name)
+            f = self._open.get(path)
+            if f is None:
+                f = self._open[path] = open_shard(path)
+            return f.get_tensor(name)
         except CheckpointError:
             raise
         except Exception as e:
