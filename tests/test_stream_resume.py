@@ -47,9 +47,9 @@ def test_sigkill_then_rerun_resumes_and_ends_byte_identical(llama_src, tmp_path)
                               max_shard_size="40KB")
     expected = files(ref.out_dir)
     assert len([n for n in expected if n.endswith(".safetensors")]) > 4  # units split into several shards
-    # killed after layer 1's shards were written but before its commit; after layer 2 / the last
-    # unit (outside the layers) were committed
-    for fault, resumed in (("shard:1", 1), ("commit:2", 3), ("commit:3", 3)):
+    # killed after layer 1's shards were written but before its commit; after layer 2 was committed; after the
+    # unit outside the layers (nothing in it quantized: written first, before layer 0) was committed
+    for fault, resumed in (("shard:1", 1), ("commit:2", 3), ("commit:3", 0)):
         out = tmp_path / f"out-{fault.replace(':', '-')}"
         assert run_killed(llama_src, out, fault) == -9
         assert not out.exists()  # the final directory appears only when complete
