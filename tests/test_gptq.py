@@ -157,3 +157,21 @@ def test_block_diagonal_reads_the_16x16_blocks():
     assert b.shape == (4, 16, 16)
     for j in range(4):
         assert torch.equal(b[j], h[16 * j : 16 * j + 16, 16 * j : 16 * j + 16])
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U from the reversed Cholesky (hessian.py's docstring) against the definition: U upper triangular with a
+    positive diagonal and U^T U = (H + lambda mean(diag H) I)^-1, dead channels set to 1 first."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    x[:, 5] = 0.0  # a dead channel
+    h = x.T @ x / 300
+    f = inverse_factor(h, 0.01)
+    hd = h.clone()
+    hd[5, 5] = 1.0
+    damped = hd + 0.01 * torch.diagonal(hd).mean() * torch.eye(64, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert bool(f.dead[5]) and int(f.dead.sum()) == 1
+    assert torch.equal(f.u, torch.triu(f.u)) and bool((torch.diagonal(f.u) > 0).all())
+    assert torch.allclose(f.u, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(f.u.T @ f.u, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)

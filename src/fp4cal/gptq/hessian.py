@@ -7,6 +7,11 @@ Given the input second moment H = sum_t x_t x_t^T / n ([cin, cin]) of one linear
     H'     = H + lambda * mean(diag H) * I        damping; the mean is taken after the dead fix, as GPTQ does
     U      = upper Cholesky factor of H'^-1       H'^-1 = U^T U, U upper triangular
 
+U without forming H'^-1: with J the reversal permutation, J H' J = L L^T (a lower Cholesky factor) gives
+H'^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive diagonal,
+so it is U (the Cholesky factor is unique). One Cholesky and one triangular solve, n^3 / 3 + n^3 / 2 flops,
+instead of a Cholesky, an inverse from it and a second Cholesky (~4 n^3 / 3; measured 6x slower on a CPU).
+
 All of it in float64 (a [cin, cin] Cholesky is a small part of the time, and float64 keeps the factor the
 same on every device to ~1e-12). When H' is not positive definite, lambda is multiplied by 10 and the
 factorization retried, at most ``retries`` times; after that the caller falls back to round-to-nearest.
@@ -71,11 +76,11 @@ def inverse_factor(h: torch.Tensor, damp: float = DEFAULT_DAMP, retries: int = D
     for attempt in range(retries + 1):
         if attempt:
             lam *= 10.0
-        lower, info = torch.linalg.cholesky_ex(hd + (lam * mean) * eye)
+        lower, info = torch.linalg.cholesky_ex((hd + (lam * mean) * eye).flip(0, 1))  # J H' J = L L^T
         if int(info) != 0:
             continue
-        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(u).all()):
+        u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)  # J L^-1 J (module docstring)
+        if bool(torch.isfinite(u).all()):
             return InverseFactor(u, dead, lam)
     return InverseFactor(None, dead, lam)
 
