@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import torch
 
-from fp4cal.numerics import FP8_MAX, block_scale_code, fp8_e4m3_values, global_scale, scale_candidates
+from fp4cal.numerics import (
+    FP8_MAX,
+    N_SCALE_CANDIDATES,
+    block_scale_code,
+    fp8_e4m3_values,
+    global_scale,
+    scale_candidates,
+)
 from fp4cal.search.hessian_blocks import with_fallback
 from fp4cal.search.reference import block_error, block_loss, reference_losses, search_reference
 from fp4cal.validation import BLOCK
 
-N_CAND = 126
+N_CAND = N_SCALE_CANDIDATES  # the constant lives once, in numerics
 # s_g range where the fast rounding needs no zero-scale or overflow case (the kernels use the same range).
 _SG_MIN = 2.0**-60
 _SG_MAX = 2.0**60
