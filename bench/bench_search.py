@@ -339,7 +339,7 @@ def main():
     for method in ("mse", "local_hessian"):
         for key in ("fp4cal_ms", "modelopt_ms"):
             vals = [r[method].get(key) for r in rows[: len(SHAPES)]]
-            if all(v is not None for v in vals):
+            if len(vals) == len(SHAPES) and all(v is not None for v in vals):  # not under --families-only
                 totals[f"{method}_{key}"] = sum(v * c * LAYERS for v, (_, _, _, c) in zip(vals, SHAPES, strict=True))
     if args.json:
         with open(args.json, "w") as f:
