@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+FP8_TAG = "float8_e4m3fn"  # marks an FP8 tensor sent as its bytes (WeightResult.to_dict(fp8_as_bytes=True))
+
 
 @dataclass
 class WeightResult:
@@ -61,9 +63,11 @@ class WeightResult:
                 kw[k] = v.to(device)
         return WeightResult(**kw)
 
-    def to_dict(self, exclude: tuple[str, ...] = ()) -> dict:
+    def to_dict(self, exclude: tuple[str, ...] = (), fp8_as_bytes: bool = False) -> dict:
         """Every field (but those in ``exclude``) as plain Python values and CPU tensors: what torch.save
-        (weights_only) and pickling collectives carry portably. shape becomes a list; from_dict reverses it."""
+        (weights_only) and pickling collectives carry portably. shape becomes a list; from_dict reverses it.
+        fp8_as_bytes: FP8 tensors (block_scale) as ("float8_e4m3fn", their uint8 view), for
+        torch.distributed's object collectives, whose unpickling does not rebuild fp8 storages."""
         out = {}
         for f in fields(self):
             if f.name in exclude:
@@ -71,6 +75,8 @@ class WeightResult:
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 v = v.detach().cpu()
+                if fp8_as_bytes and v.dtype == torch.float8_e4m3fn:
+                    v = (FP8_TAG, v.view(torch.uint8))
             elif isinstance(v, tuple):
                 v = list(v)
             elif isinstance(v, dict):
@@ -88,6 +94,8 @@ class WeightResult:
             raise ValueError(f"WeightResult.from_dict: unknown field(s) {unknown}")
         kw = {}
         for k, v in data.items():
+            if isinstance(v, tuple) and len(v) == 2 and v[0] == FP8_TAG:  # to_dict(fp8_as_bytes=True)
+                v = v[1].view(torch.float8_e4m3fn)
             if isinstance(v, torch.Tensor):
                 v = v.to(device) if device is not None else v.clone()
             elif k == "shape":

@@ -630,21 +630,11 @@ def _load_committed(staging, unit: int, device: torch.device, distributed: bool)
         return staging.load_results(unit, device)
     import torch.distributed as dist
 
-    fp8 = torch.float8_e4m3fn  # pickled through the collective as its bytes: fp8 storages do not unpickle there
-
-    def pack(d: dict) -> dict:
-        return {k: (("fp8", v.view(torch.uint8)) if isinstance(v, torch.Tensor) and v.dtype == fp8 else v)
-                for k, v in d.items()}
-
-    def unpack(d: dict) -> dict:
-        return {k: (v[1].view(fp8) if isinstance(v, tuple) and len(v) == 2 and v[0] == "fp8" else v)
-                for k, v in d.items()}
-
     box = [None]
     if staging is not None:
-        box = [{n: pack(wr.to_dict()) for n, wr in staging.load_results(unit, torch.device("cpu")).items()}]
+        box = [{n: wr.to_dict(fp8_as_bytes=True) for n, wr in staging.load_results(unit, torch.device("cpu")).items()}]
     dist.broadcast_object_list(box, src=0)
-    return {n: WeightResult.from_dict(unpack(d), device) for n, d in box[0].items()}
+    return {n: WeightResult.from_dict(d, device) for n, d in box[0].items()}
 
 
 def _raise_failed(futures: list[Future]) -> None:
