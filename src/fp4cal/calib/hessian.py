@@ -19,18 +19,21 @@ def check_activations(x: torch.Tensor, cin: int, device: torch.device, name: str
         raise ValueError(f"activations of {name} are on {x.device}, the accumulator is on {device}")
 
 
-def _block_gram(xt: torch.Tensor) -> torch.Tensor:
-    """xt^T xt per block as fp32 [nb, 16, 16] for tokens xt [nb, T, 16] (a strided view of [T, cin]). On CUDA,
-    bf16/fp16 activations go straight into a batched tensor-core matmul with fp32 output (products of 8/11-bit
-    mantissas are exact in fp32, sums in fp32): no fp32 copy of the activations, which for a [16384, 12288] input
-    is 0.8 GB written and read again per batch. Elsewhere (and for fp32 input): the fp32 bmm."""
-    if xt.is_cuda and xt.dtype in (torch.bfloat16, torch.float16):
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x over the tokens as fp32: x [T, n] -> [n, n] (the full Hessian) or x [nb, T, 16] -> [nb, 16, 16] (the
+    block Hessians, x a strided view of [T, cin]). On CUDA, bf16/fp16 activations go straight into a tensor-core
+    matmul with fp32 output (mm / bmm out_dtype; products of 8/11-bit mantissas are exact in fp32, sums in fp32):
+    no fp32 copy of the activations, which for a [16384, 12288] input is 0.8 GB written and read again per batch,
+    and for the full [12288, 12288] Hessian ~10-30x faster than the fp32 product. Elsewhere (and for fp32
+    input): the fp32 product."""
+    mm = torch.mm if x.dim() == 2 else torch.bmm
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         try:
-            return torch.bmm(xt.transpose(1, 2), xt, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without bmm(out_dtype=): the fp32 product below
+            return mm(x.transpose(-1, -2), x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without out_dtype=: the fp32 product below
             pass
-    xf = xt.float()
-    return torch.bmm(xf.transpose(1, 2), xf)
+    xf = x.float()
+    return mm(xf.transpose(-1, -2), xf)
 
 
 class HessianAccumulator:
@@ -83,7 +86,7 @@ class HessianAccumulator:
             check_finite(xb, f"activations of {self.name}")
         # [nb, T, 16]^T @ [nb, T, 16] -> [nb, 16, 16]: this batch's products in fp32 (the matmul's own
         # accumulation, a fixed function of the batch), added to the float64 running sum.
-        self._sum += _block_gram(xb.transpose(0, 1))
+        self._sum += _gram(xb.transpose(0, 1))
         self.n += xb.shape[0]
 
     def merge(self, other: HessianAccumulator) -> None:
@@ -102,18 +105,6 @@ class HessianAccumulator:
         return (self._sum / self.n).float()
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x as fp32 [cin, cin] for tokens x [T, cin]. On CUDA, bf16/fp16 activations go through
-    the tensor cores with fp32 output (torch.mm out_dtype): the products of 8/11-bit mantissas are exact in fp32
-    and the sums are fp32, the same arithmetic as the fp32 matmul of xf, ~10-30x faster for a [12288, 12288]
-    Hessian (the fp32 product would dominate GPTQ's time). Elsewhere: the fp32 product."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.mm(x.t(), x, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the fp32 product below
-            pass
-    xf = x.float()
-    return xf.t() @ xf
 
 
 class FullHessianAccumulator:
