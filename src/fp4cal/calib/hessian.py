@@ -105,8 +105,6 @@ class HessianAccumulator:
         return (self._sum / self.n).float()
 
 
-
-
 class FullHessianAccumulator:
     """Accumulates the full input second moment sum x x^T ([cin, cin]) and the token count, for GPTQ.
 
