@@ -26,7 +26,7 @@ from fp4cal.gptq import GPTQConfig
 from fp4cal.numerics import NVFP4Tensor, dequantize, fake_quantize, global_scale
 from fp4cal.search import METHODS, search_scales_and_losses
 from fp4cal.search.hessian_blocks import fallback_mask
-from fp4cal.validation import BLOCK
+from fp4cal.validation import BLOCK, abs_max
 
 CALIB_METHODS = METHODS + ("gptq",)  # the scale searches, and GPTQ rounding on top of one (fp4cal.gptq)
 DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singular: its argmin is not trustworthy
@@ -59,14 +59,9 @@ def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[
     return {**kw, "logits_to_keep": 1}
 
 
-def _abs_max(w: torch.Tensor) -> torch.Tensor:
-    """max |w| over the last two dims, fp32, without an |w| copy of the weight."""
-    return torch.maximum(w.amax(dim=(-2, -1)), -w.amin(dim=(-2, -1))).float()
-
-
 def group_global_amax(targets: list[Target]) -> dict[str, torch.Tensor]:
     """Global amax per target name: its own max |w| ([] or [E]), or the max over its fused group."""
-    own = {t.name: _abs_max(t.weight()) for t in targets}
+    own = {t.name: abs_max(t.weight()) for t in targets}
     groups: dict[str, torch.Tensor] = {}
     for t in targets:
         if t.fused_group is not None:

@@ -226,22 +226,18 @@ def _quantized_modules(entry: Entry, input_amax: torch.Tensor | None) -> list[Qu
     for piece in entry.pieces:
         rows = piece.rows
         if piece.start is not None:  # a run of rows (a whole tensor, an expert, its gate or up half): a view
-            n = rows.numel()
-            first, last = piece.start // cout, (piece.start + n - 1) // cout
-            if first != last:
-                raise ValueError(
-                    f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported")
-            e = first
-            piece_codes, piece_scales = codes[piece.start:piece.start + n], scales[piece.start:piece.start + n]
+            run = slice(piece.start, piece.start + rows.numel())
+            piece_codes, piece_scales = codes[run], scales[run]
+            experts = {run.start // cout, (run.stop - 1) // cout}
         else:
-            experts = torch.unique(rows // cout)
-            if experts.numel() != 1:
-                raise ValueError(
-                    f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported"
-                )
-            e = int(experts)
             piece_codes = codes.index_select(0, rows).contiguous()
             piece_scales = scales.index_select(0, rows).contiguous()
+            experts = set(torch.unique(rows // cout).tolist())
+        if len(experts) != 1:
+            raise ValueError(
+                f"checkpoint tensor {piece.name!r} takes rows of several experts of {entry.name!r}; not supported"
+            )
+        e = experts.pop()
         modules.append(
             QuantizedModule(
                 module=module_of(piece.name, entry.name),
