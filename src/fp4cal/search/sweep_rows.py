@@ -371,7 +371,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
 
     # Phase 1: down from the MSE top until the clipping (or box) bound at the next candidate ends each block.
     c = top
-    active = c >= 0
+    active = (c >= 0) & rmask  # rows past cout (a partial last tile) walk nothing
     n_active = tl.sum(active.to(tl.int32))
     it1 = 0
     it2 = 0
@@ -403,7 +403,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     if HESSIAN:
         zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25), N_CAND - 1)
         c = top + 1
-        active = c <= zero_at
+        active = (c <= zero_at) & rmask
     else:
         zero_at = top
         active = tl.zeros([BR], tl.int1)
