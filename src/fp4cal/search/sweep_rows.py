@@ -16,10 +16,11 @@ ill-conditioned Hessians (issue 13):
   comparison enters it, the old best when a new one wins). At the end a block whose smallest is within the
   best's upper end is recorded (mode 1: only best and the runner-up can win; mode 2: three or more can), and
   _rescore_kernel, a second launch over the recorded blocks only, decides in float64 from the fp32 Hessian
-  itself, as the reference does (mode 1: two losses; mode 2: all 126 candidates). Candidates the bounds skipped
-  have true losses above the best's (the bounds bound the true loss and are compared with best + m_best), so
-  the float64 choice is the brute force's. On well-conditioned Hessians about 1 block in 100 is recorded, on
-  rank-1 blocks about 1 in 10 (CPU simulation of the walk, 256 x 1024), nearly all in mode 1.
+  itself, as the reference does (mode 1: two losses; mode 2: every candidate of the window the block walked).
+  Candidates the bounds skipped have true losses above the best's (the bounds bound the true loss and are
+  compared with best + m_best), so the float64 choice is the brute force's. CPU simulation of the walk (bench
+  weights, 512 x 2048): recorded blocks about 1 in 100 on well-conditioned Hessians, 1 in 10 on rank-1 blocks
+  (a third of them with 3+ close candidates), where the fp32 picks alone were wrong on 23 of 32768 blocks.
 - The box bound for the downward walk, which needs no definite H (mu = 0 on singular blocks, where the
   clipping bound is 0): at every candidate at or below scale s each signed error lies in an interval (a weight
   with |w| >= 6 s clips, its error grows from |w| - 6 s towards |w|; any other error lies in [-min(s, |w|), |w|]),
@@ -293,7 +294,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     order may be wrong for _rescore_kernel (module docstring, 'Exact picks'): cnt_ptr[0] and cnt_ptr[1] count
     those of mode 1 (only best and r1 can win) and mode 2 (three or more can), zero on entry; list_ptr (int32
     [2 cap], cap >= the blocks) holds them as (linear block index (e * cout + row) * nb + j, best | r1 << 8), mode
-    1 from entry 0 up, mode 2 from entry cap - 1 down. No float64 in the walk: inlined there (commit 8aa09ea) it
+    1 from entry 0 up, mode 2 from entry cap - 1 down; the record is best | r1 << 7 | lo << 14 | hi << 21, [lo, hi]
+    the window the block walked. No float64 in the walk: inlined there (commit 8aa09ea) it
     made the kernel take minutes to compile."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
@@ -367,6 +369,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     low1 = tl.full([BR], float("inf"), tl.float32)
     low2 = tl.full([BR], float("inf"), tl.float32)
     r1 = tl.zeros([BR], tl.int32)
+    c_lo = top  # the window each block walked (HESSIAN and EXACT: for the float64 pass)
+    c_hi = top
     best_idx = tl.zeros([BR], tl.int32)
 
     # Phase 1: down from the MSE top until the clipping (or box) bound at the next candidate ends each block.
@@ -381,6 +385,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.maximum(c, 0)
+            if HESSIAN and EXACT:
+                c_lo = tl.where(active, cc, c_lo)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2,
                                                              r1, fb, fv, sd, rd, reg, lr, tau, True, HESSIAN)
@@ -413,6 +419,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.minimum(c, N_CAND - 1)
+            if HESSIAN and EXACT:
+                c_hi = tl.where(active, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2,
                                                              r1, fb, fv, sd, rd, reg, lr, tau, False, HESSIAN)
@@ -445,7 +453,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             pid_s = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
             tl.store(stats_ptr + pid_s * 4 + 3, (n_near - n2) + (n2 << 16))
         blk = ((e * cout + rows) * nb + j).to(tl.int32)
-        rec = best_idx | (r1 << 8)
+        rec = best_idx | (r1 << 7) | (c_lo << 14) | (c_hi << 21)
         near1 = near & (mode == 1)  # from the front of the list
         n1 = tl.sum(near1.to(tl.int32))
         if n1 > 0:
@@ -470,7 +478,8 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
                     nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR: tl.constexpr, LOSSES: tl.constexpr):
     """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
     picks'), BR of them per step, the programs striding over each list (whose lengths only the device knows):
-    mode 1, the float64 losses of best and r1 (the smaller index first); mode 2, all 126 candidates in order. A
+    mode 1, the float64 losses of best and r1 (the smaller index first); mode 2, every candidate of the window the
+    block walked, in order (those outside it have true losses above the best's: the bounds that skipped them). A
     changed pick rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64
     difference."""
     _rescore_blocks(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, tl.load(cnt_ptr), list_ptr, 0, 1, out_ptr,
@@ -484,9 +493,9 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
 def _rescore_blocks(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, n, list_ptr, first, step, out_ptr, loss_ptr,
                     cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR: tl.constexpr,
                     LOSSES: tl.constexpr, FULL: tl.constexpr):
-    """n recorded blocks at list entries first, first + step, ...: float64 argmin over (FULL) all candidates or
-    (else) the pair (best, r1); strict '<' in increasing candidate order, so exact ties keep the smaller candidate
-    as the reference does."""
+    """n recorded blocks at list entries first, first + step, ...: float64 argmin over (FULL) the walked window
+    [lo, hi] or (else) the pair (best, r1); strict '<' in increasing candidate order, so exact ties keep the
+    smaller candidate as the reference does (a lane whose window is shorter re-tries hi: no change)."""
     kk = tl.arange(0, 16)
     for base in range(tl.program_id(0) * BR, n, tl.num_programs(0) * BR):
         i = base + tl.arange(0, BR)
@@ -501,14 +510,18 @@ def _rescore_blocks(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, n, list_pt
         wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
         w = tl.load(wrow[:, None] + kk[None, :] * stride_wc, mask=ok[:, None], other=0.0).to(tl.float32)
         hb = h_ptr + e * stride_fe + j * 256
-        best_old = rec & 255
-        r1 = (rec >> 8) & 255
+        best_old = rec & 127
+        r1 = (rec >> 7) & 127
+        c_lo = (rec >> 14) & 127
+        c_hi = (rec >> 21) & 127
         best = tl.full([BR], float("inf"), tl.float64)
         best_idx = best_old
         l_old = tl.zeros([BR], tl.float64)
-        for t in range(N_CAND if FULL else 2):
+        # FULL: the window the block walked (every candidate outside it was skipped by a bound on its true loss)
+        n_try = tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) if FULL else 2
+        for t in range(n_try):
             if FULL:
-                c = tl.zeros([BR], tl.int32) + t
+                c = tl.minimum(c_lo + t, c_hi)
             else:
                 c = tl.where(t == 0, tl.minimum(best_old, r1), tl.maximum(best_old, r1))
             s = tl.load(s_tab_ptr + e * N_CAND + c, mask=ok, other=1.0)[:, None]
