@@ -5,6 +5,8 @@ preparation included, as the ModelOpt anchor is timed), ModelOpt 0.47 kernel tim
 weights per second, the counted floor, and parity counts (fp4cal vs reference; fp4cal vs ModelOpt).
 
     python bench/bench_search.py [--json OUT.json] [--variants] [--no-reference] [--no-families]
+    python bench/bench_search.py --families-only --no-reference --moe-experts 32   # the issue-13 rows, ~2 min
+    TRITON_INTERPRET=1 python bench/bench_search.py --smoke                        # CPU check of the family code
 
 Ill-conditioned Hessian families (issue 13.1/13.2), rows of their own beside ModelOpt on the same input: rank-1,
 rank-2 and rank-8 blocks, dead channels, near-collinear channel pairs, dead blocks, and the well-conditioned
@@ -148,7 +150,7 @@ def run_variants(w, h, g):
     out = []
     for method, br in (("mse", 32), ("local_hessian", 32)):
         progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
-        st = torch.zeros(progs, 3, dtype=torch.int32, device=w.device)
+        st = torch.zeros(progs, 4, dtype=torch.int32, device=w.device)
         kernels.search_triton(w, method, g, h if method != "mse" else None, stats=st)
         st = st.double()
         print(f"window stats {method}: iterations phase1 mean {st[:, 0].mean():.1f} max {st[:, 0].max():.0f}, "
@@ -248,17 +250,22 @@ def run_moe(mo, rows):
     rows.append(res)
 
 
-def run_families(mo, do_ref, moe_experts=128):
+def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
     """Local-Hessian time of fp4cal and ModelOpt on the same weights with each Hessian family, per Qwen3-8B shape
-    and an expert stack (moe_experts x 1536 x 2048, 0: none); candidates visited per block; parity with the float64
-    reference (2-D shapes)."""
+    and an expert stack (moe_experts x 1536 x 2048, 0: none); also fp4cal without its float64 pass (exact=False:
+    the pass's cost), the sweep's window statistics (candidates tried per block, warp steps per program: what
+    the GPU pays, the slowest block of each 32) and the blocks recorded for the float64 pass (mode 1: a pair,
+    mode 2: all candidates); parity with the float64 reference (2-D shapes). dev="cpu": the interpreter, small
+    shapes (a smoke run of this code path, times meaningless)."""
     out = []
-    cases = [(name, cout, cin, 1) for name, cout, cin, _ in SHAPES]
+    cases = [(name, cout, cin, 1) for name, cout, cin, _ in (shapes or SHAPES)]
+    moe_cout, moe_cin = (1536, 2048) if dev == "cuda" else (16, 32)
     if moe_experts:
-        cases.append((f"MoE {moe_experts}x1536x2048", 1536, 2048, moe_experts))
+        cases.append((f"MoE {moe_experts}x{moe_cout}x{moe_cin}", moe_cout, moe_cin, moe_experts))
+    br = 32 if dev == "cuda" else 128  # rows per sweep program (kernels: one warp on a GPU)
     for name, cout, cin, n_e in cases:
         torch.manual_seed(3)
-        w = torch.randn(n_e, cout, cin, device="cuda") * 0.02
+        w = torch.randn(n_e, cout, cin, device=dev) * 0.02
         w[torch.rand_like(w) < 1e-3] *= 8
         w = w.to(torch.bfloat16)
         if n_e == 1:
@@ -266,13 +273,15 @@ def run_families(mo, do_ref, moe_experts=128):
         g = w.float().abs().amax(dim=(-2, -1))
         for fam in ["well"] + ILL_CONDITIONED:
             if fam == "well":
-                hs = [make_case(cout, cin, seed=e)[1] for e in range(min(n_e, 4))]
+                hs = [make_case(cout, cin, seed=e, dev=dev)[1] for e in range(min(n_e, 4))]
             else:
-                hs = [make_ill_hessian(fam, cin, "cuda", seed=e) for e in range(min(n_e, 4))]
+                hs = [make_ill_hessian(fam, cin, dev, seed=e) for e in range(min(n_e, 4))]
             h = hs[0] if n_e == 1 else torch.stack([hs[e % len(hs)] for e in range(n_e)])
             row = {"shape": name, "family": fam}
             ours = search_scales(w, "local_hessian", h, g)
             fns = {"fp4cal_ms": lambda w=w, h=h, g=g: search_scales(w, "local_hessian", h, g)}
+            if n_e == 1:
+                fns["fp32only_ms"] = lambda w=w, h=h, g=g: kernels.search_triton(w, "local_hessian", g, h, exact=False)
             if mo is not None:
                 if n_e == 1:
                     xb = w.reshape(-1, 16)
@@ -283,11 +292,17 @@ def run_families(mo, do_ref, moe_experts=128):
                         for e in range(n_e):
                             mo.nvfp4_fp8_scale_sweep_hessian(w[e].reshape(-1, 16), g[e], h[e], block_size=16)
                     fns["modelopt_ms"] = loop
-            row.update(bench_rounds(fns, rounds=2, rep=40))
-            progs = triton.cdiv(cout, 32) * (cin // 16) * n_e
-            st = torch.zeros(progs, 3, dtype=torch.int32, device="cuda")
+            row.update(bench_rounds(fns, rounds=2, rep=40) if dev == "cuda" else time_once(fns))
+            progs = triton.cdiv(cout, br) * (cin // 16) * n_e
+            st = torch.zeros(progs, 4, dtype=torch.int32, device=dev)
             kernels.search_triton(w, "local_hessian", g, h, stats=st)
-            row["cand_per_block"] = float(st[:, 2].double().sum()) / (w.numel() / 16)
+            st = st.double()
+            n_blocks = w.numel() / 16
+            row["cand_per_block"] = float(st[:, 2].sum()) / n_blocks
+            row["warp_steps"] = float((st[:, 0] + st[:, 1]).mean())
+            rec = st[:, 3].long()
+            row["f64_pair_pct"] = 100.0 * float((rec & 0xFFFF).sum()) / n_blocks
+            row["f64_full_pct"] = 100.0 * float((rec >> 16).sum()) / n_blocks
             if do_ref and n_e == 1:
                 rep = compare_picks(w, g, ours, search_reference(w, "local_hessian", g, h), h)
                 row["parity_ref"] = f"{rep.bad} bad / {rep.ties} ties / {rep.blocks}"
@@ -296,8 +311,34 @@ def run_families(mo, do_ref, moe_experts=128):
             mo_ms = row.get("modelopt_ms")
             print(f"family {name:20s} {fam:10s} fp4cal {row['fp4cal_ms']:8.3f} ms  ModelOpt {fmt(mo_ms, '8.3f')} ms"
                   f"  MO/ours {fmt(mo_ms / row['fp4cal_ms'] if mo_ms else None, '6.2f')}  cand/block "
-                  f"{row['cand_per_block']:5.1f}  parity {row.get('parity_ref', '-')}", flush=True)
+                  f"{row['cand_per_block']:5.1f}  warp steps {row['warp_steps']:5.1f}  float64 pass "
+                  f"{row['f64_pair_pct']:.2f}% + {row['f64_full_pct']:.2f}%  parity {row.get('parity_ref', '-')}",
+                  flush=True)
     return out
+
+
+def time_once(fns):
+    """One timed call per function (the interpreter's smoke run: no CUDA events)."""
+    out = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        out[k] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def print_families(families):
+    """The family table: fp4cal (default call), without the float64 pass, ModelOpt, the ratios, per-family time over
+    the well-conditioned row's, candidates per block, warp steps, blocks sent to the float64 pass, parity."""
+    print(f"\n{'shape':20s} {'hessian':10s} {'fp4cal ms':>9s} {'fp32 only':>9s} {'ModelOpt':>9s} {'MO/ours':>7s} "
+          f"{'/well':>6s} {'cand':>5s} {'warp':>5s} {'f64 %':>11s}  parity(ref)")
+    well = {r["shape"]: r["fp4cal_ms"] for r in families if r["family"] == "well"}
+    for r in families:
+        mo_ms = r.get("modelopt_ms")
+        print(f"{r['shape']:20s} {r['family']:10s} {r['fp4cal_ms']:9.3f} {fmt(r.get('fp32only_ms'), '9.3f'):>9s} "
+              f"{fmt(mo_ms, '9.3f'):>9s} {fmt(mo_ms / r['fp4cal_ms'] if mo_ms else None, '7.2f'):>7s} "
+              f"{r['fp4cal_ms'] / well[r['shape']]:6.2f} {r['cand_per_block']:5.1f} {r['warp_steps']:5.1f} "
+              f"{r['f64_pair_pct']:5.2f}+{r['f64_full_pct']:4.2f}  {r.get('parity_ref', '-')}")
 
 
 def fmt(v, spec):
@@ -314,7 +355,17 @@ def main():
     ap.add_argument("--moe-experts", type=int, default=128,
                     help="experts in the family rows' expert stack (0: no stack rows; fewer for a quicker run)")
     ap.add_argument("--dump-ir", help="write the compiled kernels' ttgir/ptx to this folder")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU, TRITON_INTERPRET=1: family rows on tiny shapes (checks the script; times meaningless)")
     args = ap.parse_args()
+    if args.smoke:
+        rows = run_families(None, not args.no_reference, min(args.moe_experts, 2),
+                            shapes=[("tiny", 32, 64, 1)], dev="cpu")
+        print_families(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": "cpu (interpreter)", "families": rows}, f, indent=1)
+        return
     dev_name = torch.cuda.get_device_name()
     print(dev_name, "torch", torch.__version__, "triton", triton.__version__)
     mo = load_modelopt()
@@ -362,14 +413,7 @@ def main():
                   f"{fmt(m['ref_ms'] / ours if 'ref_ms' in m else None, '8.0f'):>8s} {m['gw_per_s']:6.1f} "
                   f"{m['floor_ms']:7.3f}  {m.get('parity_ref', '-'):24s} {m.get('parity_modelopt', '-')}")
     if families:
-        print(f"\n{'shape':20s} {'hessian':10s} {'fp4cal ms':>9s} {'ModelOpt':>9s} {'MO/ours':>7s} {'/well':>6s} "
-              f"{'cand':>5s}  parity(ref)")
-        well = {r["shape"]: r["fp4cal_ms"] for r in families if r["family"] == "well"}
-        for r in families:
-            mo_ms = r.get("modelopt_ms")
-            print(f"{r['shape']:20s} {r['family']:10s} {r['fp4cal_ms']:9.3f} {fmt(mo_ms, '9.3f'):>9s} "
-                  f"{fmt(mo_ms / r['fp4cal_ms'] if mo_ms else None, '7.2f'):>7s} "
-                  f"{r['fp4cal_ms'] / well[r['shape']]:6.2f} {r['cand_per_block']:5.1f}  {r.get('parity_ref', '-')}")
+        print_families(families)
     for k, v in totals.items():
         print(f"whole Qwen3-8B ({LAYERS} layers) {k}: {v / 1e3:.3f} s")
     for method in ("mse", "local_hessian"):

@@ -94,3 +94,35 @@ def make_ill_hessian(kind: str, cin: int, device="cpu", seed: int = 0) -> torch.
         raise ValueError(kind)
     xb = x.T.reshape(nb, 16, -1)
     return (xb @ xb.transpose(-1, -2) / x.shape[0]).float().to(device)
+
+
+def near_tie_blocks(n: int, seed: int = 0, pool: int = 20000):
+    """(w fp32 [n, 16], h fp32 [1, 16, 16] rank 1, g): single-block rows on which fp32 cannot order the candidates
+    of a rank-1 block Hessian H = x x^T (issue 13.2). Drawn from `pool` random blocks (bf16-valued, N(0, 0.02^2)):
+    those where at least two candidates with distinct errors have a float64 loss below 4 u S^2 (u = 2^-24,
+    S = sum_k sqrt(H_kk) |dw_k|), i.e. below the rounding error of any fp32 evaluation, so an fp32 sweep picks
+    between them by its rounding. Raises if the pool holds fewer than n."""
+    from fp4cal.numerics import global_scale
+    from fp4cal.search.reference import block_error, candidate_block_scales
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(16, generator=gen) * torch.exp(torch.randn(16, generator=gen))).float()
+    h = torch.outer(x, x).unsqueeze(0)  # fp32 rank-1 block, as one token's x^T x
+    wb = (torch.randn(pool, 16, generator=gen) * 0.02).to(torch.bfloat16).float()
+    g = wb.abs().amax()
+    s = candidate_block_scales(global_scale(g))
+    hd, sd = h[0].double(), h[0].diagonal().double().sqrt()
+    close = torch.zeros(pool, dtype=torch.int64)
+    prev = None
+    for c in range(s.numel()):
+        d = block_error(wb, s[c].expand(pool))
+        dd = d.double()
+        loss = ((dd @ hd) * dd).sum(-1)
+        bound = 4 * 2.0**-24 * ((dd.abs() * sd).sum(-1)) ** 2
+        new = torch.ones(pool, dtype=torch.bool) if prev is None else (d != prev).any(-1)  # distinct errors only
+        close += (new & (loss < bound) & (loss > 0)).long()
+        prev = d
+    idx = (close >= 2).nonzero().squeeze(1)
+    if idx.numel() < n:
+        raise ValueError(f"near_tie_blocks: {idx.numel()} of {pool} blocks qualify, {n} asked")
+    return wb[idx[:n]].contiguous(), h, g

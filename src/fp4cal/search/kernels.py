@@ -57,9 +57,15 @@ even H + diag(rd) fails (a pivot at or below 0: an eigenvalue of H below -REG_DE
 status 2: the host runs check_psd, which raises for a block that is not PSD, and otherwise (a block within its
 tolerance) factors it by float64 eigendecomposition with rd = 0 and sweeps again (rare).
 
-Near-ties of the fp32 loss are re-scored in float64 (exact=True) and a box bound prunes singular blocks
-(sweep_rows.py's docstring). A tile layout with the product on
-tensor cores (3xTF32) was measured slower on H100 and removed (BENCHMARKS.md, third session).
+Singular blocks of rank r <= RANK_MAX_COLS (4) get a cheaper factor instead: a pivoted float64 Cholesky
+stopped when the residual's entries are within RANK_EPS_REL (2^-19) of sqrt(H_ii H_kk), whose r columns G
+(G G^T = H up to that residual) make the sweep's product 16 r FMAs instead of 136 (sweep_rows.py, 'Low-rank
+blocks'); rd = 0 there.
+
+Blocks whose fp32 order may be wrong are decided in float64 by a second launch over those blocks only
+(search_triton(exact=True), the default), and a box bound prunes singular blocks (sweep_rows.py's docstring).
+A tile layout with the product on tensor cores (3xTF32) was measured slower on H100 and removed (BENCHMARKS.md,
+third session).
 
 Hessian blocks with zero trace are replaced by the identity before factoring (MSE objective; hessian_blocks.py).
 The factor kernel also refuses blocks that are not positive semi-definite: a failed factor sets status 2, and
@@ -79,7 +85,7 @@ import triton.language as tl
 from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
 from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd, with_fallback
 from fp4cal.search.kernel_common import GDIV, N_CAND, SG_MAX, SG_MIN
-from fp4cal.search.sweep_rows import _sweep_rows_kernel
+from fp4cal.search.sweep_rows import _rescore_kernel, _sweep_rows_kernel
 from fp4cal.search.windowed import nohalf_table
 from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
@@ -92,6 +98,13 @@ PSD_TOL: tl.constexpr = tl.constexpr(PSD_RTOL)
 # |entry|).
 REG_DELTA = 2.0**-14
 REG: tl.constexpr = tl.constexpr(REG_DELTA)
+# Low-rank singular blocks (module docstring): at most RANK_MAX columns, residual entries within RANK_EPS of
+# sqrt(H_ii H_kk) (the sweep widens its error margin by that much: sweep_rows.py, 'Low-rank blocks'). An fp32
+# X^T X / n of r tokens leaves a residual of a few fp32 ulps after r steps, far below 2^-19 = 32 u.
+RANK_MAX_COLS = 4
+RANK_EPS_REL = 2.0**-19
+RANK_MAX: tl.constexpr = tl.constexpr(RANK_MAX_COLS)
+RANK_EPS: tl.constexpr = tl.constexpr(RANK_EPS_REL)
 # Launch configuration of the sweep, measured on H100 (BENCHMARKS.md): one warp (32 blocks) per program; the
 # interpreter (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster.
 # Register cap for the local-Hessian sweep: it wants ~240 and runs 8 one-warp programs per SM uncapped.
@@ -138,8 +151,8 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 
 
 @triton.jit
-def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, w_ptr, n_e,
-                 n_hb,
+def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr,
+                 w_ptr, n_e, n_hb,
                  n_rows, cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
                  SR: tl.constexpr, SC: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
@@ -151,8 +164,8 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
         _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64))
     elif pid < n_e + n_hb:
         if FACTOR:
-            _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr + 3, (pid - n_e).to(tl.int64),
-                          True)
+            _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, flag_ptr + 3,
+                          (pid - n_e).to(tl.int64), True)
     else:
         if SCAN:
             _scan_rows(w_ptr, flag_ptr, (pid - n_e - n_hb).to(tl.int64), n_rows, cout, cin, stride_we, stride_wr,
@@ -160,9 +173,10 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
 
 
 @triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr):
+def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr):
     """One 16x16 block per program (_factor_block)."""
-    _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, status_ptr, tl.program_id(0).to(tl.int64), False)
+    _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, status_ptr,
+                  tl.program_id(0).to(tl.int64), False)
 
 
 @triton.jit
@@ -189,7 +203,34 @@ def _cholesky(a, d0, scale, i):
 
 
 @triton.jit
-def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
+def _low_rank(a, diag0, i):
+    """Pivoted float64 Cholesky of the symmetric 16x16 block a, stopped when the residual E = a - G G^T has every
+    |E_ik| <= RANK_EPS sqrt(a_ii a_kk) (original diagonal diag0): (G [16, 16] with columns r.. zero, r, ok), ok
+    when that happened within RANK_MAX columns. Each step takes the largest remaining diagonal as pivot; G stays in
+    the channel order (no permutation: the sweep only needs G G^T)."""
+    live = diag0 > 0
+    isd = tl.where(live, 1.0 / tl.sqrt(tl.where(live, diag0, 1.0)), 0.0)
+    g = tl.zeros([16, 16], tl.float64)
+    r = 0
+    done = tl.max(diag0) < 0.0  # False on a PSD block (whose diagonal is >= 0)
+    rel = tl.max(diag0) * 0.0
+    for t in tl.static_range(RANK_MAX + 1):
+        rel = tl.max(tl.max(tl.abs(a) * isd[:, None] * isd[None, :], axis=1), axis=0)
+        dg = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
+        piv = tl.max(dg)
+        p = tl.min(tl.where(dg == piv, i, 16))
+        done = done | (rel <= RANK_EPS) | (piv <= 0.0)
+        if t < RANK_MAX:
+            col = tl.sum(tl.where(i[None, :] == p, a, 0.0), axis=1) / tl.sqrt(tl.where(piv > 0, piv, 1.0))
+            col = tl.where(done, 0.0, col)
+            g = tl.where(i[None, :] == t, col[:, None], g)
+            a = a - col[:, None] * col[None, :]
+            r = r + tl.where(done, 0, 1)
+    return g, r, done & (rel <= RANK_EPS)
+
+
+@triton.jit
+def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
     """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H_AA^-1)_ii on the live
     channels A (non-zero diagonal; a dead channel's zero row and column do not enter the loss, so it neither
     makes the block singular nor gets a bound: mu_i = 0) and nu_i = lambda H_ii with lambda the Gershgorin bound
@@ -213,6 +254,11 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr, pi
                                                   diag0, scale, i)
     lower = tl.where(singular, lower_r, lower)
     failed = tl.where(singular, singular_r | indefinite_r, indefinite)
+    # a singular block of rank <= RANK_MAX: the sweep's product with its r columns costs 16 r FMAs instead of 136
+    g_low, r_low, low_ok = _low_rank(a0, diag0, i)
+    use_low = singular & low_ok & ~failed
+    rank = tl.where(use_low, r_low, 0)
+    rd = tl.where(use_low, 0.0, rd)
     # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
     # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
     x = tl.zeros([16, 16], tl.float64)
@@ -231,7 +277,8 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr, pi
     radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
     lam = tl.where(singular, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
     nu = tl.where(live, lam * diag0, 0.0)
-    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], lower.to(tl.float32))
+    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], tl.where(use_low, g_low, lower).to(tl.float32))
+    tl.store(rank_ptr + pid, rank)
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
     tl.store(rd_ptr + pid * 16 + i, rd.to(tl.float32))
@@ -243,7 +290,7 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, status_ptr, flag_ptr, pi
 
 
 def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(h as contiguous fp32 with the zero-trace fallback applied, F, mu, nu, rd, status) buffers for
+    """(h as contiguous fp32 with the zero-trace fallback applied, F, mu, nu, rd, rank, status) buffers for
     _factor_block."""
     hc = with_fallback(h.float()).contiguous()
     f = torch.empty_like(hc)
@@ -251,13 +298,14 @@ def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     nu = torch.empty_like(mu)
     rd = torch.empty_like(mu)
     status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
-    return hc, f, mu, nu, rd, status
+    rank = torch.empty(hc.shape[:-2], dtype=torch.int32, device=h.device)
+    return hc, f, mu, nu, rd, rank, status
 
 
 def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, rd: torch.Tensor,
-                      status: torch.Tensor) -> None:
+                      rank: torch.Tensor, status: torch.Tensor) -> None:
     """Blocks with status 2 (rare: the regularised Cholesky failed on a block within check_psd's tolerance):
-    F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = rd = 0. hc: the factored fp32
+    F = V diag(sqrt(max(l, 0))) from the float64 eigendecomposition, mu = nu = rd = rank = 0. hc: the factored fp32
     blocks (fallback applied); raises check_psd's error if one is not PSD."""
     sel = (status == 2).reshape(hc.shape[:-2])
     hs = hc.double()[sel]
@@ -269,24 +317,27 @@ def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: t
     mu[sel] = 0.0
     nu[sel] = 0.0
     rd[sel] = 0.0
+    rank[sel] = 0
 
 
-def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16] lower triangular, mu, nu,
-    rd fp32 [..., 16]).
+def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu, nu, rd fp32 [..., 16],
+    rank int32 [...]).
 
-    F F^T = H + diag(rd), so dw^T H dw = ||F^T dw||^2 - sum_i rd_i dw_i^2 (float64 Cholesky in a Triton kernel;
-    rd = 0 except on singular blocks, which are factored regularised: module docstring); a zero-trace block is
+    rank 0: F is lower triangular and F F^T = H + diag(rd), so dw^T H dw = ||F^T dw||^2 - sum_i rd_i dw_i^2
+    (float64 Cholesky in a Triton kernel; rd = 0 except on singular blocks, which are factored regularised:
+    module docstring). rank r > 0 (a singular block of rank r <= RANK_MAX_COLS): F's first r columns are G with
+    G G^T = H up to entries of RANK_EPS_REL sqrt(H_ii H_kk), the other columns and rd are 0. A zero-trace block is
     factored as the identity (the MSE fallback).
     mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii, a lower bound used to end sweeps early (0 for singular
     blocks and dead channels), and nu_i = lambda H_ii with H >= diag(nu) (module docstring). Raises on
     non-finite h and on a block that is not PSD.
     """
-    _, f, mu, nu, rd, _ = prepare_factor(h)
-    return f, mu, nu, rd
+    _, f, mu, nu, rd, rank, _ = prepare_factor(h)
+    return f, mu, nu, rd, rank
 
 
-def _check_factor_status(worst: int, h, hc, f, mu, nu, rd, status) -> None:
+def _check_factor_status(worst: int, h, hc, f, mu, nu, rd, rank, status) -> None:
     """Act on the worst factor status: raise for non-finite (3) or non-PSD (2) blocks; refactor the status-2
     blocks that pass check_psd's tolerance. Singular blocks (status 1) need nothing: the kernel factored them."""
     if worst == 3:
@@ -296,7 +347,7 @@ def _check_factor_status(worst: int, h, hc, f, mu, nu, rd, status) -> None:
         # eigenvalue between -PSD_RTOL x its largest |entry| and -REG_DELTA x its largest diagonal) is refactored
         # by eigendecomposition instead.
         check_psd(h)
-        _refactor_by_eigh(hc, f, mu, nu, rd, status)
+        _refactor_by_eigh(hc, f, mu, nu, rd, rank, status)
 
 
 _thread_state = threading.local()
@@ -312,6 +363,15 @@ def _pinned_flags(dev: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
     if key not in cache:
         cache[key] = (torch.empty(4, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
     return cache[key]
+
+
+@functools.cache
+def _rescore_programs(device: torch.device) -> int:
+    """Programs of the float64 pass: a few per SM on a GPU (they stride over a list whose length only the device
+    knows), one under the interpreter."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache
@@ -334,7 +394,7 @@ def search_triton(
     sync: bool = True,
     fused: bool | None = None,
     losses: torch.Tensor | None = None,
-    exact: bool = False,
+    exact: bool = True,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
@@ -344,7 +404,8 @@ def search_triton(
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0,
         PSD) run on the device and raise the messages of fp4cal.validation / hessian_blocks.
     factor: prepare_factor(hessian) (one Hessian shared by several weights: q/k/v, gate/up, a layer's experts).
-    stats: optional int32 [programs, 3] filled with per-program iteration counts (benchmark diagnostics).
+    stats: optional int32 [programs, 4], zeros: per program, the two phases' iterations, blocks x candidates tried and
+        the blocks recorded for the float64 pass (mode 1 + 65536 x mode 2; sweep_rows.py; benchmark diagnostics).
     sync=False: return right after the launches, without reading the value flags (benchmarks only: lets a
         CUDA graph capture the call to time the GPU work alone).
     fused: mse only: one launch, the sweep computing its candidate scales and checking the values itself, and
@@ -353,8 +414,9 @@ def search_triton(
     losses: optional float64 [E or 1, 2], zero on entry: the sweep adds each tensor's objective at its 'max' scales
         and at the chosen scales (as calib.objective computes them; a zero-trace block counts with the mse loss).
         Not filled when the reference runs instead (s_g out of range): the caller checks search_losses' result.
-    exact: re-score fp32 near-ties in float64 (exact picks on rank-deficient Hessians, issue 13.2); off by default
-        until its compile time is fixed (sweep_rows.py).
+    exact: local_hessian: decide the blocks whose fp32 order may be wrong in float64 (sweep_rows.py, 'Exact
+        picks'): a second small launch over the blocks the sweep recorded, no host wait. False: the fp32 picks
+        (benchmarks measure the pass's cost with it).
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     stack = w.dim() == 3
@@ -372,7 +434,8 @@ def search_triton(
     else:
         g1 = g.float().reshape(-1).expand(n_e).contiguous()
     v_tab, nohalf = _tables(dev)
-    flags = torch.zeros(4, dtype=torch.int32, device=dev)  # 0 bad w, 1 bad g, 2 g out of range, 3 factor status
+    # 0 bad w, 1 bad g, 2 g out of range, 3 factor status; 4, 5 the blocks recorded for the float64 pass (by mode)
+    flags = torch.zeros(6, dtype=torch.int32, device=dev)
     if fused:
         s_tab = r_tab = v_tab  # the sweep computes s and r from the FP8 values
     else:
@@ -381,17 +444,19 @@ def search_triton(
     n_hb = 0
     if hess:
         if factor is None:
-            hc, f, mu, nu, rd, status = _factor_buffers(hessian)
+            hc, f, mu, nu, rd, rank, status = _factor_buffers(hessian)
             n_hb = status.numel()
         else:
-            hc, f, mu, nu, rd, status = factor
+            hc, f, mu, nu, rd, rank, status = factor
         stride_fe = 0 if f.dim() == 3 else f.stride(0)
     else:
         hc = f = mu = nu = rd = v_tab  # unused placeholder pointers
+        rank = nohalf
         status = None
         stride_fe = 0
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
-    factor_bufs = (hc, f, mu, nu, rd, status) if n_hb else (flags,) * 6  # placeholders when nothing is factored here
+    # placeholders when nothing is factored here
+    factor_bufs = (hc, f, mu, nu, rd, rank, status) if n_hb else (flags,) * 7
     if not fused:
         _prep_kernel[(n_e + n_hb + n_scan,)](
             g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
@@ -401,26 +466,40 @@ def search_triton(
     host_flags = None
     if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
         host_flags, ready = _pinned_flags(dev)
-        host_flags.copy_(flags, non_blocking=True)
+        host_flags.copy_(flags[:4], non_blocking=True)
         ready.record()
     elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
-        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, rd, status, losses)
+        early = _act_on_flags(flags[:4].tolist(), w, g, hessian, method, hc, f, mu, nu, rd, rank, status, losses)
         if early is not None:
             return early
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
     block_rows = 32 * num_warps
     grid = (triton.cdiv(cout, block_rows), nb, n_e)
-    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, rd, hc, nohalf, out, flags if stats is None else stats,
-            flags if losses is None else losses, cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe,
-            cout * nb)
+    rescore = hess and exact
+    near = flags[4:]
+    # the blocks recorded for the float64 pass: room for every block (int32 index and record, 8 bytes a block)
+    cap = n_e * cout * nb if rescore else 1
+    near_list = torch.empty(2 * cap, dtype=torch.int32, device=dev)
+    if rescore and n_e * cout * nb >= 2**31:
+        raise ValueError(f"w {tuple(w.shape)}: {n_e * cout * nb} blocks, the exact pass indexes fewer than 2^31")
+    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, rd, rank, hc, nohalf, out, flags if stats is None else stats,
+            flags if losses is None else losses, near, near_list, cap, cout, nb, w3.stride(0), w3.stride(1),
+            w3.stride(2), stride_fe, cout * nb)
     opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
-                EXACT=exact,
+                EXACT=rescore,
                 num_warps=num_warps,
                 enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 
+    rescore_grid = (_rescore_programs(dev),)
+    rescore_args = (w3, g1, v_tab, s_tab, r_tab, hc, near, near_list, cap, out, flags if losses is None else losses,
+                    cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
+
     def launch():
         _sweep_rows_kernel[grid](*args, **opts)
+        if rescore:  # queued behind the sweep; reads the count the sweep left on the device
+            _rescore_kernel[rescore_grid](*rescore_args, BR=block_rows, LOSSES=losses is not None,
+                                          num_warps=num_warps, enable_fp_fusion=False)
 
     launch()
     if not sync:
@@ -428,21 +507,22 @@ def search_triton(
     if host_flags is not None:
         ready.synchronize()  # the one host wait: prep kernel and flag copy, not the sweep
         got = host_flags.tolist()
-        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, rd, status, losses)
+        early = _act_on_flags(got, w, g, hessian, method, hc, f, mu, nu, rd, rank, status, losses)
         if early is not None:
             return early
         if got[3] == 2:  # rare: a block refactored by eigendecomposition above; sweep again (queued after the first)
             if losses is not None:
                 losses.zero_()
+            near.zero_()
             launch()
     elif fused:  # one launch: the sweep checked the values itself, and has run
-        early = _act_on_flags(flags.tolist(), w, g, hessian, method, hc, f, mu, nu, rd, status, losses)
+        early = _act_on_flags(flags[:4].tolist(), w, g, hessian, method, hc, f, mu, nu, rd, rank, status, losses)
         if early is not None:
             return early
     return out if stack else out[0]
 
 
-def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, status,
+def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, rank, status,
                   losses=None) -> torch.Tensor | None:
     """Raise for bad values, refactor singular blocks; return the reference's result when s_g is outside the
     exact range (None otherwise). flags: bad w, bad g, s_g out of range, worst factor status."""
@@ -454,7 +534,7 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, st
     if bad_g:
         check_global_amax_values(g)
     if fstatus:
-        _check_factor_status(fstatus, hessian, hc, f, mu, nu, rd, status)
+        _check_factor_status(fstatus, hessian, hc, f, mu, nu, rd, rank, status)
     if out_of_range:
         out = search_reference(w, method, g, hessian)
         if losses is not None:
@@ -465,8 +545,8 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, st
 
 def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
-    nu, rd, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
-    hc, f, mu, nu, rd, status = _factor_buffers(h)
-    _factor_kernel[(status.numel(),)](hc, f, mu, nu, rd, status)
-    _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, status)
-    return hc, f, mu, nu, rd, status
+    nu, rd, rank, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
+    hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
+    _factor_kernel[(status.numel(),)](hc, f, mu, nu, rd, rank, status)
+    _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, rank, status)
+    return hc, f, mu, nu, rd, rank, status

@@ -4,13 +4,23 @@ Every per-block quantity is thread-local: the 16 x 16 triangular product F^T dw 
 sums and maxima are plain arithmetic, and all threads of a program share the block column's factor F_j, so the
 branches below that depend on F_j (or on whether any thread needs the float64 re-score) are uniform.
 
-Windows, bounds and tie rules are those of fp4cal.search.kernels' docstring; this file adds two things for
+Windows, bounds and tie rules are those of fp4cal.search.kernels' docstring; this file adds, for
 ill-conditioned Hessians (issue 13):
 - Exact picks. The fp32 loss L = ||F^T dw||^2 is within TAU * S^2 of the true dw^T H dw, S = sum_i sd_i |dw_i|,
   sd_i = ||F_i,:|| = sqrt(H_ii) (rounding of F to fp32: 2u S^2; the 16-term products and the sum of squares:
-  3 gamma_16 S^2; u = 2^-24; TAU = 2^-18 = 64u covers both with room). When a candidate's fp32 loss is within
-  the two margins of the best's, the fp32 order can be wrong (a rank-1 block's true loss can be tiny next to
-  ||dw||^2 ||H||), so both are re-scored in float64 from the fp32 Hessian itself and the float64 order decides.
+  3 gamma_16 S^2; u = 2^-24; TAU = 2^-18 = 64u covers both with room). So every candidate's true loss lies in
+  [L - m, L + m] (m its margin), and only candidates whose lower end L - m is at or below the best's upper end
+  best + m_best can truly beat or tie the best (a rank-1 block's true loss can be tiny next to ||dw||^2 ||H||,
+  where fp32 cannot order them). The walk keeps a runner-up record per block, no float64: the two smallest lower
+  ends among the candidates tried other than the best, and the first one's index (the candidate that loses a
+  comparison enters it, the old best when a new one wins). At the end a block whose smallest is within the
+  best's upper end is recorded (mode 1: only best and the runner-up can win; mode 2: three or more can), and
+  _rescore_kernel, a second launch over the recorded blocks only, decides in float64 from the fp32 Hessian
+  itself, as the reference does (mode 1: two losses; mode 2: every candidate of the window the block walked).
+  Candidates the bounds skipped have true losses above the best's (the bounds bound the true loss and are
+  compared with best + m_best), so the float64 choice is the brute force's. CPU simulation of the walk (bench
+  weights, 512 x 2048): recorded blocks about 1 in 100 on well-conditioned Hessians, 1 in 10 on rank-1 blocks
+  (a third of them with 3+ close candidates), where the fp32 picks alone were wrong on 23 of 32768 blocks.
 - The box bound for the downward walk, which needs no definite H (mu = 0 on singular blocks, where the
   clipping bound is 0): at every candidate at or below scale s each signed error lies in an interval (a weight
   with |w| >= 6 s clips, its error grows from |w| - 6 s towards |w|; any other error lies in [-min(s, |w|), |w|]),
@@ -19,6 +29,11 @@ ill-conditioned Hessians (issue 13):
   the subtracted term is at most REG_DELTA S^2 and computed to fp32 rounding, so TAU still bounds the error. sd
   (row norms of F) grows by a factor sqrt(1 + REG_DELTA), which keeps it an upper bound. The box bound bounds
   ||F^T dw|| and then subtracts sum rd_k w_k^2 >= sum rd_k dw_k^2 (every |dw_k| <= |w_k| at or below s).
+- Low-rank blocks (rank r <= kernels.RANK_MAX_COLS): F holds G with G G^T = H - E, |E_ik| <= RANK_EPS
+  sqrt(H_ii H_kk) (RANK_EPS = 2^-19), so the loss is ||G^T dw||^2 (16 r FMAs instead of 136, a runtime loop
+  over r: uniform per program) and |dw^T E dw| <= RANK_EPS S_H^2, S_H with sqrt(H_kk); the row norms sd of G are
+  at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the margin and the box bound's error term use tau = 2 TAU, which
+  covers TAU + RANK_EPS (1 + RANK_EPS) with room.
 """
 
 from __future__ import annotations
@@ -55,13 +70,39 @@ def _errors(w, s, r):
 
 
 @triton.jit
-def _quad(d, fb):
-    """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fb: the block column's lower-triangular F (row-major 16 x 16)."""
+def _load_tri(fb):
+    """The 136 entries F[i, k], i >= k, of the block column's lower-triangular F (row-major 16 x 16 at fb), in
+    _quad's order: loaded once per program, so the product reads registers, not memory, per candidate."""
+    fv = ()
+    for k in tl.static_range(16):
+        for i in tl.static_range(k, 16):
+            fv = fv + (tl.load(fb + i * 16 + k),)
+    return fv
+
+
+@triton.jit
+def _quad(d, fv):
+    """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fv: _load_tri's 136 entries of the lower-triangular F."""
     loss = tl.zeros(d[0].shape, tl.float32)
     for k in tl.static_range(16):
-        z = d[k] * tl.load(fb + k * 17)
+        # F[i, k] is fv[16 k - k (k - 1) / 2 + i - k]: the columns before k hold 16 - k' entries each (inline, so
+        # the index stays a compile-time constant)
+        z = d[k] * fv[16 * k - (k * (k - 1)) // 2]
         for i in tl.static_range(k + 1, 16):
-            z = tl.fma(d[i], tl.load(fb + i * 16 + k), z)
+            z = tl.fma(d[i], fv[16 * k - (k * (k - 1)) // 2 + i - k], z)
+        loss = tl.fma(z, z, loss)
+    return loss
+
+
+@triton.jit
+def _quad_cols(d, fb, n):
+    """||G^T d||^2 in fp32 for a low-rank block: G's n columns in F's storage (row-major 16 x 16, columns n.. zero);
+    n is uniform per program, so the loop costs 16 n FMAs and no divergence."""
+    loss = tl.zeros(d[0].shape, tl.float32)
+    for t in range(n):
+        z = d[0] * tl.load(fb + t)
+        for k in tl.static_range(1, 16):
+            z = tl.fma(d[k], tl.load(fb + k * 16 + t), z)
         loss = tl.fma(z, z, loss)
     return loss
 
@@ -97,49 +138,45 @@ def _weighted_l1(d, sd):
 
 
 @triton.jit
-def _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, rd, reg, s_ptr, r_ptr, sg,
-              DOWN: tl.constexpr, HESSIAN: tl.constexpr, FUSED: tl.constexpr, EXACT: tl.constexpr):
-    """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, bx, best_idx).
+def _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2, r1, fb, fv, sd, rd, reg, lr, tau,
+              DOWN: tl.constexpr, HESSIAN: tl.constexpr):
+    """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
-    best: fp32 loss of the best so far; bmar: its error margin (TAU S^2); bx: its float64 loss when known (-1
-    if not). DOWN: the walk goes down, so '<=' keeps the smaller candidate on ties; up: strict '<'."""
+    best: fp32 loss of the best so far; bmar: its error margin (TAU S^2). DOWN: the walk goes down, so '<=' keeps
+    the smaller candidate on ties; up: strict '<'. HESSIAN: the runner-up record (module docstring, 'Exact
+    picks'): low1 <= low2 the two smallest lower ends loss - margin of the candidates tried that are not the
+    best, r1 the index of the first; the candidate that loses this comparison (the old best when cc wins) enters
+    it."""
     d = _errors(w, s, r)
     if HESSIAN:
-        loss = _quad(d, fb)
-        if reg:  # uniform: the block column's factor is regularised (singular H)
-            loss = loss - _reg_term(d, rd)
+        if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
+            loss = _quad_cols(d, fb, lr)
+        else:
+            loss = _quad(d, fv)
+            if reg:  # uniform: the block column's factor is regularised (singular H)
+                loss = loss - _reg_term(d, rd)
         sw = _weighted_l1(d, sd)
-        mar = sw * sw * TAU
+        mar = sw * sw * tau
     else:
         loss = tl.zeros(s.shape, tl.float32)
         for k in tl.static_range(16):
             loss = tl.fma(d[k], d[k], loss)
-        mar = tl.zeros(s.shape, tl.float32)
     if DOWN:
         better = active & (loss <= best)
     else:
         better = active & (loss < best)
-    if HESSIAN and EXACT:
-        close = active & (tl.abs(loss - best) <= mar + bmar)
-        if tl.max(close.to(tl.int32)) > 0:  # rare: the fp32 order may be wrong, decide in float64
-            lx = _quad64(d, hb)
-            need = close & (bx < 0)
-            if tl.max(need.to(tl.int32)) > 0:
-                sb, rb = _candidate(s_ptr, r_ptr, best_idx, sg, FUSED)
-                bx = tl.where(need, _quad64(_errors(w, sb, rb), hb), bx)
-            if DOWN:
-                exact = lx <= bx
-            else:
-                exact = lx < bx
-            better = tl.where(close, exact & active, better)
-            bx = tl.where(better, tl.where(close, lx, -1.0), bx)
-        else:
-            bx = tl.where(better, -1.0, bx)
     if HESSIAN:
+        lo_in = tl.where(better, best - bmar, loss - mar)
+        ix_in = tl.where(better, best_idx, cc)
+        first = active & (lo_in < low1)
+        second = active & (lo_in < low2) & ~first
+        low2 = tl.where(first, low1, tl.where(second, lo_in, low2))
+        low1 = tl.where(first, lo_in, low1)
+        r1 = tl.where(first, ix_in, r1)
         bmar = tl.where(better, mar, bmar)
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
-    return best, bmar, bx, best_idx
+    return best, bmar, best_idx, low1, low2, r1
 
 
 @triton.jit
@@ -159,7 +196,7 @@ def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
 
 
 @triton.jit
-def _box_bound(w, s, fb, sd, rd):
+def _box_bound(w, s, fb, fv, sd, rd, lr, tau):
     """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the
     fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, TAU * (sum sd |w|)^2), and
     the regularisation of a singular block's factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
@@ -175,9 +212,13 @@ def _box_bound(w, s, fb, sd, rd):
         m = m + (tl.where(w[k] < 0, -centre, centre),)
         rad = tl.fma(rho, sd[k], rad)
         big = tl.fma(a, sd[k], big)
-    norm = tl.sqrt(_quad(m, fb)) * (1.0 - 1e-5) - rad - 1e-5 * big
+    if lr > 0:
+        q = _quad_cols(m, fb, lr)
+    else:
+        q = _quad(m, fv)
+    norm = tl.sqrt(q) * (1.0 - 1e-5) - rad - 1e-5 * big
     norm = tl.maximum(norm, 0.0)
-    return norm * norm - big * big * TAU - _reg_term(w, rd)
+    return norm * norm - big * big * tau - _reg_term(w, rd)
 
 
 @triton.jit
@@ -237,18 +278,25 @@ def _loss64(w, s, r, hb, HESSIAN: tl.constexpr):
 
 
 @triton.jit
-def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, h_ptr, nohalf_ptr,
+def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, h_ptr,
+                       nohalf_ptr,
                        out_ptr,
-                       stats_ptr, loss_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe,
+                       stats_ptr, loss_ptr, cnt_ptr, list_ptr, cap, cout, nb, stride_we, stride_wr, stride_wc,
+                       stride_fe, stride_oe,
                        HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
                        LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2):
     """Grid (row tiles of BR, block columns, tensors). FUSED (mse only): candidate scales computed here from the
     FP8 values (s_tab_ptr = r_tab_ptr = v_ptr), values checked here, flags in stats_ptr (0 bad w, 1 bad g, 2 s_g
-    out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates). LOSSES: add
+    out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates, blocks
+    recorded for the float64 pass in mode 1 + 65536 x those in mode 2). LOSSES: add
     the float64 objective of the tensor at its 'max' scales and at the chosen scales to loss_ptr[e, 0:2] (the
-    calibration's report, without a second pass over the weights). EXACT: re-score fp32 near-ties in float64
-    (module docstring); off by default: inlined four times, its float64 products made the kernel take minutes
-    to compile (measured on an H200 and locally, commit 8aa09ea), so it waits for a separate re-scoring pass."""
+    calibration's report, without a second pass over the weights). EXACT (HESSIAN): record the blocks whose fp32
+    order may be wrong for _rescore_kernel (module docstring, 'Exact picks'): cnt_ptr[0] and cnt_ptr[1] count
+    those of mode 1 (only best and r1 can win) and mode 2 (three or more can), zero on entry; list_ptr (int32
+    [2 cap], cap >= the blocks) holds them as (linear block index (e * cout + row) * nb + j, best | r1 << 8), mode
+    1 from entry 0 up, mode 2 from entry cap - 1 down; the record is best | r1 << 7 | lo << 14 | hi << 21, [lo, hi]
+    the window the block walked. No float64 in the walk: inlined there (commit 8aa09ea) it
+    made the kernel take minutes to compile."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64)
@@ -286,11 +334,19 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     rd = ()
     weak = False
     reg = False
+    clip = True
+    lr = 0
+    tau = TAU
+    fv = ()
     if HESSIAN:
-        # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding), shared by the program's blocks
+        fv = _load_tri(fb)
+        lr = tl.load(rank_ptr + e * (stride_fe // 256) + j)
+        tau = tl.where(lr > 0, 2.0 * TAU, TAU)
+        # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding), shared by the program's blocks (a low-rank G is not
+        # triangular: the whole row)
         for k in tl.static_range(16):
             acc = 0.0
-            for i in tl.static_range(k + 1):
+            for i in tl.static_range(16):
                 fki = tl.load(fb + k * 16 + i)
                 acc = acc + fki * fki
             sd = sd + (tl.sqrt(acc) * (1.0 + 1e-6),)
@@ -300,6 +356,12 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         for k in tl.static_range(16):
             nsum = nsum + tl.load(nbp + k)
         weak = nsum == 0.0
+        msum = 0.0
+        for k in tl.static_range(16):
+            msum = msum + tl.load(mb + k)
+        # mu = nu = 0 (a singular block): the clipping and upward bounds are 0, so they are not computed (the
+        # checks they would make cannot end a walk; CPU count: ~180 and ~210 instructions per 2 candidates)
+        clip = (msum + nsum) > 0.0
         rsum = 0.0
         for k in tl.static_range(16):
             rk = tl.load(rdp + k)
@@ -311,12 +373,16 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     top = tl.where(first >= N_CAND, N_CAND - 1, tl.maximum(first - 1, nohalf))
     best = tl.full([BR], float("inf"), tl.float32)
     bmar = tl.zeros([BR], tl.float32)
-    bx = tl.full([BR], -1.0, tl.float64)
+    low1 = tl.full([BR], float("inf"), tl.float32)
+    low2 = tl.full([BR], float("inf"), tl.float32)
+    r1 = tl.zeros([BR], tl.int32)
+    c_lo = top  # the window each block walked (HESSIAN and EXACT: for the float64 pass)
+    c_hi = top
     best_idx = tl.zeros([BR], tl.int32)
 
     # Phase 1: down from the MSE top until the clipping (or box) bound at the next candidate ends each block.
     c = top
-    active = c >= 0
+    active = (c >= 0) & rmask  # rows past cout (a partial last tile) walk nothing
     n_active = tl.sum(active.to(tl.int32))
     it1 = 0
     it2 = 0
@@ -326,19 +392,24 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.maximum(c, 0)
+            if HESSIAN and EXACT:
+                c_lo = tl.where(active, cc, c_lo)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
-            best, bmar, bx, best_idx = _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, rd, reg,
-                                                 s_ptr, r_ptr, sg, True, HESSIAN, FUSED, EXACT)
+            best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2,
+                                                             r1, fb, fv, sd, rd, reg, lr, tau, True, HESSIAN)
             c = c - 1
             if u == UNROLL - 1:
                 s_next = _scale(s_ptr, tl.maximum(c, 0), sg, FUSED)
-                bound = _clip_bound(w, mb, nbp, s_next * E2M1_TOP, HESSIAN)
+                if clip:
+                    bound = _clip_bound(w, mb, nbp, s_next * E2M1_TOP, HESSIAN)
+                else:
+                    bound = tl.zeros([BR], tl.float32)
                 if HESSIAN:
                     # the box bound costs a product: tested at every other check (every 2 UNROLL candidates);
                     # simulated on rank-1/2/8 and collinear blocks: ~1 candidate more per block, half the products,
                     # ~10 % less work in this phase
                     if weak & ((it1 // UNROLL) % 2 == 0):
-                        bound = tl.maximum(bound, _box_bound(w, s_next, fb, sd, rd))
+                        bound = tl.maximum(bound, _box_bound(w, s_next, fb, fv, sd, rd, lr, tau))
                 active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
             active = active & (c >= 0)
         n_active = tl.sum(active.to(tl.int32))
@@ -348,7 +419,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     if HESSIAN:
         zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25), N_CAND - 1)
         c = top + 1
-        active = c <= zero_at
+        active = (c <= zero_at) & rmask
     else:
         zero_at = top
         active = tl.zeros([BR], tl.int1)
@@ -358,14 +429,17 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         work += n_active * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.minimum(c, N_CAND - 1)
+            if HESSIAN and EXACT:
+                c_hi = tl.where(active, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
-            best, bmar, bx, best_idx = _consider(w, cc, s, r, active, best, bmar, bx, best_idx, fb, hb, sd, rd, reg,
-                                                 s_ptr, r_ptr, sg, False, HESSIAN, FUSED, EXACT)
+            best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2,
+                                                             r1, fb, fv, sd, rd, reg, lr, tau, False, HESSIAN)
             c = c + 1
             active = active & (c <= zero_at)
             if u == UNROLL - 1:
-                bound = _up_bound(w, mb, nbp, 0.5 * tl.load(s_ptr + tl.minimum(c, N_CAND - 1)))
-                active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
+                if clip:
+                    bound = _up_bound(w, mb, nbp, 0.5 * tl.load(s_ptr + tl.minimum(c, N_CAND - 1)))
+                    active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
         n_active = tl.sum(active.to(tl.int32))
 
     v_best = tl.load(v_ptr + best_idx).to(tl.float64)
@@ -378,8 +452,104 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         l_best = tl.where(rmask, _loss64(w, s_b, r_b, hb, HESSIAN), 0.0)
         tl.atomic_add(loss_ptr + e * 2, tl.sum(l_max, axis=0))
         tl.atomic_add(loss_ptr + e * 2 + 1, tl.sum(l_best, axis=0))
+    if HESSIAN and EXACT:
+        # candidates whose true loss may be at or below the best's: lower end at or below best + bmar (with the
+        # fp32 rounding of these sums); mode 0 needs nothing, 1 a float64 choice between best and r1, 2 a full one
+        thr = best + bmar + tl.abs(best) * 2.0**-20
+        mode = tl.where(low1 <= thr, tl.where(low2 <= thr, 2, 1), 0)
+        near = (mode > 0) & rmask
+        n_near = tl.sum(near.to(tl.int32))
+        if STATS:
+            n2 = tl.sum((near & (mode == 2)).to(tl.int32))
+            pid_s = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
+            tl.store(stats_ptr + pid_s * 4 + 3, (n_near - n2) + (n2 << 16))
+        blk = ((e * cout + rows) * nb + j).to(tl.int32)
+        rec = best_idx | (r1 << 7) | (c_lo << 14) | (c_hi << 21)
+        near1 = near & (mode == 1)  # from the front of the list
+        n1 = tl.sum(near1.to(tl.int32))
+        if n1 > 0:
+            slot = tl.atomic_add(cnt_ptr, n1) + tl.cumsum(near1.to(tl.int32), 0) - near1.to(tl.int32)
+            tl.store(list_ptr + 2 * slot, blk, mask=near1)
+            tl.store(list_ptr + 2 * slot + 1, rec, mask=near1)
+        near2 = near & (mode == 2)  # from the back: the float64 pass runs the two kinds in separate steps
+        if n_near > n1:
+            slot = cap - 1 - (tl.atomic_add(cnt_ptr + 1, n_near - n1) + tl.cumsum(near2.to(tl.int32), 0)
+                              - near2.to(tl.int32))
+            tl.store(list_ptr + 2 * slot, blk, mask=near2)
+            tl.store(list_ptr + 2 * slot + 1, rec, mask=near2)
     if STATS and not FUSED:
         pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
-        tl.store(stats_ptr + pid * 3, it1)
-        tl.store(stats_ptr + pid * 3 + 1, it2)
-        tl.store(stats_ptr + pid * 3 + 2, work)
+        tl.store(stats_ptr + pid * 4, it1)
+        tl.store(stats_ptr + pid * 4 + 1, it2)
+        tl.store(stats_ptr + pid * 4 + 2, work)
+
+
+@triton.jit
+def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
+                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR: tl.constexpr, LOSSES: tl.constexpr):
+    """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
+    picks'), BR of them per step, the programs striding over each list (whose lengths only the device knows):
+    mode 1, the float64 losses of best and r1 (the smaller index first); mode 2, every candidate of the window the
+    block walked, in order (those outside it have true losses above the best's: the bounds that skipped them). A
+    changed pick rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64
+    difference."""
+    _rescore_blocks(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, tl.load(cnt_ptr), list_ptr, 0, 1, out_ptr,
+                    loss_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR, LOSSES, False)
+    _rescore_blocks(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, tl.load(cnt_ptr + 1), list_ptr, cap - 1, -1,
+                    out_ptr, loss_ptr, cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR, LOSSES,
+                    True)
+
+
+@triton.jit
+def _rescore_blocks(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, n, list_ptr, first, step, out_ptr, loss_ptr,
+                    cout, nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR: tl.constexpr,
+                    LOSSES: tl.constexpr, FULL: tl.constexpr):
+    """n recorded blocks at list entries first, first + step, ...: float64 argmin over (FULL) the walked window
+    [lo, hi] or (else) the pair (best, r1); strict '<' in increasing candidate order, so exact ties keep the
+    smaller candidate as the reference does (a lane whose window is shorter re-tries hi: no change)."""
+    kk = tl.arange(0, 16)
+    for base in range(tl.program_id(0) * BR, n, tl.num_programs(0) * BR):
+        i = base + tl.arange(0, BR)
+        ok = i < n
+        at = first + step * i
+        blk = tl.load(list_ptr + 2 * at, mask=ok, other=0).to(tl.int64)
+        rec = tl.load(list_ptr + 2 * at + 1, mask=ok, other=0)
+        j = blk % nb
+        row = (blk // nb) % cout
+        e = blk // nb // cout
+        # one block per row of [BR, 16] tensors: a few vector ops per candidate (the interpreter runs each op once)
+        wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
+        w = tl.load(wrow[:, None] + kk[None, :] * stride_wc, mask=ok[:, None], other=0.0).to(tl.float32)
+        hb = h_ptr + e * stride_fe + j * 256
+        best_old = rec & 127
+        r1 = (rec >> 7) & 127
+        c_lo = (rec >> 14) & 127
+        c_hi = (rec >> 21) & 127
+        best = tl.full([BR], float("inf"), tl.float64)
+        best_idx = best_old
+        l_old = tl.zeros([BR], tl.float64)
+        # FULL: the window the block walked (every candidate outside it was skipped by a bound on its true loss)
+        n_try = tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) if FULL else 2
+        for t in range(n_try):
+            if FULL:
+                c = tl.minimum(c_lo + t, c_hi)
+            else:
+                c = tl.where(t == 0, tl.minimum(best_old, r1), tl.maximum(best_old, r1))
+            s = tl.load(s_tab_ptr + e * N_CAND + c, mask=ok, other=1.0)[:, None]
+            r = tl.load(r_tab_ptr + e * N_CAND + c, mask=ok, other=1.0)[:, None]
+            d = (w - _round_signed(w, s, r)).to(tl.float64)  # the sweep's fp32 errors, bit for bit
+            loss = tl.zeros([BR], tl.float64)
+            for a in range(16):  # not unrolled: small code, quick to compile
+                h_a = tl.load(hb[:, None] + a * 16 + kk[None, :]).to(tl.float64)
+                d_a = tl.sum(tl.where(kk[None, :] == a, d, 0.0), axis=1)
+                loss = loss + d_a * tl.sum(h_a * d, axis=1)
+            better = ok & (loss < best)
+            best = tl.where(better, loss, best)
+            best_idx = tl.where(better, c, best_idx)
+            l_old = tl.where(ok & (c == best_old), loss, l_old)
+        changed = ok & (best_idx != best_old)
+        g = tl.load(g_ptr + e, mask=ok, other=0.0)
+        amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
+        tl.store(out_ptr + e * stride_oe + row * nb + j, amax, mask=changed)
+        if LOSSES:
+            tl.atomic_add(loss_ptr + e * 2 + 1, best - l_old, mask=changed)
