@@ -551,6 +551,22 @@ def _memory_line(device, peak_gpu: int | None = None) -> str:
     return f"peak memory: {gpu}CPU {_gib(peak_cpu_bytes())} (max resident set)"
 
 
+def _allocator_trace(device) -> None:
+    """FP4CAL_TRACE: the caching allocator's counters (a memory cap makes it free and retry: each cudaFree
+    synchronizes the device, which shows in the forward's time)."""
+    from fp4cal.cli.clock import tracing
+
+    if not tracing() or device.type != "cuda":
+        return
+    import torch
+
+    s = torch.cuda.memory_stats(device)
+    trace(f"allocator: reserved peak {_gib(s.get('reserved_bytes.all.peak', 0))}, allocated peak "
+          f"{_gib(s.get('allocated_bytes.all.peak', 0))}, alloc retries {s.get('num_alloc_retries', 0)}, "
+          f"OOMs {s.get('num_ooms', 0)}, cudaMalloc {s.get('num_device_alloc', 0)}, cudaFree "
+          f"{s.get('num_device_free', 0)}, cache flushes {s.get('num_sync_all_streams', 0)}")
+
+
 def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None, device, why: str,
                    ctx: tuple | None = None) -> int:
     """The streaming path: fp4cal.stream.quantize_checkpoint, then the same summary plus memory. ctx: (rank,
@@ -593,6 +609,7 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
         return 0
     t = rep.timings
     trace("streamed")
+    _allocator_trace(device)
     phases = {"startup": startup, **_wait_phase(args, waited), "setup + data": t.get("setup", 0.0),
               "embed": t.get("embed", 0.0), "read": t.get("read", 0.0), "forward + capture": t.get("forward", 0.0),
               "search": t.get("search", 0.0), "write": t.get("write", 0.0), "other": t.get("other", 0.0),
