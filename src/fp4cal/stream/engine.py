@@ -321,7 +321,11 @@ def quantize_checkpoint(
             n_tokens, _ = _token_count_and_ids(batches)
         hidden = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
                          "hidden_size", 0)
-        act_bytes = 2 * n_tokens * int(hidden or 0) * torch.empty((), dtype=entries[0].tensor.dtype).element_size()
+        # a layer's inputs and outputs: each input batch is freed once its output exists (_run_layer's consume),
+        # so one set plus the largest batch, not two sets
+        biggest = max(_token_count_and_ids([b])[0] for b in batches)
+        elt = torch.empty((), dtype=entries[0].tensor.dtype).element_size()
+        act_bytes = (n_tokens + biggest) * int(hidden or 0) * elt
         if callable(activation_budget):  # decided now rather than by the caller before the setup
             activation_budget = activation_budget()
         if dev.type == "cuda":
@@ -426,14 +430,15 @@ def quantize_checkpoint(
                 weights.update(layer_w)
                 if propagation == "quantized":
                     fake_quantize_weights(layer_targets[i], layer_w)
-                outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True)
+                outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True, consume=True)
                 t = clock.add("forward", t)
             else:
                 probe = _memory_probe(layer, i) if (dev.type == "cuda" and i == resumed
                                                     and os.environ.get("FP4CAL_TRACE")) else None
                 with ActivationCapture(layer, layer_targets[i], hessians, full_hessians=full) as cap:
                     def layer_pass(layer=layer, hidden_states=hidden_states, calls=calls, cap=cap):
-                        out = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float")
+                        out = _run_layer(layer, hidden_states, calls, store, dev, keep=propagation == "float",
+                                         consume=propagation == "float")
                         cap.check()
                         return out
 
@@ -454,7 +459,7 @@ def quantize_checkpoint(
                     t = clock.add("write", t)
                 if propagation == "quantized":
                     fake_quantize_weights(layer_targets[i], layer_w)
-                    outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True)
+                    outputs = _run_layer(layer, hidden_states, calls, store, dev, keep=True, consume=True)
                     t = clock.add("forward", t)
             release(layer)
             store.sync()
@@ -584,9 +589,13 @@ def _memory_probe(layer: nn.Module, index: int):
     return remove
 
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], calls, store, device: torch.device, keep: bool):
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], calls, store, device: torch.device, keep: bool,
+               consume: bool = False):
     """Run every batch through one layer; returns the outputs (in the store) when ``keep``. Batch b + 1's
-    inputs are copied to the device while batch b computes (pinned store)."""
+    inputs are copied to the device while batch b computes (pinned store). ``consume``: the inputs are not
+    needed again, so hidden[b] is dropped (set to None) once batch b's output exists: a layer then holds one set
+    of activations plus a batch rather than two sets (the memory is reused by the next outputs; a pinned block
+    only after its copy has completed, which the host allocator tracks)."""
     outs = []
     store.sync()  # the previous pass's outputs (this pass's inputs) are all in the store
     with torch.no_grad():
@@ -604,6 +613,9 @@ def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], calls, store, devic
                                 "tensor (transformers >= 5 decoder layers); streaming cannot follow this model")
             if keep:
                 outs.append(store.put(out))
+            del out
+            if consume:
+                hidden[b] = None
     return outs if keep else None
 
 
