@@ -39,8 +39,8 @@ def test_pieces_squeezed_by_the_reverse_conversion(monkeypatch):
     model = tiny_qwen3_moe()
     real = layout._revert
 
-    def squeezing(model, name, index):
-        return {k: (v[0] if isinstance(v, list) else v).squeeze() for k, v in real(model, name, index).items()}
+    def squeezing(model, state):
+        return {k: (v[0] if isinstance(v, list) else v).squeeze() for k, v in real(model, state).items()}
 
     monkeypatch.setattr(layout, "_revert", squeezing)
     check_gate_up(layout.checkpoint_pieces(model, "model.layers.0.mlp.experts.gate_up_proj", (4, 64, 64)))
@@ -48,9 +48,33 @@ def test_pieces_squeezed_by_the_reverse_conversion(monkeypatch):
 
 def test_a_conversion_that_moves_the_last_dimension_is_refused(monkeypatch):
     model = tiny_qwen3_moe()
-    monkeypatch.setattr(layout, "_revert", lambda model, name, index: {"x.weight": index.transpose(-1, -2)})
+    monkeypatch.setattr(layout, "_revert", lambda model, state: {"x.weight": next(iter(state.values())).mT})
     with pytest.raises(ValueError, match="moves the input \\(last\\) dimension"):
         layout.checkpoint_pieces(model, "model.layers.0.mlp.experts.gate_up_proj", (4, 64, 64))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 100, 1 << 22])
+def test_many_parameters_at_once_equal_one_at_a_time(monkeypatch, chunk_rows):
+    """checkpoint_pieces_of reverts many parameters per call (their index values shifted apart): the same pieces,
+    in the same order, as one call per parameter, whatever the chunking."""
+    from fp4cal.export.exporter import model_tensors
+
+    model = tiny_qwen3_moe()
+    shapes = {n: tuple(t.shape) for n, t in model_tensors(model).items()}
+    one = {n: layout._pieces_of_chunk(model, {n: s})[n] for n, s in shapes.items()}
+    monkeypatch.setattr(layout, "_CHUNK_ROWS", chunk_rows)
+    many = layout.checkpoint_pieces_of(model, shapes)
+    assert list(many) == list(one)
+    for n in shapes:
+        assert [(p.name, p.shape, p.start) for p in many[n]] == [(p.name, p.shape, p.start) for p in one[n]], n
+        assert all(torch.equal(a.rows, b.rows) for a, b in zip(many[n], one[n], strict=True)), n
+
+
+def test_a_piece_mixing_two_parameters_is_refused(monkeypatch):
+    model = tiny_qwen3_moe()
+    monkeypatch.setattr(layout, "_revert", lambda model, state: {"x.weight": torch.cat(list(state.values()))})
+    with pytest.raises(ValueError, match="rows of parameter 'a' and of another parameter"):
+        layout.checkpoint_pieces_of(model, {"a": (4, 16), "b": (4, 16)})
 
 
 def test_contiguous_pieces_know_their_start():

@@ -134,3 +134,20 @@ def test_weights_after_the_layers_are_captured_by_a_replay(tmp_path):
     assert "lm_head.weight" in rep.result.weights
     assert same_weights(ref, rep.result) == []
     same_checkpoint(tmp_path / "ref", tmp_path / "out")
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_run_layer_consumes_its_inputs_only_when_asked(consume):
+    """A layer pass whose inputs are not needed again drops each input batch once its output exists (one set of
+    activations plus a batch in memory, not two); the outputs are the same either way."""
+    from fp4cal.stream.engine import _run_layer
+    from fp4cal.stream.inputs import ActivationStore
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    hidden = [torch.randn(2, 3, 8) for _ in range(3)]
+    want = [layer(h).detach() for h in hidden]
+    cpu = torch.device("cpu")
+    outs = _run_layer(layer, hidden, [((), {})] * 3, ActivationStore(cpu, True), cpu, keep=True, consume=consume)
+    assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+    assert all((h is None) == consume for h in hidden)

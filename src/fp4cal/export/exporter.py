@@ -34,7 +34,7 @@ from fp4cal.export.io import (
     staged_directory,
     write_json,
 )
-from fp4cal.export.layout import Piece, checkpoint_pieces, module_of
+from fp4cal.export.layout import Piece, checkpoint_pieces_of, module_of
 from fp4cal.numerics import NVFP4Tensor, quantize
 from fp4cal.validation import BLOCK
 
@@ -286,8 +286,8 @@ def checkpoint_entries(
 ) -> list[Entry]:
     """One Entry per model tensor (model_tensors order), with its checkpoint pieces (layout.checkpoint_pieces)
     and its WeightResult when ``weights`` has one. Tensors may be on the meta device (only shapes are read)."""
-    return [Entry(name, t, checkpoint_pieces(model, name, tuple(t.shape)), weights.get(name))
-            for name, t in tensors.items()]
+    pieces = checkpoint_pieces_of(model, {name: tuple(t.shape) for name, t in tensors.items()})
+    return [Entry(name, t, pieces[name], weights.get(name)) for name, t in tensors.items()]
 
 
 def ignore_list(model: nn.Module, entries: list[Entry], quantized: set[str] | None = None) -> list[str]:

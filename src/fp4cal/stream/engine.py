@@ -283,7 +283,12 @@ def quantize_checkpoint(
     layer_targets = [[t for t in targets if unit_of.get(t.name, n_layers) == i] for i in range(n_layers + 1)]
     outside_targets = layer_targets[n_layers]
 
-    # layer 0 is read while the data is prepared and the embedding runs
+    # the modules the embedding pass needs (outside the layers, less an unquantized output head), then layer 0,
+    # are read while the data is prepared and the embedding runs
+    head_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip_head = {f"{n}" for n, p in (head_out.named_parameters(prefix=_module_name(model, head_out))
+                                     if head_out is not None else [])} - {t.name for t in outside_targets}
+    outside = [e for e in layer_entries[n_layers] if e.name not in skip_head]
     prefetch = Prefetcher()
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp4cal-write")
     writes: list[Future] = []
@@ -306,6 +311,8 @@ def quantize_checkpoint(
         staging.commit(unit, items, results)
         busy["write"] += time.perf_counter() - t0
 
+    prefetch.submit("outside", lambda: {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces)
+                                        for e in outside})
     prefetch.submit(0, lambda: read_layer(0))
     try:
 
@@ -373,11 +380,8 @@ def quantize_checkpoint(
         t = clock.add("setup", t_start)
 
         # -- the modules outside the layers, and what the layers are called with --------------------------------
-        head_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        skip_head = {f"{n}" for n, p in (head_out.named_parameters(prefix=_module_name(model, head_out))
-                                         if head_out is not None else [])} - {t.name for t in outside_targets}
-        outside = [e for e in layer_entries[n_layers] if e.name not in skip_head]
-        _load_into(model, outside, owners, reader, dev)
+        for name, value in to_device(prefetch.take("outside"), dev).items():
+            set_tensor(owners[name], value)
         _init_outside_buffers(model, layers, dev)
         extras = {**calibration_forward_kwargs(model, targets), **layer_inputs.forward_extras(model)}
         hessians, full = method == "local_hessian", method == "gptq"
