@@ -52,7 +52,7 @@ from fp4cal.export.exporter import (
 from fp4cal.export.io import check_out_dir, parse_size
 from fp4cal.gptq import DEFAULT_DAMP, DEFAULT_SCALES, GPTQConfig
 from fp4cal.stream import inputs as layer_inputs
-from fp4cal.stream.reader import CheckpointReader, Prefetcher, pin, to_device
+from fp4cal.stream.reader import CheckpointReader, Prefetcher, pin, to_device, to_host_async
 from fp4cal.stream.skeleton import (
     build_skeleton,
     config_bytes,
@@ -306,8 +306,10 @@ def quantize_checkpoint(
         busy["read"] += time.perf_counter() - t0
         return out
 
-    def commit(unit: int, items, results) -> None:
+    def commit(unit: int, items, results, ready=None) -> None:
         t0 = time.perf_counter()
+        if ready is not None:  # the items' copies to the host (to_host_async)
+            ready.synchronize()
         staging.commit(unit, items, results)
         busy["write"] += time.perf_counter() - t0
 
@@ -428,6 +430,7 @@ def quantize_checkpoint(
             t = clock.add("read", t)
             calls = captured.calls[i]
             done = i in committed
+            layer_cpu = None  # the layer's results on the CPU, once copied
             if done:  # resumed: this layer's results are on disk; only its outputs are needed
                 resumed += 1
                 layer_w = _load_committed(staging, i, dev, distributed)
@@ -457,7 +460,12 @@ def quantize_checkpoint(
                 t = clock.add("search", t)
                 if staging is not None:
                     items = _unit_tensors(layer_entries[i], layer_w, format, w4a4, owners)
-                    writes.append(writer.submit(commit, i, items, layer_w))
+                    # to the host on a side stream: a copy by the writer thread would run on the compute stream,
+                    # into pageable memory, stalling the next layer's kernels
+                    host, ready = to_host_async([t for _, t, _ in items], dev)
+                    items = [(n, h, m) for (n, _, m), h in zip(items, host, strict=True)]
+                    layer_cpu = {k: v.to("cpu") for k, v in layer_w.items()}  # the writer makes no CUDA call
+                    writes.append(writer.submit(commit, i, items, layer_cpu, ready))
                 if out_dir is not None:  # a failed write on rank 0 stops every rank here
                     together(lambda: _raise_failed(writes), "writing")
                     t = clock.add("write", t)
@@ -470,7 +478,7 @@ def quantize_checkpoint(
             hidden_states = outputs
             if dev.type == "cuda":  # a layer's scales (~1/8 of its bf16 bytes; GPTQ codes 1/4 more) leave the
                 # device: kept there, 36 layers' results held ~2 GiB of a Qwen3-8B run's 4 GiB peak (measured)
-                weights.update({k: v.to("cpu") for k, v in layer_w.items()})
+                weights.update(layer_cpu if layer_cpu is not None else {k: v.to("cpu") for k, v in layer_w.items()})
             del layer_w
         t = clock.add("other", t)
 

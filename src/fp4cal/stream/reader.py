@@ -163,3 +163,28 @@ def pin(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
     if device.type != "cuda":
         return tensors
     return {k: v.pin_memory() for k, v in tensors.items()}
+
+
+def to_host_async(tensors: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], object]:
+    """Pinned CPU copies of CUDA tensors, made on a side stream after the work queued so far, so that neither
+    the compute stream nor the calling thread waits for them; returns (copies, event): read a copy only after
+    event.synchronize(). CPU tensors come back as they are (event None when nothing is copied). Off CUDA:
+    (tensors, None)."""
+    if device.type != "cuda" or not any(t.device.type == "cuda" for t in tensors):
+        return tensors, None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    out = []
+    with torch.cuda.stream(stream):
+        for t in tensors:
+            if t.device.type != "cuda":
+                out.append(t)
+                continue
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # its device memory is not reused before the copy has read it
+            out.append(host)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return out, done
+
