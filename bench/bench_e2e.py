@@ -142,6 +142,8 @@ cfg = copy.deepcopy(mtq.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG)
 cfg["algorithm"] = {{"method": "local_hessian", "fp8_scale_sweep": True}}
 if {layerwise}:
     cfg["algorithm"]["layerwise"] = {{"enable": True, "calib_mutates_weights": False}}
+if {gptq}:  # its fused layerwise GPTQ (max block scales), as bench_gptq.py runs it
+    cfg["algorithm"] = {{"method": "gptq", "fused": True, "layerwise": {{"enable": True}}}}
 def loop(m):
     with torch.no_grad():
         for b in batches:
@@ -166,6 +168,10 @@ cfg = Qwen3Config(hidden_size=256, intermediate_size=512, num_attention_heads=4,
 model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
 q = copy.deepcopy(mtq.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG)
 q["algorithm"] = {{"method": "local_hessian", "fp8_scale_sweep": True}}
+mtq.quantize(model, q, lambda m: m(input_ids=torch.randint(0, 1024, (2, 64), device="cuda")))
+model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()  # GPTQ's kernels compile too
+q = copy.deepcopy(mtq.NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG)
+q["algorithm"] = {{"method": "gptq", "fused": True, "layerwise": {{"enable": True}}}}
 mtq.quantize(model, q, lambda m: m(input_ids=torch.randint(0, 1024, (2, 64), device="cuda")))
 print("time: build 0.00 s")
 '''
@@ -243,6 +249,7 @@ def main() -> int:
                     "stream2: streaming with --nproc 2 (two GPUs); stream-gptq: --method gptq streamed (uncapped); "
                     "RUN@bN: that fp4cal run with --batch-size N; "
                     "mo-build: only ModelOpt's extension build on a tiny model (so that mo-plain is warm); "
+                    "mo-gptq: ModelOpt's fused layerwise GPTQ (compare with stream-gptq); "
                     "whole-prof / stream-prof: a warm run under cProfile (WORK/logs/RUN.prof); whole-nowarm / "
                     "stream-nowarm: without the kernel warm-up thread")
     ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp dir)")
@@ -296,7 +303,8 @@ def main() -> int:
         nowarm = base_run.endswith("-nowarm")  # fp4cal without its kernel warm-up thread (FP4CAL_WARMUP=0)
         run_name, _, bopt = run.partition("@b")  # "stream@b4": that run with --batch-size 4
         kind = run_name.removesuffix("-cold").removesuffix("-prof").removesuffix("-nowarm")
-        mo = kind in ("mo", "mo-plain", "mo-build")  # ModelOpt local_hessian with / without its layerwise mode
+        # ModelOpt: local_hessian with / without its layerwise mode, its extension build, its GPTQ
+        mo = kind in ("mo", "mo-plain", "mo-build", "mo-gptq")
         cache = caches / ("cache-mo" if mo else "cache-fp4cal")  # warm: after that tool's cold run
         if cold and cache.exists():
             shutil.rmtree(cache)
@@ -328,7 +336,7 @@ def main() -> int:
             else:
                 code = MODELOPT_CHILD.format(src=str(ROOT / "src"), ckpt=str(ckpt), texts=texts, samples=args.samples,
                                              seq_len=args.seq_len, batch=args.batch_size, out=str(out),
-                                             layerwise=kind == "mo")
+                                             layerwise=kind == "mo", gptq=kind == "mo-gptq")
             cmd = [sys.executable, "-c", code]
         else:
             raise SystemExit(f"unknown run {run!r}")
@@ -361,6 +369,10 @@ def main() -> int:
         print(f"{r['run']:<12} {r['wall']:>8.1f} {ratio:>6} {ext:>6} {gpu:>8} {cpu:>8}  {phases}")
         if r.get("gpu_by_phase"):
             print(f"{'':<12} peak GPU by phase: {r['gpu_by_phase']}")
+    walls = {r["run"]: r["wall"] for r in rows_shown if r["rc"] == 0}
+    if "stream-gptq" in walls and "mo-gptq" in walls:  # GPTQ against GPTQ, not against the vs-MO column's anchor
+        print(f"GPTQ: fp4cal stream-gptq {walls['stream-gptq']:.1f} s, ModelOpt fused layerwise GPTQ "
+              f"{walls['mo-gptq']:.1f} s: {walls['mo-gptq'] / walls['stream-gptq']:.2f}x")
     digests = {}
     for r in rows_shown:
         if r.get("digest"):
