@@ -150,6 +150,7 @@ def loop(m):
             m(input_ids=b["input_ids"].cuda())
 mtq.quantize(model, cfg, loop)
 torch.cuda.synchronize(); ph["calibrate"] = time.perf_counter() - t; t = time.perf_counter()
+print(f"calibrated in {{ph['calibrate']:.2f}} s (load + data {{ph['load + data']:.2f}} s)", flush=True)
 export_hf_checkpoint(model, export_dir={out!r})
 torch.cuda.synchronize(); ph["export"] = time.perf_counter() - t
 ph["total"] = time.perf_counter() - t_start
