@@ -151,3 +151,22 @@ def test_run_layer_consumes_its_inputs_only_when_asked(consume):
     outs = _run_layer(layer, hidden, [((), {})] * 3, ActivationStore(cpu, True), cpu, keep=True, consume=consume)
     assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
     assert all((h is None) == consume for h in hidden)
+
+
+def test_results_without_blocks_write_the_same_checkpoint(tmp_path):
+    """keep_results=False (the CLI's choice): the written checkpoint and every summary field are unchanged, while
+    the returned per-block tensors are meta tensors of the right shapes (no CPU memory growing with the model)."""
+    src = cases.save("qwen3_moe", tmp_path / "src")
+    b = cases.batches(n=2, b=2, t=16)
+    full = quantize_checkpoint(src, tmp_path / "full", b, method="max", min_expert_tokens=2)
+    light = quantize_checkpoint(src, tmp_path / "light", b, method="max", min_expert_tokens=2, keep_results=False)
+    same_checkpoint(tmp_path / "full", tmp_path / "light")
+    assert list(full.result.weights) == list(light.result.weights)
+    for name, wf in full.result.weights.items():
+        wl = light.result.weights[name]
+        assert (wl.loss_max, wl.loss_chosen, wl.method, wl.fallback) == (wf.loss_max, wf.loss_chosen, wf.method,
+                                                                         wf.fallback), name
+        assert torch.equal(torch.as_tensor(wl.tokens), torch.as_tensor(wf.tokens)), name
+        for f in ("block_amax", "block_scale"):
+            a, c = getattr(wl, f), getattr(wf, f)
+            assert a.is_meta and a.shape == c.shape and a.dtype == c.dtype, (name, f)

@@ -63,6 +63,15 @@ class WeightResult:
                 kw[k] = v.to(device)
         return WeightResult(**kw)
 
+    def without_blocks(self) -> WeightResult:
+        """A copy whose per-block tensors (block_amax, block_scale, codes) are meta tensors of the same shapes and
+        dtypes: what a summary reads (losses, tokens, fallbacks) without what only a writer needs."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("block_amax", "block_scale", "codes"):
+            if isinstance(kw[k], torch.Tensor):
+                kw[k] = torch.empty(kw[k].shape, dtype=kw[k].dtype, device="meta")
+        return WeightResult(**kw)
+
     def to_dict(self, exclude: tuple[str, ...] = (), fp8_as_bytes: bool = False) -> dict:
         """Every field (but those in ``exclude``) as plain Python values and CPU tensors: what torch.save
         (weights_only) and pickling collectives carry portably. shape becomes a list; from_dict reverses it.

@@ -597,7 +597,7 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
             device=device, dtype=dtype, exclude=list(DEFAULT_EXCLUDE) + list(args.exclude), include=args.include,
             min_expert_tokens=DEFAULT_MIN_EXPERT_TOKENS if args.min_expert_tokens is None else args.min_expert_tokens,
             activation_budget=budget, resume=not args.restart, progress=not args.no_progress and rank == 0,
-            distributed=ctx is not None,
+            distributed=ctx is not None, keep_results=False,  # the summary reads losses, not per-block tensors
             **({"gptq_scales": args.gptq_scales, "gptq_damp": args.gptq_damp} if args.method == "gptq" else {}),
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError,

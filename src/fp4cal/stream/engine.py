@@ -187,6 +187,7 @@ def quantize_checkpoint(
     gptq_scales: str | None = None,
     gptq_damp: float = DEFAULT_DAMP,
     distributed: bool = False,
+    keep_results: bool = True,
 ) -> StreamReport:
     """Calibrate and export the checkpoint in ``model_dir`` one decoder layer at a time; see the module docstring.
 
@@ -212,6 +213,11 @@ def quantize_checkpoint(
         (fp4cal.calib.distributed), so the scales equal one process's bit for bit; rank 0 alone writes (and
         resumes) the checkpoint. Methods max / mse / local_hessian, float propagation. Every rank returns the
         full result.
+    keep_results: False: once a layer is done, its results keep their losses, token counts and fallbacks but
+        their per-block tensors (block_amax, block_scale, GPTQ codes) become meta tensors of the same shapes
+        (WeightResult.without_blocks), so CPU memory does not grow with the model: those tensors are 1/8 of the
+        bf16 weights' bytes (1/4 more with GPTQ codes), ~170 GB for a 671B MoE. For callers that need only the
+        written checkpoint and the summary (the CLI).
     Other arguments as for calibrate() and export(). Returns a StreamReport.
     """
     t_start = time.perf_counter()
@@ -479,6 +485,8 @@ def quantize_checkpoint(
             if dev.type == "cuda":  # a layer's scales (~1/8 of its bf16 bytes; GPTQ codes 1/4 more) leave the
                 # device: kept there, 36 layers' results held ~2 GiB of a Qwen3-8B run's 4 GiB peak (measured)
                 weights.update(layer_cpu if layer_cpu is not None else {k: v.to("cpu") for k, v in layer_w.items()})
+            if not keep_results:  # the writer holds its own references to what it writes
+                weights.update({k: v.without_blocks() for k, v in layer_w.items()})
             del layer_w
         t = clock.add("other", t)
 
