@@ -1,5 +1,8 @@
 """fp4cal quantize on the streaming path: the choice of path, the summary, the token cache."""
 
+import re
+import sys
+
 import pytest
 import torch
 
@@ -40,6 +43,8 @@ def test_streaming_summary_names_the_path_phases_and_memory(llama_dir, tmp_path,
     # total by at most half a hundredth per printed value (the phases and the total)
     assert abs(sum(v for k, v in phases.items() if k != "total") - phases["total"]) <= 0.005 * len(phases) + 1e-9
     assert "peak memory: CPU" in text
+    if sys.platform.startswith("linux"):  # the process's own memory beside the resident set (RssAnon)
+        assert re.search(r"CPU [\d.]+ GiB \(max resident set; [\d.]+ GiB anonymous at the largest phase", text)
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     assert list((tmp_path / "cache" / "tokens").glob("*.pt"))  # the calibration ids were cached
 

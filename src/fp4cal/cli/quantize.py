@@ -540,7 +540,9 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
     return 0
 
 
-def _memory_line(device, peak_gpu: int | None = None) -> str:
+def _memory_line(device, peak_gpu: int | None = None, anon: int | None = None) -> str:
+    """anon: the streamed run's anonymous CPU memory at its largest phase boundary (the resident set also counts
+    the checkpoint's mapped file pages, which the kernel reclaims as needed)."""
     import torch
 
     if peak_gpu is None and device.type == "cuda":
@@ -548,7 +550,9 @@ def _memory_line(device, peak_gpu: int | None = None) -> str:
     from fp4cal.stream.engine import peak_cpu_bytes
 
     gpu = f"GPU {_gib(peak_gpu)}, " if peak_gpu is not None else ""
-    return f"peak memory: {gpu}CPU {_gib(peak_cpu_bytes())} (max resident set)"
+    own = (f"; {_gib(anon)} anonymous at the largest phase boundary, the rest file pages: the mapped checkpoint "
+           "and libraries" if anon else "")
+    return f"peak memory: {gpu}CPU {_gib(peak_cpu_bytes())} (max resident set{own})"
 
 
 def _allocator_trace(device) -> None:
@@ -634,5 +638,5 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
         by_phase = "\npeak GPU memory by phase: " + ", ".join(
             f"{k} {_gib(v)}" for k, v in rep.peak_gpu_by_phase.items())
     print(format_summary(rep.result, header, phases) + f"\nbackground threads (overlapped): {bg}\n"
-          + _memory_line(device, rep.peak_gpu_bytes) + by_phase)
+          + _memory_line(device, rep.peak_gpu_bytes, rep.anon_cpu_bytes) + by_phase)
     return 0

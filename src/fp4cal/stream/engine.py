@@ -77,7 +77,9 @@ class StreamReport:
     forward (layer forwards with capture, and the quantized re-run), search, write (packing plus waiting for
     the writer), other. background: seconds the reading / writing threads were busy (overlapped).
     peak_gpu_bytes: torch.cuda.max_memory_allocated over the run (None on CPU; the engine restarts CUDA's peak
-    counter at each phase boundary), peak_gpu_by_phase: the same per phase; peak_cpu_bytes: the process's max RSS.
+    counter at each phase boundary), peak_gpu_by_phase: the same per phase; peak_cpu_bytes: the process's max RSS (which
+    counts the checkpoint's file pages the reader maps); anon_cpu_bytes: the largest anonymous resident memory
+    seen at a phase boundary (the process's own memory; None off Linux).
     resumed_layers: layers taken from an earlier, interrupted run. activations_on_device: where the layer
     inputs / outputs were kept. propagation: "float" or "quantized", as run.
     """
@@ -90,6 +92,7 @@ class StreamReport:
     peak_gpu_bytes: int | None = None
     peak_gpu_by_phase: dict[str, int] = field(default_factory=dict)
     peak_cpu_bytes: int = 0
+    anon_cpu_bytes: int | None = None
     resumed_layers: int = 0
     layers: int = 0
     activations_on_device: bool = True
@@ -102,6 +105,7 @@ class _Clock:
         self.device = device
         self.t: dict[str, float] = {}
         self.peak: dict[str, int] = {}  # peak GPU bytes allocated per phase
+        self.anon: int | None = None  # largest anonymous CPU memory seen at a phase boundary
 
     def add(self, phase: str, since: float) -> float:
         if self.device.type == "cuda":
@@ -109,6 +113,9 @@ class _Clock:
             # CUDA's peak counter restarts at every phase boundary, so the report can say which phase set it
             self.peak[phase] = max(self.peak.get(phase, 0), torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
+        anon = anon_cpu_bytes()
+        if anon is not None:
+            self.anon = max(self.anon or 0, anon)
         now = time.perf_counter()
         self.t[phase] = self.t.get(phase, 0.0) + now - since
         return now
@@ -126,6 +133,20 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 def peak_cpu_bytes() -> int:
     """The process's peak resident set size in bytes (Linux ru_maxrss)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def anon_cpu_bytes() -> int | None:
+    """The process's anonymous resident memory now, in bytes (Linux RssAnon; None elsewhere): its own memory,
+    without the file pages the checkpoint reader maps (counted in the resident set, reclaimed by the kernel as
+    needed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def fake_quantize_weights(targets: list[Target], weights: dict[str, WeightResult]) -> None:
@@ -545,7 +566,7 @@ def quantize_checkpoint(
         peak_gpu_bytes=max([torch.cuda.max_memory_allocated(dev), *clock.peak.values()]) if dev.type == "cuda"
         else None,
         peak_gpu_by_phase=dict(clock.peak),
-        peak_cpu_bytes=peak_cpu_bytes(), resumed_layers=resumed, layers=n_layers,
+        peak_cpu_bytes=peak_cpu_bytes(), anon_cpu_bytes=clock.anon, resumed_layers=resumed, layers=n_layers,
         activations_on_device=on_device, activation_bytes=act_bytes, propagation=propagation,
     )
 
