@@ -16,8 +16,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, "src")
-from fp4cal.search.sweep_rows import _rescore_kernel, _sweep_rows_kernel  # noqa: E402
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"  # another checkout's sources
+sys.path.insert(0, SRC)
+from fp4cal.search import sweep_rows  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # what the JIT specializes on the bench's shapes: 16-byte-aligned pointers and multiples of 16 ("tt.divisibility"
@@ -29,6 +30,7 @@ PTRS = {"w_ptr": "*bf16", "rank_ptr": "*i32", "nohalf_ptr": "*i32", "stats_ptr":
 
 def compile_one(kernel, const, options, out, tag):
     names = kernel.arg_names
+    const = {n: v for n, v in const.items() if n in names}  # an older kernel may lack some
     const = dict(const, **({"stride_wc": 1} if "stride_wc" in names else {}))
     sig = {n: "constexpr" if n in const else PTRS.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--rescore-warps", type=int, default=1)
     ap.add_argument("--out", default="/tmp/s3")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--src", default="src", help="the sources to compile (e.g. an older commit's, extracted)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for old in glob.glob(os.path.join(args.out, "*.cubin")):
@@ -71,10 +74,12 @@ def main():
     if not args.no_sweep:
         for exact in ([args.exact] if args.exact is not None else [0, 1]):
             const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2)
-            compile_one(_sweep_rows_kernel, const, dict(num_warps=1, maxnreg=168, enable_fp_fusion=False), args.out,
-                        f"sweep_exact{exact}")
+            compile_one(sweep_rows._sweep_rows_kernel, const, dict(num_warps=1, maxnreg=168, enable_fp_fusion=False),
+                        args.out, f"sweep_exact{exact}")
+    if not hasattr(sweep_rows, "_rescore_kernel"):
+        return
     const = dict(BR=args.rescore_br, LOSSES=False)
-    compile_one(_rescore_kernel, const, dict(num_warps=args.rescore_warps, enable_fp_fusion=False), args.out,
+    compile_one(sweep_rows._rescore_kernel, const, dict(num_warps=args.rescore_warps, enable_fp_fusion=False), args.out,
                 f"rescore_br{args.rescore_br}_w{args.rescore_warps}")
 
 
