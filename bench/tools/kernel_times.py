@@ -1,15 +1,17 @@
 # Helper "search4" (2026-11-30): GPU time of each search kernel (prep, sweep, float64 pass) per Hessian family and
 # shape, from the CUDA profiler, for search_triton with exact=True and exact=False (what a change costs where).
-#   python bench/tools/kernel_times.py [--iters 20]
+#   python bench/tools/kernel_times.py [--iters 20] [--src DIR]   (DIR: another commit's src/, extracted)
 import argparse
 import collections
+import inspect
 import os
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "src")
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"
+sys.path.insert(0, SRC)
 sys.path.insert(0, "tests")
 from fp4cal.search.kernels import search_triton  # noqa: E402
 from kernel_cases import make_ill_hessian  # noqa: E402
@@ -39,7 +41,10 @@ def kernel_us(fn, iters):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--src", default="src")
     args = ap.parse_args()
+    has_exact = "exact" in inspect.signature(search_triton).parameters
+    print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(search_triton)))))
     print(f"{'shape':6s} {'hessian':8s} {'exact':5s} {'prep us':>8s} {'sweep us':>9s} {'f64 pass us':>11s}")
     for name, cout, cin in SHAPES:
         torch.manual_seed(3)
@@ -49,9 +54,9 @@ def main():
         g = w.float().abs().amax()
         for fam in ("well", "rank1", "rank2"):
             h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
-            for exact in (True, False):
-                t = kernel_us(lambda w=w, h=h, g=g, exact=exact: search_triton(w, "local_hessian", g, h, exact=exact),
-                              args.iters)
+            for exact in (True, False) if has_exact else (None,):
+                kw = {} if exact is None else {"exact": exact}
+                t = kernel_us(lambda w=w, h=h, g=g, kw=kw: search_triton(w, "local_hessian", g, h, **kw), args.iters)
                 print(f"{name:6s} {fam:8s} {exact!s:5s} {t['_prep_kernel']:8.1f} {t['_sweep_rows_kernel']:9.1f} "
                       f"{t['_rescore_kernel']:11.1f}", flush=True)
 
