@@ -1,6 +1,6 @@
 # Helper "search4" (2026-11-30): GPU time of each search kernel (prep, sweep, float64 pass) per Hessian family and
 # shape, from the CUDA profiler, for search_triton with exact=True and exact=False (what a change costs where).
-#   python bench/tools/kernel_times.py [--iters 20] [--src DIR]   (DIR: another commit's src/, extracted)
+#   python bench/tools/kernel_times.py [--iters 20] [--src DIR --fp32-only]   (DIR: another commit's src/, extracted)
 import argparse
 import collections
 import inspect
@@ -42,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--src", default="src")
+    ap.add_argument("--fp32-only", action="store_true",
+                    help="exact=False only (search2's exact=True inlines float64 in the walk: minutes to compile)")
     args = ap.parse_args()
     has_exact = "exact" in inspect.signature(search_triton).parameters
     print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(search_triton)))))
@@ -54,7 +56,7 @@ def main():
         g = w.float().abs().amax()
         for fam in ("well", "rank1", "rank2"):
             h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
-            for exact in (True, False) if has_exact else (None,):
+            for exact in ((False,) if args.fp32_only else (True, False)) if has_exact else (None,):
                 kw = {} if exact is None else {"exact": exact}
                 t = kernel_us(lambda w=w, h=h, g=g, kw=kw: search_triton(w, "local_hessian", g, h, **kw), args.iters)
                 print(f"{name:6s} {fam:8s} {exact!s:5s} {t['_prep_kernel']:8.1f} {t['_sweep_rows_kernel']:9.1f} "
