@@ -126,3 +126,13 @@ def near_tie_blocks(n: int, seed: int = 0, pool: int = 20000):
     if idx.numel() < n:
         raise ValueError(f"near_tie_blocks: {idx.numel()} of {pool} blocks qualify, {n} asked")
     return wb[idx[:n]].contiguous(), h, g
+
+
+def with_antisymmetric_part(h: torch.Tensor, rel: float = 2.0**-10, seed: int = 0) -> torch.Tensor:
+    """h [..., 16, 16] plus an antisymmetric A (A_ik = -A_ki = rel * N(0, 1) * |h_ik|, i < k): a Hessian that is not
+    symmetric, whose quadratic form is its symmetric part's (the sweep factors that; the float64 pass must read
+    both triangles). Reading it as symmetric from either triangle changes the form by 2 sum_i<k A_ik d_i d_k."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn(h.shape, generator=gen).to(h.device) * rel * h.abs()
+    a = torch.triu(eps, 1)
+    return (h + a - a.transpose(-1, -2)).float()

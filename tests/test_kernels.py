@@ -13,7 +13,14 @@ from fp4cal import search as search_mod
 from fp4cal.search.parity import compare_picks
 from fp4cal.search.reference import search_reference
 from fp4cal.validation import check_global_amax
-from kernel_cases import ILL_CONDITIONED, make_hessian, make_ill_hessian, make_weight, near_tie_blocks
+from kernel_cases import (
+    ILL_CONDITIONED,
+    make_hessian,
+    make_ill_hessian,
+    make_weight,
+    near_tie_blocks,
+    with_antisymmetric_part,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 WEIGHTS = ["normal", "heavy", "outliers", "zeros", "threshold"]
@@ -98,6 +105,30 @@ def test_near_ties_decided_in_float64_by_default(device_for_kernels):
         mode1, mode2 = rec & 0xFFFF, rec >> 16
         print(f"near ties: recorded {mode1} pairs and {mode2} full re-scores of {w.shape[0]} blocks")
         assert mode1 + mode2 > 0
+
+
+def test_float64_pass_on_a_hessian_that_is_not_symmetric(device_for_kernels):
+    """The float64 pass holds a symmetric block's H as its upper triangle (2 H_ik for both); a block whose H_ik !=
+    H_ki is read from memory instead. Near-tie rank-1 blocks with an antisymmetric part added: reading H's upper
+    triangle as the whole would change the picks (checked on the reference: a test that can fail), and the
+    kernel's picks equal the brute force's on the H as given."""
+    from fp4cal.search.kernels import search_triton
+
+    w, h, g = near_tie_blocks(32, seed=5)
+    ha = with_antisymmetric_part(h, seed=6)
+    w, ha, g = w.to(device_for_kernels), ha.to(device_for_kernels), g.to(device_for_kernels)
+    ref = search_reference(w, "local_hessian", g, ha)
+    upper = torch.triu(ha[0]) + torch.triu(ha[0], 1).T
+    ref_upper = search_reference(w, "local_hessian", g, upper[None])
+    n_upper = int((ref_upper != ref).sum())
+    stats = torch.zeros(1, 4, dtype=torch.int32, device=device_for_kernels) if device_for_kernels == "cpu" else None
+    rep = compare_picks(w, g, search_triton(w, "local_hessian", g, ha, stats=stats), ref, ha)
+    print(f"not symmetric: {rep.differing} differing of {rep.blocks}, {rep.ties} ties; the upper triangle alone "
+          f"would pick differently on {n_upper}")
+    assert n_upper > 0
+    assert rep.bad == 0, f"{rep.bad} picks differ beyond a 1e-6 tie (worst gap {rep.worst_rel_gap:.3e})"
+    if stats is not None:
+        assert int(stats[0, 3]) > 0  # the float64 pass decided blocks of this H
 
 
 def test_identity_hessian_equals_mse(device_for_kernels):

@@ -10,7 +10,14 @@ from fp4cal.search.kernels import search_triton
 from fp4cal.search.parity import compare_picks
 from fp4cal.search.reference import search_reference
 from fp4cal.validation import check_global_amax
-from kernel_cases import ILL_CONDITIONED, make_hessian, make_ill_hessian, make_weight, near_tie_blocks
+from kernel_cases import (
+    ILL_CONDITIONED,
+    make_hessian,
+    make_ill_hessian,
+    make_weight,
+    near_tie_blocks,
+    with_antisymmetric_part,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -73,6 +80,15 @@ def test_near_ties_on_gpu():
     """Rank-1 blocks whose candidates fp32 cannot order (kernel_cases.near_tie_blocks): float64 picks."""
     w, h, g = near_tie_blocks(64, seed=0)
     _check(w.cuda(), g.cuda(), "local_hessian", h.cuda(), "hessian near ties 64 blocks")
+    # H not symmetric: the float64 pass reads such blocks from memory (sweep_rows._quad64_any)
+    _check(w.cuda(), g.cuda(), "local_hessian", with_antisymmetric_part(h, seed=1).cuda(),
+           "hessian near ties 64 blocks, H not symmetric")
+
+
+def test_not_symmetric_rank1_on_gpu():
+    w, g = make_weight("normal", 1024, 4096, torch.float32, "cuda", seed=33)
+    h = with_antisymmetric_part(make_ill_hessian("rank1", 4096, "cuda", seed=34), seed=2)
+    _check(w, g, "local_hessian", h, "hessian rank1 + antisymmetric part 1024x4096 f32")
 
 
 @pytest.mark.parametrize("hkind", ILL_CONDITIONED)

@@ -1,79 +1,87 @@
-# Helper "search3" (2026-11-30): offline sm_90 compile of the sweep kernels for instruction counts (no GPU needed).
+# Helpers "search3"/"search4" (2026-11-30): offline sm_90 compile of the search kernels (no GPU needed): compile time
+# (fresh Triton cache), registers, stack/spill bytes and SASS instruction counts, for reading what a change costs.
+#   python bench/tools/compile_sm90.py [--exact 0|1] [--rescore-br 16] [--rescore-warps 4] [--out /tmp/s3]
+import argparse
+import glob
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-sm90-"))  # compile times without cache
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, "src")
-from fp4cal.search.sweep_rows import _rescore_kernel, _sweep_rows_kernel
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"  # another checkout's sources
+sys.path.insert(0, SRC)
+from fp4cal.search import sweep_rows  # noqa: E402
 
-k = _sweep_rows_kernel
-sig = {}
-names = k.arg_names
-ptrs = {
-    "w_ptr": "*bf16",
-    "g_ptr": "*fp32",
-    "v_ptr": "*fp32",
-    "s_tab_ptr": "*fp32",
-    "r_tab_ptr": "*fp32",
-    "f_ptr": "*fp32",
-    "mu_ptr": "*fp32",
-    "nu_ptr": "*fp32",
-    "rd_ptr": "*fp32",
-    "rank_ptr": "*i32",
-    "h_ptr": "*fp32",
-    "nohalf_ptr": "*i32",
-    "out_ptr": "*fp32",
-    "stats_ptr": "*i32",
-    "loss_ptr": "*i32",
-    "cnt_ptr": "*i32",
-    "list_ptr": "*i32",
-}
-const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=sys.argv[1] == "1", UNROLL=2)
-for n in names:
-    if n in ptrs:
-        sig[n] = ptrs[n]
-    elif n in const:
-        sig[n] = "constexpr"
-    else:
-        sig[n] = "i32"
-src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
-t = time.time()
-ck = triton.compile(
-    src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, maxnreg=168, enable_fp_fusion=False)
-)
-print("compile s", time.time() - t)
-open(f"/tmp/s3/sweep{sys.argv[1]}.ptx", "w").write(ck.asm["ptx"])
-if "sass" in ck.asm:
-    open(f"/tmp/s3/sweep{sys.argv[1]}.sass", "w").write(ck.asm["sass"])
-print(ck.asm.keys(), ck.metadata.get("n_regs") if isinstance(ck.metadata, dict) else getattr(ck, "n_regs", None))
-open(f"/tmp/s3/sweep{sys.argv[1]}.cubin", "wb").write(ck.asm["cubin"])
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# what the JIT specializes on the bench's shapes: 16-byte-aligned pointers and multiples of 16 ("tt.divisibility"
+# 16), the unit column stride as the constant 1
+ALIGNED_INTS = ("cap", "cout", "nb", "stride_we", "stride_wr", "stride_fe", "stride_oe")
+PTRS = {"w_ptr": "*bf16", "rank_ptr": "*i32", "nohalf_ptr": "*i32", "stats_ptr": "*i32", "cnt_ptr": "*i32",
+        "list_ptr": "*i32", "loss_ptr": "*fp64"}
 
-k2 = _rescore_kernel
-names2 = k2.arg_names
-ptrs2 = {
-    "w_ptr": "*bf16",
-    "g_ptr": "*fp32",
-    "v_ptr": "*fp32",
-    "s_tab_ptr": "*fp32",
-    "r_tab_ptr": "*fp32",
-    "h_ptr": "*fp32",
-    "cnt_ptr": "*i32",
-    "list_ptr": "*i32",
-    "out_ptr": "*fp32",
-    "loss_ptr": "*fp64",
-}
-const2 = dict(BR=32, LOSSES=False)
-sig2 = {n: ptrs2.get(n, "constexpr" if n in const2 else "i32") for n in names2}
-t = time.time()
-ck2 = triton.compile(
-    ASTSource(fn=k2, signature=sig2, constexprs={(names2.index(n),): v for n, v in const2.items()}),
-    target=GPUTarget("cuda", 90, 32),
-    options=dict(num_warps=1, enable_fp_fusion=False),
-)
-print("rescore compile s", time.time() - t)
-open("/tmp/s3/rescore.cubin", "wb").write(ck2.asm["cubin"])
+
+def compile_one(kernel, const, options, out, tag):
+    names = kernel.arg_names
+    const = {n: v for n, v in const.items() if n in names}  # an older kernel may lack some
+    const = dict(const, **({"stride_wc": 1} if "stride_wc" in names else {}))
+    sig = {n: "constexpr" if n in const else PTRS.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n not in const and (n.endswith("_ptr") or n in ALIGNED_INTS)}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs=attrs)
+    t = time.time()
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    secs = time.time() - t
+    base = os.path.join(out, tag)
+    for ext in ("ttgir", "ptx"):
+        with open(f"{base}.{ext}", "w") as f:
+            f.write(ck.asm[ext])
+    with open(f"{base}.cubin", "wb") as f:
+        f.write(ck.asm["cubin"])
+    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f"{base}.cubin"],
+                           capture_output=True, text=True).stdout
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f"{base}.cubin"], capture_output=True,
+                          text=True).stdout
+    with open(f"{base}.sass", "w") as f:
+        f.write(sass)
+    n_ins = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))
+    res = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    spill = "spill" if re.search(r"\bSTL\b", sass) else "no spill stores"
+    print(f"{tag:24s} compile {secs:6.2f} s  regs {res.group(1)}  stack {res.group(2)} B  {spill}  "
+          f"SASS {n_ins} instructions ({sum(1 for _ in re.finditer(r'DFMA|DADD|DMUL', sass))} fp64)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--exact", type=int, default=None, help="sweep EXACT (default: both)")
+    ap.add_argument("--rescore-br", type=int, default=32)
+    ap.add_argument("--rescore-warps", type=int, default=1)
+    ap.add_argument("--out", default="/tmp/s3")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--src", default="src", help="the sources to compile (e.g. an older commit's, extracted)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for old in glob.glob(os.path.join(args.out, "*.cubin")):
+        os.remove(old)
+    if not args.no_sweep:
+        for exact in ([args.exact] if args.exact is not None else [0, 1]):
+            const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2)
+            compile_one(sweep_rows._sweep_rows_kernel, const, dict(num_warps=1, maxnreg=168, enable_fp_fusion=False),
+                        args.out, f"sweep_exact{exact}")
+    if not hasattr(sweep_rows, "_rescore_kernel"):
+        return
+    const = dict(BR=args.rescore_br, LOSSES=False)
+    compile_one(sweep_rows._rescore_kernel, const, dict(num_warps=args.rescore_warps, enable_fp_fusion=False), args.out,
+                f"rescore_br{args.rescore_br}_w{args.rescore_warps}")
+
+
+if __name__ == "__main__":
+    main()

@@ -367,11 +367,12 @@ def _pinned_flags(dev: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
 
 @functools.cache
 def _rescore_programs(device: torch.device) -> int:
-    """Programs of the float64 pass: a few per SM on a GPU (they stride over a list whose length only the device
-    knows), one under the interpreter."""
+    """Programs of the float64 pass: on a GPU 8 one-warp programs per SM, as many as its ~255 registers a thread let
+    an SM hold (they stride over a list whose length only the device knows; a program with nothing to do exits at
+    once), one under the interpreter."""
     if device.type != "cuda":
         return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache

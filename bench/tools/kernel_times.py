@@ -1,0 +1,67 @@
+# Helper "search4" (2026-11-30): GPU time of each search kernel (prep, sweep, float64 pass) per Hessian family and
+# shape, from the CUDA profiler, for search_triton with exact=True and exact=False (what a change costs where).
+#   python bench/tools/kernel_times.py [--iters 20] [--src DIR --fp32-only]   (DIR: another commit's src/, extracted)
+import argparse
+import collections
+import inspect
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"
+sys.path.insert(0, SRC)
+sys.path.insert(0, "tests")
+from fp4cal.search.kernels import search_triton  # noqa: E402
+from kernel_cases import make_ill_hessian  # noqa: E402
+
+sys.path.insert(0, os.path.join("bench"))
+from bench_search import make_case  # noqa: E402
+
+SHAPES = [("q/o", 4096, 4096), ("k/v", 1024, 4096)]
+
+
+def kernel_us(fn, iters):
+    """Mean GPU microseconds per call of each kernel fn launches (CUDA profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = collections.defaultdict(float)
+    for avg in prof.key_averages():
+        for key in ("_prep_kernel", "_sweep_rows_kernel", "_rescore_kernel"):
+            if key in avg.key:
+                out[key] += avg.self_device_time_total / iters
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--src", default="src")
+    ap.add_argument("--fp32-only", action="store_true",
+                    help="exact=False only (search2's exact=True inlines float64 in the walk: minutes to compile)")
+    args = ap.parse_args()
+    has_exact = "exact" in inspect.signature(search_triton).parameters
+    print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(search_triton)))))
+    print(f"{'shape':6s} {'hessian':8s} {'exact':5s} {'prep us':>8s} {'sweep us':>9s} {'f64 pass us':>11s}")
+    for name, cout, cin in SHAPES:
+        torch.manual_seed(3)
+        w = torch.randn(cout, cin, device="cuda") * 0.02
+        w[torch.rand_like(w) < 1e-3] *= 8
+        w = w.to(torch.bfloat16)
+        g = w.float().abs().amax()
+        for fam in ("well", "rank1", "rank2"):
+            h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
+            for exact in ((False,) if args.fp32_only else (True, False)) if has_exact else (None,):
+                kw = {} if exact is None else {"exact": exact}
+                t = kernel_us(lambda w=w, h=h, g=g, kw=kw: search_triton(w, "local_hessian", g, h, **kw), args.iters)
+                print(f"{name:6s} {fam:8s} {exact!s:5s} {t['_prep_kernel']:8.1f} {t['_sweep_rows_kernel']:9.1f} "
+                      f"{t['_rescore_kernel']:11.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
