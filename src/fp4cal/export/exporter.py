@@ -34,7 +34,7 @@ from fp4cal.export.io import (
     staged_directory,
     write_json,
 )
-from fp4cal.export.layout import Piece, checkpoint_pieces_of, module_of
+from fp4cal.export.layout import Piece, checkpoint_pieces_of, model_tensors, module_of
 from fp4cal.numerics import NVFP4Tensor, quantize
 from fp4cal.validation import BLOCK
 
@@ -61,19 +61,6 @@ def _is_linear_type(module: nn.Module) -> bool:
     gate_like = "Router" in cls or "Gating" in cls or re.search(r"Gate(?![a-z])", cls) is not None
     return gate_like and "ExpertMLP" not in cls
 
-
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters (tied duplicates dropped, first name kept, as transformers saves them) and persistent buffers."""
-    out = dict(model.named_parameters())
-    persistent = set(model.state_dict(keep_vars=True))
-    all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    for name, buf in model.named_buffers():
-        if name in persistent and name not in all_params:
-            out[name] = buf
-    return out
-
-
-_model_tensors = model_tensors  # the name fp4cal.export.loader imports
 
 
 def _check_result(result: CalibrationResult, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:

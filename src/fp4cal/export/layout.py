@@ -37,6 +37,18 @@ class Piece:
             self.start = int(self.rows[0])
 
 
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``model`` holds: its parameters (tied duplicates dropped, the first name kept, as
+    transformers saves them) and its persistent buffers."""
+    out = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for name, buf in model.named_buffers():
+        if name in persistent and name not in all_params:
+            out[name] = buf
+    return out
+
+
 def _param_rows(shape: tuple[int, ...]) -> tuple[int, int]:
     last = shape[-1] if len(shape) else 1
     rows = 1

@@ -12,7 +12,7 @@ from torch import nn
 from fp4cal.export import compressed_tensors as ct_format
 from fp4cal.export import modelopt as mo_format
 from fp4cal.export.io import CheckpointError, CheckpointTensors, read_checkpoint, read_json, recover_interrupted
-from fp4cal.export.layout import checkpoint_pieces
+from fp4cal.export.layout import checkpoint_pieces_of, model_tensors
 from fp4cal.validation import BLOCK, FLOAT_DTYPES
 
 
@@ -165,12 +165,12 @@ def _build_model(directory: Path, dtype: torch.dtype | None) -> nn.Module:
 
 
 def _fill(model: nn.Module, dense: dict[str, torch.Tensor]) -> None:
-    from fp4cal.export.exporter import _model_tensors
-
     used = set()
-    for name, param in _model_tensors(model).items():
+    tensors = model_tensors(model)
+    all_pieces = checkpoint_pieces_of(model, {name: tuple(t.shape) for name, t in tensors.items()})
+    for name, param in tensors.items():
         shape = tuple(param.shape)
-        pieces = checkpoint_pieces(model, name, shape)
+        pieces = all_pieces[name]
         missing = [p.name for p in pieces if p.name not in dense]
         if missing:
             if name in dict(model.named_buffers()):
