@@ -121,14 +121,14 @@ def scale_candidates(global_amax: torch.Tensor | float) -> torch.Tensor:
     return _true_div(g.float().double().unsqueeze(-1) * v, FP8_MAX).float()
 
 
-def _blocks(w: torch.Tensor) -> torch.Tensor:
+def weight_blocks(w: torch.Tensor) -> torch.Tensor:
     """[..., cin] -> [..., cin/16, 16] fp32 view of the weights."""
     return w.float().reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
 
 
 def block_max(w: torch.Tensor) -> torch.Tensor:
     """Each 16-block's own amax: w [..., cin] -> fp32 [..., cin/16] (the 'max' scale choice)."""
-    return _blocks(w).abs().amax(dim=-1)
+    return weight_blocks(w).abs().amax(dim=-1)
 
 
 def _scales(w: torch.Tensor, block_amax: torch.Tensor | None, global_amax) -> tuple:
@@ -139,7 +139,7 @@ def _scales(w: torch.Tensor, block_amax: torch.Tensor | None, global_amax) -> tu
     sg_b = s_g.reshape(*s_g.shape, 1, 1)  # broadcast over [cout, nb]
     v = block_scale_code(a, sg_b)
     s_b = v * sg_b
-    return _blocks(w), v, s_g, s_b
+    return weight_blocks(w), v, s_g, s_b
 
 
 def quantize_blocks(wb: torch.Tensor, s_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

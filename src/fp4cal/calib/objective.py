@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fp4cal.numerics import _blocks, block_scale_code, global_scale
+from fp4cal.numerics import block_scale_code, global_scale, weight_blocks
 from fp4cal.search.reference import block_error, block_loss
 
 # Weights per chunk: ~16 MB of float32 temporaries on the CPU; larger on a GPU, where per-op launch overhead
@@ -50,7 +50,7 @@ def objectives(
         s_bs = [block_scales(b[e], global_amax[e])[1] for b in block_amaxes]
         rows = max(1, _CHUNK_ELEMS.get(w.device.type, 1 << 22) // w.shape[-1])
         for r0 in range(0, w.shape[1], rows):
-            wb = _blocks(w[e, r0 : r0 + rows])
+            wb = weight_blocks(w[e, r0 : r0 + rows])
             for k, s_b in enumerate(s_bs):
                 totals[k] += block_loss(block_error(wb, s_b[r0 : r0 + rows]), h).sum()
     return totals.tolist()

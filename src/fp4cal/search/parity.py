@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4cal.numerics import _blocks, block_scale_code, global_scale
+from fp4cal.numerics import block_scale_code, global_scale, weight_blocks
 from fp4cal.search.reference import block_error, block_loss
 
 
@@ -30,7 +30,7 @@ def pick_losses(w: torch.Tensor, g: torch.Tensor, amax: torch.Tensor, hessian: t
     """float64 objective of each block of w [cout, cin] quantized with block amax [cout, nb]: [cout, nb]."""
     s_g = global_scale(g)
     s_b = block_scale_code(amax, s_g) * s_g
-    return block_loss(block_error(_blocks(w), s_b), hessian)
+    return block_loss(block_error(weight_blocks(w), s_b), hessian)
 
 
 def compare_picks(

@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 
 from fp4cal.numerics import (
-    _blocks,
     block_max,
     block_scale_code,
     fp8_e4m3_values,
     global_scale,
     scale_candidates,
+    weight_blocks,
 )
 from fp4cal.search.hessian_blocks import with_fallback
 from fp4cal.validation import BLOCK
@@ -74,7 +74,7 @@ def _search_2d(w: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor | None) -
     best_idx = torch.zeros(cout, nb, dtype=torch.int64, device=w.device)
     rows = max(1, _CHUNK_ELEMS // cin)
     for r0 in range(0, cout, rows):
-        wb = _blocks(w[r0 : r0 + rows])
+        wb = weight_blocks(w[r0 : r0 + rows])
         best = torch.full(wb.shape[:2], float("inf"), dtype=torch.float64, device=w.device)
         idx = best_idx[r0 : r0 + rows]
         for c in range(s_c.numel()):
@@ -126,6 +126,6 @@ def reference_losses(
         for k, amax in enumerate((block_max(w3[e]), a3[e])):
             s_b = block_scale_code(amax, s_g) * s_g
             for r0 in range(0, w3.shape[1], rows):
-                wb = _blocks(w3[e, r0 : r0 + rows])
+                wb = weight_blocks(w3[e, r0 : r0 + rows])
                 out[e, k] += block_loss(block_error(wb, s_b[r0 : r0 + rows]), h).sum()
     return out
