@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fp4cal.calib.capture import run_batch
+from fp4cal.stream.reader import pinned_copy
 
 
 class _StopForward(Exception):
@@ -92,12 +93,8 @@ class ActivationStore:
             return t if t.device == self.device else t.to(self.device)
         if t.device.type == "cpu":
             return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self._down.wait_stream(torch.cuda.current_stream(self.device))  # after the kernels that wrote t
-        with torch.cuda.stream(self._down):
-            out.copy_(t, non_blocking=True)
-        t.record_stream(self._down)  # t's memory is not reused before the copy has read it
-        return out
+        return pinned_copy(t, self._down)
 
     def fetch(self, t: torch.Tensor) -> tuple[torch.Tensor, object]:
         """Start copying a stored tensor to the device; returns (tensor, event) for ``use``."""

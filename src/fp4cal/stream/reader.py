@@ -174,17 +174,18 @@ def to_host_async(tensors: list[torch.Tensor], device: torch.device) -> tuple[li
         return tensors, None
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    out = []
-    with torch.cuda.stream(stream):
-        for t in tensors:
-            if t.device.type != "cuda":
-                out.append(t)
-                continue
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            t.record_stream(stream)  # its device memory is not reused before the copy has read it
-            out.append(host)
-        done = torch.cuda.Event()
-        done.record(stream)
+    out = [pinned_copy(t, stream) if t.device.type == "cuda" else t for t in tensors]
+    done = torch.cuda.Event()
+    done.record(stream)
     return out, done
+
+
+def pinned_copy(t: torch.Tensor, stream) -> torch.Tensor:
+    """A pinned CPU copy of the CUDA tensor ``t``, queued on ``stream`` (which the caller has ordered after the
+    kernels that wrote t); valid once that stream reaches it."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # t's device memory is not reused before the copy has read it
+    return host
 
