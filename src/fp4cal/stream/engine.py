@@ -328,7 +328,7 @@ def quantize_checkpoint(
 
     def read_layer(i: int) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        cpu = {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces) for e in layer_entries[i]}
+        cpu = _read_entries(reader, layer_entries[i])
         out = to_device(cpu, dev) if read_to["device"] else pin(cpu, dev)
         busy["read"] += time.perf_counter() - t0
         return out
@@ -340,8 +340,7 @@ def quantize_checkpoint(
         staging.commit(unit, items, results)
         busy["write"] += time.perf_counter() - t0
 
-    prefetch.submit("outside", lambda: {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces)
-                                        for e in outside})
+    prefetch.submit("outside", lambda: _read_entries(reader, outside))
     prefetch.submit(0, lambda: read_layer(0))
     try:
 
@@ -491,7 +490,7 @@ def quantize_checkpoint(
                     # into pageable memory, stalling the next layer's kernels
                     host, ready = to_host_async([t for _, t, _ in items], dev)
                     items = [(n, h, m) for (n, _, m), h in zip(items, host, strict=True)]
-                    layer_cpu = {k: v.to("cpu") for k, v in layer_w.items()}  # the writer makes no CUDA call
+                    layer_cpu = _on_cpu(layer_w)  # the writer makes no CUDA call
                     writes.append(writer.submit(commit, i, items, layer_cpu, ready))
                 if out_dir is not None:  # a failed write on rank 0 stops every rank here
                     together(lambda: _raise_failed(writes), "writing")
@@ -503,11 +502,11 @@ def quantize_checkpoint(
             release(layer)
             store.sync()
             hidden_states = outputs
-            if dev.type == "cuda":  # a layer's scales (~1/8 of its bf16 bytes; GPTQ codes 1/4 more) leave the
-                # device: kept there, 36 layers' results held ~2 GiB of a Qwen3-8B run's 4 GiB peak (measured)
-                weights.update(layer_cpu if layer_cpu is not None else {k: v.to("cpu") for k, v in layer_w.items()})
             if not keep_results:  # the writer holds its own references to what it writes
-                weights.update({k: v.without_blocks() for k, v in layer_w.items()})
+                weights.update({k: v.without_blocks() for k, v in (layer_cpu or layer_w).items()})
+            elif dev.type == "cuda":  # a layer's scales (~1/8 of its bf16 bytes; GPTQ codes 1/4 more) leave the
+                # device: kept there, 36 layers' results held ~2 GiB of a Qwen3-8B run's 4 GiB peak (measured)
+                weights.update(layer_cpu if layer_cpu is not None else _on_cpu(layer_w))
             del layer_w
         t = clock.add("other", t)
 
@@ -588,9 +587,17 @@ def _init_outside_buffers(model: nn.Module, layers: nn.ModuleList, device: torch
     init_non_persistent_buffers(model, [m for m in model.modules() if id(m) not in inside], device)
 
 
+def _read_entries(reader: CheckpointReader, entries: list[Entry]) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``entries`` read into CPU memory, by model tensor name."""
+    return {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces) for e in entries}
+
+
+def _on_cpu(weights: dict[str, WeightResult]) -> dict[str, WeightResult]:
+    return {k: v.to("cpu") for k, v in weights.items()}
+
+
 def _load_into(model, entries: list[Entry], owners, reader: CheckpointReader, device: torch.device) -> None:
-    cpu = {e.name: reader.read(e.name, tuple(e.tensor.shape), e.tensor.dtype, e.pieces) for e in entries}
-    for name, value in to_device(cpu, device).items():
+    for name, value in to_device(_read_entries(reader, entries), device).items():
         set_tensor(owners[name], value)
 
 
