@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -57,20 +57,15 @@ class WeightResult:
 
     def to(self, device: torch.device | str) -> WeightResult:
         """A copy with every tensor field on ``device`` (the others shared)."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in kw.items():
-            if isinstance(v, torch.Tensor):
-                kw[k] = v.to(device)
-        return WeightResult(**kw)
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def without_blocks(self) -> WeightResult:
         """A copy whose per-block tensors (block_amax, block_scale, codes) are meta tensors of the same shapes and
         dtypes: what a summary reads (losses, tokens, fallbacks) without what only a writer needs."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in ("block_amax", "block_scale", "codes"):
-            if isinstance(kw[k], torch.Tensor):
-                kw[k] = torch.empty(kw[k].shape, dtype=kw[k].dtype, device="meta")
-        return WeightResult(**kw)
+        blocks = {k: getattr(self, k) for k in ("block_amax", "block_scale", "codes")}
+        return replace(self, **{k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in blocks.items()
+                                if isinstance(v, torch.Tensor)})
 
     def to_dict(self, exclude: tuple[str, ...] = (), fp8_as_bytes: bool = False) -> dict:
         """Every field (but those in ``exclude``) as plain Python values and CPU tensors: what torch.save
