@@ -28,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fp4cal.cli.clock import process_age, trace
+from fp4cal.cli.clock import process_age, trace, tracing
 from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
 from fp4cal.gptq import DEFAULT_SCALES as GPTQ_DEFAULT_SCALES
 from fp4cal.gptq import SCALES as GPTQ_SCALES
@@ -558,8 +558,6 @@ def _memory_line(device, peak_gpu: int | None = None, anon: int | None = None) -
 def _allocator_trace(device) -> None:
     """FP4CAL_TRACE: the caching allocator's counters (a memory cap makes it free and retry: each cudaFree
     synchronizes the device, which shows in the forward's time)."""
-    from fp4cal.cli.clock import tracing
-
     if not tracing() or device.type != "cuda":
         return
     import torch
@@ -606,7 +604,7 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, ImportError, NotImplementedError,
             RuntimeError) as e:
-        if os.environ.get("FP4CAL_TRACE"):  # where it failed, for a bug report
+        if tracing():  # where it failed, for a bug report
             traceback.print_exc()
         return _fail(str(e).strip("'\"")) if rank == 0 else 2
     if rank != 0:
