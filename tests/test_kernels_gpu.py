@@ -80,7 +80,7 @@ def test_near_ties_on_gpu():
     """Rank-1 blocks whose candidates fp32 cannot order (kernel_cases.near_tie_blocks): float64 picks."""
     w, h, g = near_tie_blocks(64, seed=0)
     _check(w.cuda(), g.cuda(), "local_hessian", h.cuda(), "hessian near ties 64 blocks")
-    # H not symmetric: the float64 pass reads such blocks from memory (sweep_rows._quad64_any)
+    # H not symmetric: the float64 pass reads such blocks from memory (rescore._quad64_any)
     _check(w.cuda(), g.cuda(), "local_hessian", with_antisymmetric_part(h, seed=1).cuda(),
            "hessian near ties 64 blocks, H not symmetric")
 

@@ -20,6 +20,11 @@ SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"  #
 sys.path.insert(0, SRC)
 from fp4cal.search import sweep_rows  # noqa: E402
 
+try:  # the float64 pass has its own module since the eighth session
+    from fp4cal.search import rescore as rescore_mod  # noqa: E402
+except ImportError:
+    rescore_mod = sweep_rows
+
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # what the JIT specializes on the bench's shapes: 16-byte-aligned pointers and multiples of 16 ("tt.divisibility"
 # 16), the unit column stride as the constant 1
@@ -76,11 +81,11 @@ def main():
             const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2)
             compile_one(sweep_rows._sweep_rows_kernel, const, dict(num_warps=1, maxnreg=168, enable_fp_fusion=False),
                         args.out, f"sweep_exact{exact}")
-    if not hasattr(sweep_rows, "_rescore_kernel"):
+    if not hasattr(rescore_mod, "_rescore_kernel"):
         return
     const = dict(BR=args.rescore_br, LOSSES=False)
-    compile_one(sweep_rows._rescore_kernel, const, dict(num_warps=args.rescore_warps, enable_fp_fusion=False), args.out,
-                f"rescore_br{args.rescore_br}_w{args.rescore_warps}")
+    compile_one(rescore_mod._rescore_kernel, const, dict(num_warps=args.rescore_warps, enable_fp_fusion=False),
+                args.out, f"rescore_br{args.rescore_br}_w{args.rescore_warps}")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,12 @@ def _round_signed(w, s, r):
     magic = (xb + ((22 << 23) | (1 << 22))).to(tl.float32, bitcast=True)
     lvl = tl.minimum(tl.maximum((x + magic) - magic, -E2M1_TOP), E2M1_TOP)
     return lvl * s
+
+
+@triton.jit
+def _errors(w, s, r):
+    """16-tuple of [BR] fp32 signed errors w - q(w) at scales s, r [BR]."""
+    d = ()
+    for k in tl.static_range(16):
+        d = d + (w[k] - _round_signed(w[k], s, r),)
+    return d

@@ -85,7 +85,8 @@ import triton.language as tl
 from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
 from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd, with_fallback
 from fp4cal.search.kernel_common import GDIV, N_CAND, SG_MAX, SG_MIN
-from fp4cal.search.sweep_rows import _rescore_kernel, _sweep_rows_kernel
+from fp4cal.search.rescore import _rescore_kernel
+from fp4cal.search.sweep_rows import _sweep_rows_kernel
 from fp4cal.search.windowed import nohalf_table
 from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
