@@ -249,16 +249,24 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, fl
     diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a0, 0.0), axis=1)
     scale = tl.max(tl.max(tl.abs(a0), axis=1), axis=0)
     lower, singular, indefinite = _cholesky(a0, diag0, scale, i)
-    rd = tl.where(singular, REG * diag0, 0.0)
-    lower_r, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
-                                                  diag0, scale, i)
-    lower = tl.where(singular, lower_r, lower)
-    failed = tl.where(singular, singular_r | indefinite_r, indefinite)
-    # a singular block of rank <= RANK_MAX: the sweep's product with its r columns costs 16 r FMAs instead of 136
-    g_low, r_low, low_ok = _low_rank(a0, diag0, i)
-    use_low = singular & low_ok & ~failed
-    rank = tl.where(use_low, r_low, 0)
-    rd = tl.where(use_low, 0.0, rd)
+    failed = indefinite
+    rd = tl.zeros([16], tl.float64)
+    rank = tl.where(singular, 0, 0)
+    f_out = lower
+    # Only a singular block needs the regularised factor and the low-rank one: a branch uniform over the program
+    # (one block), so a definite block (every block of a well-conditioned Hessian) runs one Cholesky, not two
+    # Choleskys and the pivoted one (sm_90: the prep kernel's per-block instruction path about halves).
+    if singular:
+        rd = REG * diag0
+        lower, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
+                                                    diag0, scale, i)
+        failed = singular_r | indefinite_r
+        # rank <= RANK_MAX: the sweep's product with its r columns costs 16 r FMAs instead of 136
+        g_low, r_low, low_ok = _low_rank(a0, diag0, i)
+        use_low = low_ok & ~failed
+        rank = tl.where(use_low, r_low, 0)
+        rd = tl.where(use_low, 0.0, rd)
+        f_out = tl.where(use_low, g_low, lower)
     # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
     # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
     x = tl.zeros([16, 16], tl.float64)
@@ -277,7 +285,7 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, fl
     radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
     lam = tl.where(singular, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
     nu = tl.where(live, lam * diag0, 0.0)
-    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], tl.where(use_low, g_low, lower).to(tl.float32))
+    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], f_out.to(tl.float32))
     tl.store(rank_ptr + pid, rank)
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
