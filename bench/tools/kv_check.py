@@ -92,11 +92,12 @@ def main():
         for name in order:
             w, g, h = cases[name]
 
-            def call(w=w, g=g, h=h, sync=True):
-                return kernels.search_triton(w, "local_hessian", g, h, sync=sync, **kw)
+            def call(w=w, g=g, h=h):
+                return kernels.search_triton(w, "local_hessian", g, h, **kw)
 
             def nosync(w=w, g=g, h=h):
                 return kernels.search_triton(w, "local_hessian", g, h, sync=False, **kw)
+
             pub = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
             graph = triton.testing.do_bench_cudagraph(nosync)
             k = kernel_us(call)
