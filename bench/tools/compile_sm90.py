@@ -1,6 +1,8 @@
 # Helpers "search3"/"search4" (2026-11-30): offline sm_90 compile of the search kernels (no GPU needed): compile time
 # (fresh Triton cache), registers, stack/spill bytes and SASS instruction counts, for reading what a change costs.
 #   python bench/tools/compile_sm90.py [--exact 0|1] [--rescore-br 16] [--rescore-warps 4] [--out /tmp/s3]
+# Helper "kvslow": --prep also compiles kernels._prep_kernel as search_triton launches it on a local-Hessian call
+# (FACTOR, no value scan, 4 warps), the per-call Hessian factor that every call without factor= runs.
 import argparse
 import glob
 import os
@@ -28,9 +30,9 @@ except ImportError:
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # what the JIT specializes on the bench's shapes: 16-byte-aligned pointers and multiples of 16 ("tt.divisibility"
 # 16), the unit column stride as the constant 1
-ALIGNED_INTS = ("cap", "cout", "nb", "stride_we", "stride_wr", "stride_fe", "stride_oe")
+ALIGNED_INTS = ("cap", "cout", "nb", "stride_we", "stride_wr", "stride_fe", "stride_oe", "n_hb", "n_rows", "cin")
 PTRS = {"w_ptr": "*bf16", "rank_ptr": "*i32", "nohalf_ptr": "*i32", "stats_ptr": "*i32", "cnt_ptr": "*i32",
-        "list_ptr": "*i32", "loss_ptr": "*fp64"}
+        "list_ptr": "*i32", "loss_ptr": "*fp64", "flag_ptr": "*i32", "status_ptr": "*i32"}
 
 
 def compile_one(kernel, const, options, out, tag):
@@ -72,10 +74,17 @@ def main():
     ap.add_argument("--out", default="/tmp/s3")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--src", default="src", help="the sources to compile (e.g. an older commit's, extracted)")
+    ap.add_argument("--prep", action="store_true", help="also the prep kernel (tables + Hessian factor, 4 warps)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     for old in glob.glob(os.path.join(args.out, "*.cubin")):
         os.remove(old)
+    if args.prep:
+        from fp4cal.search import kernels
+
+        # search_triton's launch on one 2-D weight: n_e = 1 (the JIT makes it the constant 1, as stride_wc)
+        const = dict(n_e=1, FACTOR=True, SCAN=False, SR=16, SC=128)
+        compile_one(kernels._prep_kernel, const, dict(num_warps=4, enable_fp_fusion=True), args.out, "prep_factor")
     if not args.no_sweep:
         for exact in ([args.exact] if args.exact is not None else [0, 1]):
             const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2)

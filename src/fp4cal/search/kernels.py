@@ -250,16 +250,24 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, fl
     diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a0, 0.0), axis=1)
     scale = tl.max(tl.max(tl.abs(a0), axis=1), axis=0)
     lower, singular, indefinite = _cholesky(a0, diag0, scale, i)
-    rd = tl.where(singular, REG * diag0, 0.0)
-    lower_r, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
-                                                  diag0, scale, i)
-    lower = tl.where(singular, lower_r, lower)
-    failed = tl.where(singular, singular_r | indefinite_r, indefinite)
-    # a singular block of rank <= RANK_MAX: the sweep's product with its r columns costs 16 r FMAs instead of 136
-    g_low, r_low, low_ok = _low_rank(a0, diag0, i)
-    use_low = singular & low_ok & ~failed
-    rank = tl.where(use_low, r_low, 0)
-    rd = tl.where(use_low, 0.0, rd)
+    failed = indefinite
+    rd = tl.zeros([16], tl.float64)
+    rank = tl.where(singular, 0, 0)
+    f_out = lower
+    # Only a singular block needs the regularised factor and the low-rank one: a branch uniform over the program
+    # (one block), so a definite block (every block of a well-conditioned Hessian) runs one Cholesky, not two
+    # Choleskys and the pivoted one (sm_90: the prep kernel's per-block instruction path about halves).
+    if singular:
+        rd = REG * diag0
+        lower, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
+                                                    diag0, scale, i)
+        failed = singular_r | indefinite_r
+        # rank <= RANK_MAX: the sweep's product with its r columns costs 16 r FMAs instead of 136
+        g_low, r_low, low_ok = _low_rank(a0, diag0, i)
+        use_low = low_ok & ~failed
+        rank = tl.where(use_low, r_low, 0)
+        rd = tl.where(use_low, 0.0, rd)
+        f_out = tl.where(use_low, g_low, lower)
     # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
     # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
     x = tl.zeros([16, 16], tl.float64)
@@ -278,7 +286,7 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, fl
     radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
     lam = tl.where(singular, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
     nu = tl.where(live, lam * diag0, 0.0)
-    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], tl.where(use_low, g_low, lower).to(tl.float32))
+    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], f_out.to(tl.float32))
     tl.store(rank_ptr + pid, rank)
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
@@ -459,21 +467,9 @@ def search_triton(
     n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
     # placeholders when nothing is factored here
     factor_bufs = (hc, f, mu, nu, rd, rank, status) if n_hb else (flags,) * 7
-    if not fused:
-        _prep_kernel[(n_e + n_hb + n_scan,)](
-            g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
-            w3.stride(0), w3.stride(1), w3.stride(2),
-            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=128,
-        )  # fmt: skip
-    host_flags = None
-    if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
-        host_flags, ready = _pinned_flags(dev)
-        host_flags.copy_(flags[:4], non_blocking=True)
-        ready.record()
-    elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
-        early = _act_on_flags(flags[:4].tolist(), w, g, hessian, method, hc, f, mu, nu, rd, rank, status, losses)
-        if early is not None:
-            return early
+    # Everything the sweep needs is built before the prep kernel is queued: host time between the two launches is
+    # time the GPU may wait for the sweep once the prep kernel is done (a few 10 us of GPU work, estimated from its
+    # sm_90 SASS: bench/tools/compile_sm90.py --prep), which only a small call's public time shows
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
     block_rows = 32 * num_warps
@@ -503,6 +499,23 @@ def search_triton(
             _rescore_kernel[rescore_grid](*rescore_args, BR=block_rows, LOSSES=losses is not None,
                                           num_warps=num_warps, enable_fp_fusion=False)
 
+    flags_head = flags[:4]  # the value flags the host reads
+    host_flags = None
+    if sync and dev.type == "cuda" and not fused:
+        host_flags, ready = _pinned_flags(dev)
+    if not fused:
+        _prep_kernel[(n_e + n_hb + n_scan,)](
+            g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
+            w3.stride(0), w3.stride(1), w3.stride(2),
+            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=128,
+        )  # fmt: skip
+    if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
+        host_flags.copy_(flags_head, non_blocking=True)
+        ready.record()
+    elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
+        early = _act_on_flags(flags_head.tolist(), w, g, hessian, method, hc, f, mu, nu, rd, rank, status, losses)
+        if early is not None:
+            return early
     launch()
     if not sync:
         return out if stack else out[0]
