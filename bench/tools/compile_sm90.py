@@ -30,9 +30,9 @@ except ImportError:
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # what the JIT specializes on the bench's shapes: 16-byte-aligned pointers and multiples of 16 ("tt.divisibility"
 # 16), the unit column stride as the constant 1
-ALIGNED_INTS = ("cap", "cout", "nb", "stride_we", "stride_wr", "stride_fe", "stride_oe", "n_hb", "n_rows", "cin")
+ALIGNED_INTS = ("cap", "cout", "nb", "chunk", "stride_we", "stride_wr", "stride_fe", "stride_oe", "n_hb", "n_rows", "cin")
 PTRS = {"w_ptr": "*bf16", "rank_ptr": "*i32", "nohalf_ptr": "*i32", "stats_ptr": "*i32", "cnt_ptr": "*i32",
-        "list_ptr": "*i32", "loss_ptr": "*fp64", "flag_ptr": "*i32", "status_ptr": "*i32"}
+        "list_ptr": "*i32", "oi_ptr": "*i32", "loss_ptr": "*fp64", "flag_ptr": "*i32", "status_ptr": "*i32"}
 
 
 def compile_one(kernel, const, options, out, tag):
@@ -87,7 +87,8 @@ def main():
         compile_one(kernels._prep_kernel, const, dict(num_warps=4, enable_fp_fusion=True), args.out, "prep_factor")
     if not args.no_sweep:
         for exact in ([args.exact] if args.exact is not None else [0, 1]):
-            const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2)
+            const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2,
+                         REFILL=8)
             compile_one(sweep_rows._sweep_rows_kernel, const, dict(num_warps=1, maxnreg=168, enable_fp_fusion=False),
                         args.out, f"sweep_exact{exact}")
     if not hasattr(rescore_mod, "_rescore_kernel"):

@@ -112,6 +112,12 @@ RANK_EPS: tl.constexpr = tl.constexpr(RANK_EPS_REL)
 _NUM_WARPS_CUDA = 1
 _NUM_WARPS_INTERPRETER = 4
 _MAXNREG_HESSIAN = 168
+# Lane refill (sweep_rows.py): a program's lanes take new rows when _REFILL_LANES of them are idle; programs own up
+# to 32 x _ROWS_PER_LANE rows, and at least _MIN_WAVES x the resident programs are launched where the weight allows.
+_REFILL_LANES = 8
+_ROWS_PER_LANE = 8
+_MIN_WAVES = 2
+_PROGRAMS_PER_SM = 8
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
 # launch costs 0.05-0.09 ms of host time, more than such a sweep runs on the GPU (0.05 ms for 1024 x 4096).
 _FUSED_MAX_WEIGHTS = 1 << 23
@@ -384,6 +390,24 @@ def _rescore_programs(device: torch.device) -> int:
     return 8 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
+    """Rows per sweep program (sweep_rows.py, 'Lane refill'): BR x up to _ROWS_PER_LANE, fewer where the grid
+    would otherwise fill the GPU fewer than _MIN_WAVES times (a program is one warp, _PROGRAMS_PER_SM of them run on
+    an SM at once): the refill evens out the blocks' walks within a program, the waves even out the programs."""
+    if device.type != "cuda":
+        return 32 * _NUM_WARPS_INTERPRETER * _ROWS_PER_LANE
+    resident = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    per_lane = (n_e * cout * nb) // (32 * resident * _MIN_WAVES)
+    return 32 * max(1, min(_ROWS_PER_LANE, per_lane))
+
+
+def sweep_programs(w: torch.Tensor) -> int:
+    """Programs of the sweep launch for weight w ([cout, cin] or [E, cout, cin]): the rows of search_triton's stats."""
+    n_e, cout, cin = (1, *w.shape) if w.dim() == 2 else w.shape
+    nb = cin // BLOCK
+    return triton.cdiv(cout, _chunk_rows(n_e, cout, nb, w.device)) * nb * n_e
+
+
 @functools.cache
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 values fp32 [126], int32 [126]: windowed.nohalf_table), cached per device."""
@@ -414,8 +438,9 @@ def search_triton(
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0,
         PSD) run on the device and raise the messages of fp4cal.validation / hessian_blocks.
     factor: prepare_factor(hessian) (one Hessian shared by several weights: q/k/v, gate/up, a layer's experts).
-    stats: optional int32 [programs, 4], zeros: per program, the two phases' iterations, blocks x candidates tried and
-        the blocks recorded for the float64 pass (mode 1 + 65536 x mode 2; sweep_rows.py; benchmark diagnostics).
+    stats: optional int32 [sweep_programs(w), 4], zeros: per program, the walk's steps, its rows, blocks x candidates
+        tried and the blocks recorded for the float64 pass (mode 1 + 65536 x mode 2; sweep_rows.py; benchmark
+        diagnostics: steps x 32 / rows is what a warp of 32 blocks paid, in candidates).
     sync=False: return right after the launches, without reading the value flags (benchmarks only: lets a
         CUDA graph capture the call to time the GPU work alone).
     fused: mse only: one launch, the sweep computing its candidate scales and checking the values itself, and
@@ -473,7 +498,8 @@ def search_triton(
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
     block_rows = 32 * num_warps
-    grid = (triton.cdiv(cout, block_rows), nb, n_e)
+    chunk = _chunk_rows(n_e, cout, nb, dev)
+    grid = (triton.cdiv(cout, chunk), nb, n_e)
     rescore = hess and exact
     near = flags[4:]
     # the blocks recorded for the float64 pass: room for every block (int32 index and record, 8 bytes a block)
@@ -481,11 +507,11 @@ def search_triton(
     near_list = torch.empty(2 * cap, dtype=torch.int32, device=dev)
     if rescore and n_e * cout * nb >= 2**31:
         raise ValueError(f"w {tuple(w.shape)}: {n_e * cout * nb} blocks, the exact pass indexes fewer than 2^31")
-    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, rd, rank, hc, nohalf, out, flags if stats is None else stats,
-            flags if losses is None else losses, near, near_list, cap, cout, nb, w3.stride(0), w3.stride(1),
-            w3.stride(2), stride_fe, cout * nb)
+    args = (w3, g1, v_tab, s_tab, r_tab, f, mu, nu, rd, rank, hc, nohalf, out, out.view(torch.int32),
+            flags if stats is None else stats, flags if losses is None else losses, near, near_list, cap, cout, nb,
+            chunk, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
     opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
-                EXACT=rescore,
+                EXACT=rescore, REFILL=_REFILL_LANES,
                 num_warps=num_warps,
                 enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 

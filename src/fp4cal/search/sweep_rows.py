@@ -129,12 +129,12 @@ def _weighted_l1(d, sd):
 
 
 @triton.jit
-def _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2, r1, fb, fv, sd, rd, reg, lr, tau,
-              DOWN: tl.constexpr, HESSIAN: tl.constexpr):
+def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, fb, fv, sd, rd, reg, lr, tau,
+              HESSIAN: tl.constexpr):
     """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
-    best: fp32 loss of the best so far; bmar: its error margin (TAU S^2). DOWN: the walk goes down, so '<=' keeps
-    the smaller candidate on ties; up: strict '<'. HESSIAN: the runner-up record (module docstring, 'Exact
+    best: fp32 loss of the best so far; bmar: its error margin (TAU S^2). down [BR]: the lane's walk goes down,
+    so '<=' keeps the smaller candidate on ties; up: strict '<'. HESSIAN: the runner-up record (module docstring, 'Exact
     picks'): low1 <= low2 the two smallest lower ends loss - margin of the candidates tried that are not the
     best, r1 the index of the first; the candidate that loses this comparison (the old best when cc wins) enters
     it."""
@@ -152,10 +152,7 @@ def _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2, r1, fb, fv,
         loss = tl.zeros(s.shape, tl.float32)
         for k in tl.static_range(16):
             loss = tl.fma(d[k], d[k], loss)
-    if DOWN:
-        better = active & (loss <= best)
-    else:
-        better = active & (loss < best)
+    better = active & ((loss < best) | (down & (loss == best)))
     if HESSIAN:
         lo_in = tl.where(better, best - bmar, loss - mar)
         ix_in = tl.where(better, best_idx, cc)
@@ -269,46 +266,63 @@ def _loss64(w, s, r, hb, HESSIAN: tl.constexpr):
 
 
 @triton.jit
+def _load_block(wrow, ok, stride_wc):
+    """The 16 weights of each lane's block at wrow [BR] (fp32, 0 where not ok) and their largest magnitude."""
+    w = ()
+    m = tl.zeros(ok.shape, tl.float32)
+    for k in tl.static_range(16):
+        wk = tl.load(wrow + k * stride_wc, mask=ok, other=0.0).to(tl.float32)
+        w = w + (wk,)
+        m = tl.maximum(m, tl.abs(wk))
+    return w, m
+
+
+@triton.jit
 def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, h_ptr,
                        nohalf_ptr,
-                       out_ptr,
-                       stats_ptr, loss_ptr, cnt_ptr, list_ptr, cap, cout, nb, stride_we, stride_wr, stride_wc,
+                       out_ptr, oi_ptr,
+                       stats_ptr, loss_ptr, cnt_ptr, list_ptr, cap, cout, nb, chunk, stride_we, stride_wr, stride_wc,
                        stride_fe, stride_oe,
                        HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
-                       LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2):
-    """Grid (row tiles of BR, block columns, tensors). FUSED (mse only): candidate scales computed here from the
-    FP8 values (s_tab_ptr = r_tab_ptr = v_ptr), values checked here, flags in stats_ptr (0 bad w, 1 bad g, 2 s_g
-    out of the exact range). STATS: per program (phase-1 steps, phase-2 steps, blocks x candidates, blocks
-    recorded for the float64 pass in mode 1 + 65536 x those in mode 2). LOSSES: add
-    the float64 objective of the tensor at its 'max' scales and at the chosen scales to loss_ptr[e, 0:2] (the
-    calibration's report, without a second pass over the weights). EXACT (HESSIAN): record the blocks whose fp32
-    order may be wrong for _rescore_kernel (module docstring, 'Exact picks'): cnt_ptr[0] and cnt_ptr[1] count
-    those of mode 1 (only best and r1 can win) and mode 2 (three or more can), zero on entry; list_ptr (int32
-    [2 cap], cap >= the blocks) holds them as (linear block index (e * cout + row) * nb + j, best | r1 << 8), mode
-    1 from entry 0 up, mode 2 from entry cap - 1 down; the record is best | r1 << 7 | lo << 14 | hi << 21, [lo, hi]
-    the window the block walked. No float64 in the walk: inlined there (commit 8aa09ea) it
-    made the kernel take minutes to compile."""
+                       LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2,
+                       REFILL: tl.constexpr = 8):
+    """Grid (row chunks of `chunk` rows, block columns, tensors); one block per lane, BR lanes.
+
+    Lane refill: blocks walk different numbers of candidates (CPU simulation, 512 x 1024: 17 on average but 31 for
+    the slowest of 32 on well-conditioned Hessians, 52 and 100 on rank-1 ones), and a warp runs as long as its
+    slowest lane. So a program owns `chunk` rows of one block column (the factor F_j, the bounds' coefficients and
+    the branches on them stay uniform), each lane walks both directions of its block in turn (down from the MSE
+    top, then up), and when REFILL lanes have finished (or none is walking) they take the chunk's next rows.
+    Three steps:
+    1. windows: every row of the chunk, BR at a time: MSE top and first all-zero candidate, kept in oi_ptr (the
+       int32 view of out_ptr) as top | zero_at << 8 (a lane's refill then loads one word, not two binary searches);
+    2. the walk; a finished block leaves its record in oi_ptr: best | r1 << 7 | lo << 14 | hi << 21 | mode << 28;
+    3. per BR rows again: the amax of the pick, the float64 list (EXACT) and the losses (LOSSES), which therefore
+       run with every lane busy.
+    FUSED (mse only): candidate scales computed here from the FP8 values (s_tab_ptr = r_tab_ptr = v_ptr), values
+    checked here, flags in stats_ptr (0 bad w, 1 bad g, 2 s_g out of the exact range). STATS: per program (walk
+    steps, rows of the chunk, blocks x candidates, blocks recorded for the float64 pass in mode 1 + 65536 x those in
+    mode 2). LOSSES: add the float64 objective of the tensor at its 'max' scales and at the chosen scales to
+    loss_ptr[e, 0:2] (the calibration's report, without a second pass over the weights). EXACT (HESSIAN): record
+    the blocks whose fp32 order may be wrong for rescore._rescore_kernel (module docstring, 'Exact picks'):
+    cnt_ptr[0] and cnt_ptr[1] count those of mode 1 (only best and r1 can win) and mode 2 (three or more can),
+    zero on entry; list_ptr (int32 [2 cap], cap >= the blocks) holds them as (linear block index (e * cout + row) *
+    nb + j, best | r1 << 7 | lo << 14 | hi << 21), [lo, hi] the window the block walked, mode 1 from entry 0 up,
+    mode 2 from entry cap - 1 down. No float64 in the walk: inlined there (commit 8aa09ea) it made the kernel take
+    minutes to compile."""
     pid_r = tl.program_id(0)
     j = tl.program_id(1).to(tl.int64)
     e = tl.program_id(2).to(tl.int64)
-    rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
-    rmask = rows < cout
-    wrow = w_ptr + e * stride_we + rows * stride_wr + j * 16 * stride_wc
-    w = ()
-    m = tl.zeros([BR], tl.float32)
-    for k in tl.static_range(16):
-        wk = tl.load(wrow + k * stride_wc, mask=rmask, other=0.0).to(tl.float32)
-        w = w + (wk,)
-        m = tl.maximum(m, tl.abs(wk))
+    r0 = pid_r.to(tl.int64) * chunk
+    r_end = tl.minimum(r0 + chunk, cout)
+    lane = tl.arange(0, BR).to(tl.int64)
+    wcol = w_ptr + e * stride_we + j * 16 * stride_wc
+    ocol = e * stride_oe + j
     g = tl.load(g_ptr + e)
     if FUSED:
         sg = tl.div_rn(g, GDIV)
         s_ptr = s_tab_ptr
         r_ptr = r_tab_ptr
-        bad = tl.zeros([BR], tl.int32)
-        for k in tl.static_range(16):
-            bad = bad | ((w[k] != w[k]) | (tl.abs(w[k]) == float("inf"))).to(tl.int32)
-        tl.atomic_max(stats_ptr, 1, mask=tl.max(bad) > 0)
         first_prog = (pid_r == 0) & (j == 0)
         tl.atomic_max(stats_ptr + 1, 1, mask=first_prog & ((g != g) | (g < 0) | (g == float("inf"))))
         tl.atomic_max(stats_ptr + 2, 1, mask=first_prog & (sg != 0) & ((sg < SG_MIN) | (sg > SG_MAX)))
@@ -359,38 +373,95 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             rd = rd + (rk,)
             rsum = rsum + rk
         reg = rsum > 0.0
-    first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, sg, FUSED)
-    nohalf = tl.load(nohalf_ptr + tl.minimum(first, N_CAND - 1))
-    top = tl.where(first >= N_CAND, N_CAND - 1, tl.maximum(first - 1, nohalf))
+
+    # 1. windows of the chunk's rows
+    bad = tl.zeros([BR], tl.int32)
+    for t in range(r0, r_end, BR):
+        rows = t + lane
+        ok = rows < r_end
+        w, m = _load_block(wcol + rows * stride_wr, ok, stride_wc)
+        if FUSED:
+            for k in tl.static_range(16):
+                bad = bad | ((w[k] != w[k]) | (tl.abs(w[k]) == float("inf"))).to(tl.int32)
+        first = _first_at_or_below(m, s_ptr, r_ptr, 3.0, sg, FUSED)
+        nohalf = tl.load(nohalf_ptr + tl.minimum(first, N_CAND - 1))
+        top = tl.where(first >= N_CAND, N_CAND - 1, tl.maximum(first - 1, nohalf))  # >= 0: nohalf[0] >= 0
+        if HESSIAN:
+            zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25, sg, FUSED), N_CAND - 1)
+        else:
+            zero_at = top  # mse: no upward phase
+        tl.store(oi_ptr + ocol + rows * nb, top | (zero_at << 8), mask=ok)
+    if FUSED:
+        tl.atomic_max(stats_ptr, 1, mask=tl.max(bad) > 0)
+    tl.debug_barrier()  # step 2's lanes read rows another lane's step 1 wrote
+
+    # 2. the walk, with lane refill
+    row = tl.zeros([BR], tl.int64)
+    w = ()
+    for _k in tl.static_range(16):
+        w = w + (tl.zeros([BR], tl.float32),)
+    c = tl.zeros([BR], tl.int32)
+    top = tl.zeros([BR], tl.int32)
+    zero_at = tl.zeros([BR], tl.int32)
+    down = tl.zeros([BR], tl.int1)
+    live = tl.zeros([BR], tl.int1)  # walking a block
+    idle = tl.full([BR], 1, tl.int1)  # holds no block: takes the next row at the next refill
+    has = tl.zeros([BR], tl.int1)  # holds a block whose record is not written yet
     best = tl.full([BR], float("inf"), tl.float32)
     bmar = tl.zeros([BR], tl.float32)
     low1 = tl.full([BR], float("inf"), tl.float32)
     low2 = tl.full([BR], float("inf"), tl.float32)
     r1 = tl.zeros([BR], tl.int32)
-    c_lo = top  # the window each block walked (HESSIAN and EXACT: for the float64 pass)
-    c_hi = top
+    c_lo = tl.zeros([BR], tl.int32)  # the window each block walked (for the float64 pass)
+    c_hi = tl.zeros([BR], tl.int32)
     best_idx = tl.zeros([BR], tl.int32)
-
-    # Phase 1: down from the MSE top until the clipping (or box) bound at the next candidate ends each block.
-    c = top
-    active = (c >= 0) & rmask  # rows past cout (a partial last tile) walk nothing
-    n_active = tl.sum(active.to(tl.int32))
-    it1 = 0
-    it2 = 0
+    next_row = r0
+    n_live = 0
+    steps = 0
     work = 0
-    while n_active > 0:
-        it1 += UNROLL
-        work += n_active * UNROLL
+    while (n_live > 0) | (next_row < r_end):
+        n_idle = tl.sum(idle.to(tl.int32))
+        if (next_row < r_end) & ((n_idle >= REFILL) | (n_live == 0)):
+            take = idle
+            nr = next_row + tl.cumsum(take.to(tl.int64), 0) - take.to(tl.int64)
+            got = take & (nr < r_end)
+            next_row += n_idle
+            row = tl.where(take, nr, row)
+            wn, _ = _load_block(wcol + row * stride_wr, got, stride_wc)
+            nw = ()
+            for k in tl.static_range(16):
+                nw = nw + (tl.where(got, wn[k], w[k]),)
+            w = nw
+            win = tl.load(oi_ptr + ocol + row * nb, mask=got, other=0)
+            top = tl.where(got, win & 255, top)
+            zero_at = tl.where(got, win >> 8, zero_at)
+            c = tl.where(got, top, c)
+            down = down | got
+            live = live | got
+            has = has | got
+            idle = idle & ~take
+            best = tl.where(got, float("inf"), best)
+            bmar = tl.where(got, 0.0, bmar)
+            low1 = tl.where(got, float("inf"), low1)
+            low2 = tl.where(got, float("inf"), low2)
+            c_lo = tl.where(got, top, c_lo)
+            c_hi = tl.where(got, top, c_hi)
+        n_live = tl.sum(live.to(tl.int32))
+        steps += UNROLL
+        work += n_live * UNROLL
         for u in tl.static_range(UNROLL):
-            cc = tl.maximum(c, 0)
+            cc = tl.minimum(tl.maximum(c, 0), N_CAND - 1)
             if HESSIAN and EXACT:
-                c_lo = tl.where(active, cc, c_lo)
+                c_lo = tl.where(live & down, cc, c_lo)
+                c_hi = tl.where(live & ~down, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
-            best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2,
-                                                             r1, fb, fv, sd, rd, reg, lr, tau, True, HESSIAN)
-            c = c - 1
+            best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, live, down, best, bmar, best_idx, low1,
+                                                             low2, r1, fb, fv, sd, rd, reg, lr, tau, HESSIAN)
+            c = tl.where(down, c - 1, c + 1)
             if u == UNROLL - 1:
-                s_next = _scale(s_ptr, tl.maximum(c, 0), sg, FUSED)
+                # the bounds, tested at the next candidate each lane would try (covering it and all beyond)
+                thr = tl.maximum(best + bmar, 0.0) * SLACK
+                s_next = _scale(s_ptr, tl.minimum(tl.maximum(c, 0), N_CAND - 1), sg, FUSED)
                 if clip:
                     bound = _clip_bound(w, mb, nbp, s_next * E2M1_TOP, HESSIAN)
                 else:
@@ -398,78 +469,79 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                 if HESSIAN:
                     # the box bound costs a product: tested at every other check (every 2 UNROLL candidates);
                     # simulated on rank-1/2/8 and collinear blocks: ~1 candidate more per block, half the products,
-                    # ~10 % less work in this phase
-                    if weak & ((it1 // UNROLL) % 2 == 0):
+                    # ~10 % less work in the downward walk
+                    if weak & ((steps // UNROLL) % 2 == 0):
                         bound = tl.maximum(bound, _box_bound(w, s_next, fb, fv, sd, rd, lr, tau))
-                active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
-            active = active & (c >= 0)
-        n_active = tl.sum(active.to(tl.int32))
-
-    # Phase 2 (local-Hessian): up from the MSE top until the upward bound ends each block or its first all-zero
-    # candidate.
-    if HESSIAN:
-        zero_at = tl.minimum(_first_at_or_below(m, s_ptr, r_ptr, 0.25), N_CAND - 1)
-        c = top + 1
-        active = (c <= zero_at) & rmask
-    else:
-        zero_at = top
-        active = tl.zeros([BR], tl.int1)
-    n_active = tl.sum(active.to(tl.int32))
-    while n_active > 0:
-        it2 += UNROLL
-        work += n_active * UNROLL
-        for u in tl.static_range(UNROLL):
-            cc = tl.minimum(c, N_CAND - 1)
+                stop = down & (bound > thr)
+                if HESSIAN:
+                    if clip:
+                        up = _up_bound(w, mb, nbp, 0.5 * s_next)
+                        live = live & ~(~down & (up > thr))
+                # the downward walk ends (bound, or below candidate 0): the upward one starts above the top
+                stop = stop | (down & (c < 0))
+            else:
+                stop = down & (c < 0)
+            c = tl.where(stop, top + 1, c)
+            down = down & ~stop
+            live = live & ~(~down & (c > zero_at))
+        fin = has & ~live
+        if tl.sum(fin.to(tl.int32)) > 0:
+            rec = best_idx
             if HESSIAN and EXACT:
-                c_hi = tl.where(active, cc, c_hi)
-            s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
-            best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, active, best, bmar, best_idx, low1, low2,
-                                                             r1, fb, fv, sd, rd, reg, lr, tau, False, HESSIAN)
-            c = c + 1
-            active = active & (c <= zero_at)
-            if u == UNROLL - 1:
-                if clip:
-                    bound = _up_bound(w, mb, nbp, 0.5 * tl.load(s_ptr + tl.minimum(c, N_CAND - 1)))
-                    active = active & ~(bound > tl.maximum(best + bmar, 0.0) * SLACK)
-        n_active = tl.sum(active.to(tl.int32))
+                # candidates whose true loss may be at or below the best's: lower end at or below best + bmar (with
+                # the fp32 rounding of these sums); mode 0 needs nothing, 1 a float64 choice between best and r1, 2
+                # a full one
+                thr = best + bmar + tl.abs(best) * 2.0**-20
+                mode = tl.where(low1 <= thr, tl.where(low2 <= thr, 2, 1), 0)
+                rec = rec | (r1 << 7) | (c_lo << 14) | (c_hi << 21) | (mode << 28)
+            tl.store(oi_ptr + ocol + row * nb, rec, mask=fin)
+            idle = idle | fin
+            has = has & ~fin
+    tl.debug_barrier()  # step 3 reads records other lanes wrote
 
-    v_best = tl.load(v_ptr + best_idx).to(tl.float64)
-    amax = ((g.to(tl.float64) * v_best) / FP8_TOP).to(tl.float32)
-    tl.store(out_ptr + e * stride_oe + rows * nb + j, amax, mask=rmask)
-    if LOSSES:
-        s_max, r_max = _max_scale(m, g, v_ptr)
-        l_max = tl.where(rmask, _loss64(w, s_max, r_max, hb, HESSIAN), 0.0)
-        s_b, r_b = _candidate(s_ptr, r_ptr, best_idx, sg, FUSED)
-        l_best = tl.where(rmask, _loss64(w, s_b, r_b, hb, HESSIAN), 0.0)
-        tl.atomic_add(loss_ptr + e * 2, tl.sum(l_max, axis=0))
-        tl.atomic_add(loss_ptr + e * 2 + 1, tl.sum(l_best, axis=0))
-    if HESSIAN and EXACT:
-        # candidates whose true loss may be at or below the best's: lower end at or below best + bmar (with the
-        # fp32 rounding of these sums); mode 0 needs nothing, 1 a float64 choice between best and r1, 2 a full one
-        thr = best + bmar + tl.abs(best) * 2.0**-20
-        mode = tl.where(low1 <= thr, tl.where(low2 <= thr, 2, 1), 0)
-        near = (mode > 0) & rmask
-        n_near = tl.sum(near.to(tl.int32))
-        if STATS:
-            n2 = tl.sum((near & (mode == 2)).to(tl.int32))
-            pid_s = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
-            tl.store(stats_ptr + pid_s * 4 + 3, (n_near - n2) + (n2 << 16))
-        blk = ((e * cout + rows) * nb + j).to(tl.int32)
-        rec = best_idx | (r1 << 7) | (c_lo << 14) | (c_hi << 21)
-        near1 = near & (mode == 1)  # from the front of the list
-        n1 = tl.sum(near1.to(tl.int32))
-        if n1 > 0:
-            slot = tl.atomic_add(cnt_ptr, n1) + tl.cumsum(near1.to(tl.int32), 0) - near1.to(tl.int32)
-            tl.store(list_ptr + 2 * slot, blk, mask=near1)
-            tl.store(list_ptr + 2 * slot + 1, rec, mask=near1)
-        near2 = near & (mode == 2)  # from the back: the float64 pass runs the two kinds in separate steps
-        if n_near > n1:
-            slot = cap - 1 - (tl.atomic_add(cnt_ptr + 1, n_near - n1) + tl.cumsum(near2.to(tl.int32), 0)
-                              - near2.to(tl.int32))
-            tl.store(list_ptr + 2 * slot, blk, mask=near2)
-            tl.store(list_ptr + 2 * slot + 1, rec, mask=near2)
-    if STATS and not FUSED:
+    # 3. picks, float64 list, losses: BR rows at a time
+    n1_all = 0
+    n2_all = 0
+    for t in range(r0, r_end, BR):
+        rows = t + lane
+        ok = rows < r_end
+        rec = tl.load(oi_ptr + ocol + rows * nb, mask=ok, other=0)
+        pick = rec & 127
+        v_best = tl.load(v_ptr + pick).to(tl.float64)
+        amax = ((g.to(tl.float64) * v_best) / FP8_TOP).to(tl.float32)
+        tl.store(out_ptr + ocol + rows * nb, amax, mask=ok)
+        if LOSSES:
+            wl, ml = _load_block(wcol + rows * stride_wr, ok, stride_wc)
+            s_max, r_max = _max_scale(ml, g, v_ptr)
+            l_max = tl.where(ok, _loss64(wl, s_max, r_max, hb, HESSIAN), 0.0)
+            s_b, r_b = _candidate(s_ptr, r_ptr, pick, sg, FUSED)
+            l_best = tl.where(ok, _loss64(wl, s_b, r_b, hb, HESSIAN), 0.0)
+            tl.atomic_add(loss_ptr + e * 2, tl.sum(l_max, axis=0))
+            tl.atomic_add(loss_ptr + e * 2 + 1, tl.sum(l_best, axis=0))
+        if HESSIAN and EXACT:
+            mode = (rec >> 28) & 3
+            blk = ((e * cout + rows) * nb + j).to(tl.int32)
+            lst = rec & 0x0FFFFFFF
+            near1 = ok & (mode == 1)  # from the front of the list
+            n1 = tl.sum(near1.to(tl.int32))
+            if n1 > 0:
+                slot = tl.atomic_add(cnt_ptr, n1) + tl.cumsum(near1.to(tl.int32), 0) - near1.to(tl.int32)
+                tl.store(list_ptr + 2 * slot, blk, mask=near1)
+                tl.store(list_ptr + 2 * slot + 1, lst, mask=near1)
+            near2 = ok & (mode == 2)  # from the back: the float64 pass runs the two kinds in separate steps
+            n2 = tl.sum(near2.to(tl.int32))
+            if n2 > 0:
+                slot = cap - 1 - (tl.atomic_add(cnt_ptr + 1, n2) + tl.cumsum(near2.to(tl.int32), 0)
+                                  - near2.to(tl.int32))
+                tl.store(list_ptr + 2 * slot, blk, mask=near2)
+                tl.store(list_ptr + 2 * slot + 1, lst, mask=near2)
+            n1_all += n1
+            n2_all += n2
+    if STATS:
         pid = (e * tl.num_programs(1) + j) * tl.num_programs(0) + pid_r
-        tl.store(stats_ptr + pid * 4, it1)
-        tl.store(stats_ptr + pid * 4 + 1, it2)
-        tl.store(stats_ptr + pid * 4 + 2, work)
+        if not FUSED:
+            tl.store(stats_ptr + pid * 4, steps)
+            tl.store(stats_ptr + pid * 4 + 1, (r_end - r0).to(tl.int32))
+            tl.store(stats_ptr + pid * 4 + 2, work)
+        if HESSIAN and EXACT:
+            tl.store(stats_ptr + pid * 4 + 3, n1_all + (n2_all << 16))
