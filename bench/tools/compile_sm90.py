@@ -30,7 +30,8 @@ except ImportError:
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # what the JIT specializes on the bench's shapes: 16-byte-aligned pointers and multiples of 16 ("tt.divisibility"
 # 16), the unit column stride as the constant 1
-ALIGNED_INTS = ("cap", "cout", "nb", "chunk", "stride_we", "stride_wr", "stride_fe", "stride_oe", "n_hb", "n_rows", "cin")
+ALIGNED_INTS = ("cap", "cout", "nb", "chunk", "stride_we", "stride_wr", "stride_fe", "stride_oe", "n_hb", "n_rows",
+                "cin")
 PTRS = {"w_ptr": "*bf16", "rank_ptr": "*i32", "nohalf_ptr": "*i32", "stats_ptr": "*i32", "cnt_ptr": "*i32",
         "list_ptr": "*i32", "oi_ptr": "*i32", "loss_ptr": "*fp64", "flag_ptr": "*i32", "status_ptr": "*i32"}
 

@@ -37,8 +37,8 @@ def main():
     ap.add_argument("--src", default="src")
     ap.add_argument("--shapes", default="qo,kv")
     ap.add_argument("--families", default="well,rank1,rank2,rank8,collinear")
-    ap.add_argument("--variants", default="168/8/8,255/8/8,168/4/8,168/8/4",
-                    help="comma list of maxnreg/refill/rows-per-lane")
+    ap.add_argument("--variants", default="255/8/8/2/2,168/8/8/2/2,255/4/8/2/2,255/8/8/4/2,255/8/8/2/0",
+                    help="comma list of maxnreg/refill/rows-per-lane/unroll/min-waves")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     refill = hasattr(kernels, "_REFILL_LANES")
@@ -52,8 +52,9 @@ def main():
             first = None
             for var in variants:
                 if var != "base":
-                    nreg, rl, rpl = (int(x) for x in var.split("/"))
+                    nreg, rl, rpl, unroll, waves = (int(x) for x in var.split("/"))
                     kernels._MAXNREG_HESSIAN, kernels._REFILL_LANES, kernels._ROWS_PER_LANE = nreg, rl, rpl
+                    kernels._UNROLL, kernels._MIN_WAVES = unroll, waves
                 picks = kernels.search_triton(w, "local_hessian", g, h)
                 same = "-" if first is None else str(bool(torch.equal(picks, first)))
                 first = picks if first is None else first
@@ -77,7 +78,7 @@ def main():
 
 def fmt(r):
     tag, sname, fam, var, t_ex, t_32, cand, warp, same = r
-    return f"{tag:6s} {sname:3s} {fam:9s} {var:9s} {t_ex:7.3f} {t_32:7.3f} {cand:5.1f} {warp:5.1f} {same}"
+    return f"{tag:6s} {sname:3s} {fam:9s} {var:12s} {t_ex:7.3f} {t_32:7.3f} {cand:5.1f} {warp:5.1f} {same}"
 
 
 if __name__ == "__main__":

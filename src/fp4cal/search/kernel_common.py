@@ -71,11 +71,12 @@ def _round_signed(w, s, r):
     x0 = w * r
     res = tl.fma(-x0, s, w)
     x = tl.fma(res, r, x0)
-    xb = x.to(tl.int32, bitcast=True) & 0x7F800000
-    xb = tl.minimum(tl.maximum(xb, 0x3F800000), 0x40800000)  # exponent of |x| clamped to [0, 2]
+    # saturate first: 6 is a level, so rounding the clamped x gives the clamped level, and |x| <= 6 leaves the
+    # exponent at most 2, so it needs only its lower clamp (one instruction fewer per weight than clamping both)
+    x = tl.minimum(tl.maximum(x, -E2M1_TOP), E2M1_TOP)
+    xb = tl.maximum(x.to(tl.int32, bitcast=True) & 0x7F800000, 0x3F800000)  # exponent of |x| clamped to [0, 2]
     magic = (xb + ((22 << 23) | (1 << 22))).to(tl.float32, bitcast=True)
-    lvl = tl.minimum(tl.maximum((x + magic) - magic, -E2M1_TOP), E2M1_TOP)
-    return lvl * s
+    return ((x + magic) - magic) * s
 
 
 @triton.jit

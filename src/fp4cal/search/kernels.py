@@ -108,14 +108,16 @@ RANK_MAX: tl.constexpr = tl.constexpr(RANK_MAX_COLS)
 RANK_EPS: tl.constexpr = tl.constexpr(RANK_EPS_REL)
 # Launch configuration of the sweep, measured on H100 (BENCHMARKS.md): one warp (32 blocks) per program; the
 # interpreter (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster.
-# Register cap for the local-Hessian sweep: it wants ~240 and runs 8 one-warp programs per SM uncapped.
+# Register cap for the local-Hessian sweep: 255, 8 one-warp programs per SM. With lane refill (eighth session, H200)
+# 168 (12 programs per SM, more spills) was 3 % faster on rank-1 blocks and 14-18 % slower on full-rank ones.
 _NUM_WARPS_CUDA = 1
 _NUM_WARPS_INTERPRETER = 4
-_MAXNREG_HESSIAN = 168
+_MAXNREG_HESSIAN = 255
 # Lane refill (sweep_rows.py): a program's lanes take new rows when _REFILL_LANES of them are idle; programs own up
 # to 32 x _ROWS_PER_LANE rows, and at least _MIN_WAVES x the resident programs are launched where the weight allows.
 _REFILL_LANES = 8
 _ROWS_PER_LANE = 8
+_UNROLL = 2  # candidates per lane between two tests of the bounds
 _MIN_WAVES = 2
 _PROGRAMS_PER_SM = 8
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
@@ -397,7 +399,7 @@ def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 32 * _NUM_WARPS_INTERPRETER * _ROWS_PER_LANE
     resident = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    per_lane = (n_e * cout * nb) // (32 * resident * _MIN_WAVES)
+    per_lane = (n_e * cout * nb) // (32 * resident * _MIN_WAVES) if _MIN_WAVES else _ROWS_PER_LANE
     return 32 * max(1, min(_ROWS_PER_LANE, per_lane))
 
 
@@ -511,7 +513,7 @@ def search_triton(
             flags if stats is None else stats, flags if losses is None else losses, near, near_list, cap, cout, nb,
             chunk, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
     opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
-                EXACT=rescore, REFILL=_REFILL_LANES,
+                EXACT=rescore, REFILL=_REFILL_LANES, UNROLL=_UNROLL,
                 num_warps=num_warps,
                 enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 

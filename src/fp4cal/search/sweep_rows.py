@@ -73,9 +73,13 @@ def _load_tri(fb):
 
 @triton.jit
 def _quad(d, fv):
-    """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fv: _load_tri's 136 entries of the lower-triangular F."""
+    """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fv: _load_tri's 136 entries of the lower-triangular F. Column k's
+    sum has 16 - k terms, so the squares are added from the last column (ready first) to the first (ready last):
+    the chain of additions then ends about when column 0's sum does (the first session summed from column 0, a
+    chain of 16 dependent FMAs after the longest sum). Summation order does not change the error bound (sweep_rows'
+    docstring, 'Exact picks')."""
     loss = tl.zeros(d[0].shape, tl.float32)
-    for k in tl.static_range(16):
+    for k in tl.static_range(15, -1, -1):
         # F[i, k] is fv[16 k - k (k - 1) / 2 + i - k]: the columns before k hold 16 - k' entries each (inline, so
         # the index stays a compile-time constant)
         z = d[k] * fv[16 * k - (k * (k - 1)) // 2]
@@ -91,9 +95,15 @@ def _quad_cols(d, fb, n):
     n is uniform per program, so the loop costs 16 n FMAs and no divergence."""
     loss = tl.zeros(d[0].shape, tl.float32)
     for t in range(n):
-        z = d[0] * tl.load(fb + t)
-        for k in tl.static_range(1, 16):
-            z = tl.fma(d[k], tl.load(fb + k * 16 + t), z)
+        # four partial sums of four terms: a chain of 4 FMAs and 2 adds instead of 16 FMAs (the loss of one
+        # candidate is on the walk's critical path)
+        zs = ()
+        for q in tl.static_range(4):
+            z = d[4 * q] * tl.load(fb + 4 * q * 16 + t)
+            for k in tl.static_range(4 * q + 1, 4 * q + 4):
+                z = tl.fma(d[k], tl.load(fb + k * 16 + t), z)
+            zs = zs + (z,)
+        z = (zs[0] + zs[1]) + (zs[2] + zs[3])
         loss = tl.fma(z, z, loss)
     return loss
 
@@ -101,10 +111,12 @@ def _quad_cols(d, fb, n):
 @triton.jit
 def _reg_term(d, rd):
     """sum_k rd_k d_k^2 ([BR] fp32): the regularisation of a singular block's factor (F F^T = H + diag(rd))."""
-    t = tl.zeros(d[0].shape, tl.float32)
-    for k in tl.static_range(16):
-        t = tl.fma(d[k] * d[k], rd[k], t)
-    return t
+    t0 = tl.zeros(d[0].shape, tl.float32)
+    t1 = tl.zeros(d[0].shape, tl.float32)
+    for k in tl.static_range(8):  # two chains of 8 (critical path)
+        t0 = tl.fma(d[2 * k] * d[2 * k], rd[2 * k], t0)
+        t1 = tl.fma(d[2 * k + 1] * d[2 * k + 1], rd[2 * k + 1], t1)
+    return t0 + t1
 
 
 @triton.jit
@@ -121,11 +133,15 @@ def _quad64(d, hb):
 
 @triton.jit
 def _weighted_l1(d, sd):
-    """S = sum_k sd_k |d_k| ([BR] fp32); sd: 16-tuple of scalars."""
-    t = tl.zeros(d[0].shape, tl.float32)
-    for k in tl.static_range(16):
-        t = tl.fma(tl.abs(d[k]), sd[k], t)
-    return t
+    """S = sum_k sd_k |d_k| ([BR] fp32); sd: 16-tuple of scalars. Four chains of four (the margin is on the walk's
+    critical path)."""
+    ts = ()
+    for q in tl.static_range(4):
+        t = tl.abs(d[4 * q]) * sd[4 * q]
+        for k in tl.static_range(4 * q + 1, 4 * q + 4):
+            t = tl.fma(tl.abs(d[k]), sd[k], t)
+        ts = ts + (t,)
+    return (ts[0] + ts[1]) + (ts[2] + ts[3])
 
 
 @triton.jit
@@ -170,17 +186,24 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, f
 @triton.jit
 def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
     """The clipping bound, e_k = max(|w_k| - fp32(6 s), 0): max(max_k mu_k e_k^2, sum_k nu_k e_k^2) (HESSIAN)
-    or sum_k e_k^2."""
+    or sum_k e_k^2 (two chains of 8 FMAs: the critical path)."""
     bmax = tl.zeros(six_s.shape, tl.float32)
-    bsum = tl.zeros(six_s.shape, tl.float32)
+    bs0 = tl.zeros(six_s.shape, tl.float32)
+    bs1 = tl.zeros(six_s.shape, tl.float32)
     for k in tl.static_range(16):
         err = tl.maximum(tl.abs(w[k]) - six_s, 0.0)
         if HESSIAN:
             bmax = tl.maximum(bmax, err * err * tl.load(mb + k))
-            bsum = tl.fma(err * err, tl.load(nbp + k), bsum)
+            if k % 2 == 0:
+                bs0 = tl.fma(err * err, tl.load(nbp + k), bs0)
+            else:
+                bs1 = tl.fma(err * err, tl.load(nbp + k), bs1)
         else:
-            bsum = tl.fma(err, err, bsum)
-    return tl.maximum(bmax, bsum)
+            if k % 2 == 0:
+                bs0 = tl.fma(err, err, bs0)
+            else:
+                bs1 = tl.fma(err, err, bs1)
+    return tl.maximum(bmax, bs0 + bs1)
 
 
 @triton.jit
@@ -213,14 +236,18 @@ def _box_bound(w, s, fb, fv, sd, rd, lr, tau):
 def _up_bound(w, mb, nbp, half_s):
     """max(max_k mu_k l_k^2, sum_k nu_k l_k^2), l_k = min(|w_k|, max(s / 2 - |w_k|, 0)) (upward bound)."""
     bmax = tl.zeros(half_s.shape, tl.float32)
-    bsum = tl.zeros(half_s.shape, tl.float32)
+    bs0 = tl.zeros(half_s.shape, tl.float32)
+    bs1 = tl.zeros(half_s.shape, tl.float32)
     for k in tl.static_range(16):
         a = tl.abs(w[k])
         low = tl.minimum(a, tl.maximum(half_s - a, 0.0))
         low2 = low * low
         bmax = tl.maximum(bmax, low2 * tl.load(mb + k))
-        bsum = bsum + low2 * tl.load(nbp + k)
-    return tl.maximum(bmax, bsum)
+        if k % 2 == 0:  # two chains of 8 (critical path)
+            bs0 = bs0 + low2 * tl.load(nbp + k)
+        else:
+            bs1 = bs1 + low2 * tl.load(nbp + k)
+    return tl.maximum(bmax, bs0 + bs1)
 
 
 @triton.jit
@@ -275,6 +302,20 @@ def _load_block(wrow, ok, stride_wc):
         w = w + (wk,)
         m = tl.maximum(m, tl.abs(wk))
     return w, m
+
+
+@triton.jit
+def _emit(p, fin, best, bmar, best_idx, low1, low2, r1, c_lo, c_hi, EXACT: tl.constexpr):
+    """Store the record of each finished lane's block at p [BR] (where fin): its pick, and (EXACT) the runner-up,
+    the window it walked and the float64 pass's mode: best | r1 << 7 | lo << 14 | hi << 21 | mode << 28."""
+    rec = best_idx
+    if EXACT:
+        # candidates whose true loss may be at or below the best's: lower end at or below best + bmar (with the fp32
+        # rounding of these sums); mode 0 needs nothing, 1 a float64 choice between best and r1, 2 a full one
+        thr = best + bmar + tl.abs(best) * 2.0**-20
+        mode = tl.where(low1 <= thr, tl.where(low2 <= thr, 2, 1), 0)
+        rec = rec | (r1 << 7) | (c_lo << 14) | (c_hi << 21) | (mode << 28)
+    tl.store(p, rec, mask=fin)
 
 
 @triton.jit
@@ -405,7 +446,6 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     zero_at = tl.zeros([BR], tl.int32)
     down = tl.zeros([BR], tl.int1)
     live = tl.zeros([BR], tl.int1)  # walking a block
-    idle = tl.full([BR], 1, tl.int1)  # holds no block: takes the next row at the next refill
     has = tl.zeros([BR], tl.int1)  # holds a block whose record is not written yet
     best = tl.full([BR], float("inf"), tl.float32)
     bmar = tl.zeros([BR], tl.float32)
@@ -417,15 +457,17 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     best_idx = tl.zeros([BR], tl.int32)
     next_row = r0
     n_live = 0
+    n_fin = 0
     steps = 0
     work = 0
     while (n_live > 0) | (next_row < r_end):
-        n_idle = tl.sum(idle.to(tl.int32))
-        if (next_row < r_end) & ((n_idle >= REFILL) | (n_live == 0)):
-            take = idle
+        if (next_row < r_end) & ((n_fin >= REFILL) | (n_live == 0)):
+            take = ~live
+            _emit(oi_ptr + ocol + row * nb, take & has, best, bmar, best_idx, low1, low2, r1, c_lo, c_hi,
+                  HESSIAN and EXACT)
             nr = next_row + tl.cumsum(take.to(tl.int64), 0) - take.to(tl.int64)
             got = take & (nr < r_end)
-            next_row += n_idle
+            next_row += BR - n_live
             row = tl.where(take, nr, row)
             wn, _ = _load_block(wcol + row * stride_wr, got, stride_wc)
             nw = ()
@@ -437,18 +479,17 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             zero_at = tl.where(got, win >> 8, zero_at)
             c = tl.where(got, top, c)
             down = down | got
-            live = live | got
-            has = has | got
-            idle = idle & ~take
+            has = live | got
+            live = has
             best = tl.where(got, float("inf"), best)
             bmar = tl.where(got, 0.0, bmar)
             low1 = tl.where(got, float("inf"), low1)
             low2 = tl.where(got, float("inf"), low2)
             c_lo = tl.where(got, top, c_lo)
             c_hi = tl.where(got, top, c_hi)
-        n_live = tl.sum(live.to(tl.int32))
         steps += UNROLL
-        work += n_live * UNROLL
+        if STATS:
+            work += tl.sum(live.to(tl.int32)) * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.minimum(tl.maximum(c, 0), N_CAND - 1)
             if HESSIAN and EXACT:
@@ -484,19 +525,11 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             c = tl.where(stop, top + 1, c)
             down = down & ~stop
             live = live & ~(~down & (c > zero_at))
-        fin = has & ~live
-        if tl.sum(fin.to(tl.int32)) > 0:
-            rec = best_idx
-            if HESSIAN and EXACT:
-                # candidates whose true loss may be at or below the best's: lower end at or below best + bmar (with
-                # the fp32 rounding of these sums); mode 0 needs nothing, 1 a float64 choice between best and r1, 2
-                # a full one
-                thr = best + bmar + tl.abs(best) * 2.0**-20
-                mode = tl.where(low1 <= thr, tl.where(low2 <= thr, 2, 1), 0)
-                rec = rec | (r1 << 7) | (c_lo << 14) | (c_hi << 21) | (mode << 28)
-            tl.store(oi_ptr + ocol + row * nb, rec, mask=fin)
-            idle = idle | fin
-            has = has & ~fin
+        # one reduction per step: the lanes walking, and those finished whose record is not written yet
+        cnt = tl.sum(live.to(tl.int32) + ((has & ~live).to(tl.int32) << 8))
+        n_live = cnt & 255
+        n_fin = cnt >> 8
+    _emit(oi_ptr + ocol + row * nb, has, best, bmar, best_idx, low1, low2, r1, c_lo, c_hi, HESSIAN and EXACT)
     tl.debug_barrier()  # step 3 reads records other lanes wrote
 
     # 3. picks, float64 list, losses: BR rows at a time
