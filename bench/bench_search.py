@@ -148,13 +148,11 @@ def run_shape(name, cout, cin, mo, do_ref, rows):
 def run_variants(w, h, g):
     """Host-side phases and window statistics on one shape (what the tuning is based on)."""
     out = []
-    for method, br in (("mse", 32), ("local_hessian", 32)):
-        progs = triton.cdiv(w.shape[0], br) * (w.shape[1] // 16)
-        st = torch.zeros(progs, 4, dtype=torch.int32, device=w.device)
+    for method in ("mse", "local_hessian"):
+        st = torch.zeros(kernels.sweep_programs(w), 4, dtype=torch.int32, device=w.device)
         kernels.search_triton(w, method, g, h if method != "mse" else None, stats=st)
         st = st.double()
-        print(f"window stats {method}: iterations phase1 mean {st[:, 0].mean():.1f} max {st[:, 0].max():.0f}, "
-              f"phase2 mean {st[:, 1].mean():.1f} max {st[:, 1].max():.0f}; "
+        print(f"window stats {method}: walk steps per 32 blocks {(st[:, 0] * 32 / st[:, 1]).mean():.1f}, "
               f"per-block candidates {st[:, 2].sum() / (w.numel() / 16):.1f} of 126")
     from fp4cal.validation import check_hessian, check_weight
 
@@ -262,7 +260,6 @@ def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
     moe_cout, moe_cin = (1536, 2048) if dev == "cuda" else (16, 32)
     if moe_experts:
         cases.append((f"MoE {moe_experts}x{moe_cout}x{moe_cin}", moe_cout, moe_cin, moe_experts))
-    br = 32 if dev == "cuda" else 128  # rows per sweep program (kernels: one warp on a GPU)
     for name, cout, cin, n_e in cases:
         torch.manual_seed(3)
         w = torch.randn(n_e, cout, cin, device=dev) * 0.02
@@ -293,13 +290,12 @@ def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
                             mo.nvfp4_fp8_scale_sweep_hessian(w[e].reshape(-1, 16), g[e], h[e], block_size=16)
                     fns["modelopt_ms"] = loop
             row.update(bench_rounds(fns, rounds=2, rep=40) if dev == "cuda" else time_once(fns))
-            progs = triton.cdiv(cout, br) * (cin // 16) * n_e
-            st = torch.zeros(progs, 4, dtype=torch.int32, device=dev)
+            st = torch.zeros(kernels.sweep_programs(w), 4, dtype=torch.int32, device=dev)
             kernels.search_triton(w, "local_hessian", g, h, stats=st)
             st = st.double()
             n_blocks = w.numel() / 16
             row["cand_per_block"] = float(st[:, 2].sum()) / n_blocks
-            row["warp_steps"] = float((st[:, 0] + st[:, 1]).mean())
+            row["warp_steps"] = float((st[:, 0] * 32 / st[:, 1]).mean())  # what 32 blocks paid, in candidates
             rec = st[:, 3].long()
             row["f64_pair_pct"] = 100.0 * float((rec & 0xFFFF).sum()) / n_blocks
             row["f64_full_pct"] = 100.0 * float((rec >> 16).sum()) / n_blocks
