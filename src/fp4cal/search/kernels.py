@@ -43,7 +43,8 @@ those alone, so a call returns while its sweep runs. Small mse calls are one lau
 computes its own candidate scales and checks the values (FUSED), and the host waits for it.
 
 Where the quadratic form runs: each H_j is factored once (float64 Cholesky in _prep_kernel), so the loss is a
-sum of squares ||F_j^T dw||^2, 136 fp32 FMAs per block and candidate in sweep_rows.py (one block per thread).
+sum of squares ||F_j^T dw||^2, 136 fp32 FMAs per block and candidate in sweep_rows.py (one block per thread at a time;
+threads of a program take new rows as their blocks finish).
 
 Singular blocks (a live pivot at or below 1e-12 of its diagonal: rank < 16, or near-collinear channels within
 fp32 rounding) are factored in the same kernel, with no eigendecomposition and no host round trip: a plain

@@ -1,8 +1,10 @@
-"""The sweep kernel: each thread owns one 16-weight block, a program one warp of blocks of one block column.
+"""The sweep kernel: each thread walks one 16-weight block at a time, a program (one warp) a chunk of rows of one
+block column, each thread taking the chunk's next row when a few threads are idle ('lane refill', the kernel's
+docstring).
 
 Every per-block quantity is thread-local: the 16 x 16 triangular product F^T dw is 136 fp32 FMAs on registers,
 sums and maxima are plain arithmetic, and all threads of a program share the block column's factor F_j, so the
-branches below that depend on F_j (or on whether any thread needs the float64 re-score) are uniform.
+branches below that depend on F_j are uniform. The float64 decision of the blocks recorded here is rescore.py's.
 
 Windows, bounds and tie rules are those of fp4cal.search.kernels' docstring; this file adds, for
 ill-conditioned Hessians (issue 13):
