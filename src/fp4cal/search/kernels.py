@@ -85,7 +85,7 @@ import triton.language as tl
 
 from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
 from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd, with_fallback
-from fp4cal.search.kernel_common import GDIV, N_CAND, SG_MAX, SG_MIN
+from fp4cal.search.kernel_common import GDIV, N_CAND, RANK_MAX_COLS, SG_MAX, SG_MIN
 from fp4cal.search.rescore import _rescore_kernel
 from fp4cal.search.sweep_rows import _sweep_rows_kernel
 from fp4cal.search.windowed import nohalf_table
@@ -103,9 +103,8 @@ REG: tl.constexpr = tl.constexpr(REG_DELTA)
 # Low-rank singular blocks (module docstring): at most RANK_MAX columns, residual entries within RANK_EPS of
 # sqrt(H_ii H_kk) (the sweep widens its error margin by that much: sweep_rows.py, 'Low-rank blocks'). An fp32
 # X^T X / n of r tokens leaves a residual of a few fp32 ulps after r steps, far below 2^-19 = 32 u.
-RANK_MAX_COLS = 4
 RANK_EPS_REL = 2.0**-19
-RANK_MAX: tl.constexpr = tl.constexpr(RANK_MAX_COLS)
+RANK_MAX: tl.constexpr = tl.constexpr(RANK_MAX_COLS)  # RANK_MAX_COLS: kernel_common (the sweep reads G's columns)
 RANK_EPS: tl.constexpr = tl.constexpr(RANK_EPS_REL)
 # Launch configuration of the sweep, measured on H100 (BENCHMARKS.md): one warp (32 blocks) per program; the
 # interpreter (CPU tensors) runs the same arithmetic in 128-block programs, which it executes several times faster.

@@ -31,7 +31,7 @@ ill-conditioned Hessians (issue 13):
   the subtracted term is at most REG_DELTA S^2 and computed to fp32 rounding, so TAU still bounds the error. sd
   (row norms of F) grows by a factor sqrt(1 + REG_DELTA), which keeps it an upper bound. The box bound bounds
   ||F^T dw|| and then subtracts sum rd_k w_k^2 >= sum rd_k dw_k^2 (every |dw_k| <= |w_k| at or below s).
-- Low-rank blocks (rank r <= kernels.RANK_MAX_COLS): F holds G with G G^T = H - E, |E_ik| <= RANK_EPS
+- Low-rank blocks (rank r <= kernel_common.RANK_MAX_COLS): F holds G with G G^T = H - E, |E_ik| <= RANK_EPS
   sqrt(H_ii H_kk) (RANK_EPS = 2^-19), so the loss is ||G^T dw||^2 (16 r FMAs instead of 136, a runtime loop
   over r: uniform per program) and |dw^T E dw| <= RANK_EPS S_H^2, S_H with sqrt(H_kk); the row norms sd of G are
   at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the margin and the box bound's error term use tau = 2 TAU, which
@@ -48,6 +48,7 @@ from fp4cal.search.kernel_common import (
     FP8_TOP,
     GDIV,
     N_CAND,
+    RANK_COLS,
     SG_MAX,
     SG_MIN,
     _candidate,
@@ -92,21 +93,37 @@ def _quad(d, fv):
 
 
 @triton.jit
-def _quad_cols(d, fb, n):
-    """||G^T d||^2 in fp32 for a low-rank block: G's n columns in F's storage (row-major 16 x 16, columns n.. zero);
-    n is uniform per program, so the loop costs 16 n FMAs and no divergence."""
+def _load_upper_g(fb):
+    """The 6 entries G[k, t], k < t < RANK_COLS, of a low-rank block's columns (row-major 16 x 16 at fb) that are
+    not in _load_tri's lower triangle (entry t (t - 1) / 2 + k): with them the sweep holds G in registers."""
+    gx = ()
+    for t in tl.static_range(1, RANK_COLS):
+        for k in tl.static_range(t):
+            gx = gx + (tl.load(fb + k * 16 + t),)
+    return gx
+
+
+@triton.jit
+def _quad_cols(d, fv, gx, n):
+    """||G^T d||^2 in fp32 for a low-rank block: G's n <= RANK_COLS columns in F's storage (row-major 16 x 16,
+    columns n.. zero), read from registers (fv: _load_tri's lower triangle, gx: _load_upper_g's rest); n is uniform
+    per program, so the product costs 16 n FMAs and no divergence."""
     loss = tl.zeros(d[0].shape, tl.float32)
-    for t in range(n):
-        # four partial sums of four terms: a chain of 4 FMAs and 2 adds instead of 16 FMAs (the loss of one
-        # candidate is on the walk's critical path)
-        zs = ()
-        for q in tl.static_range(4):
-            z = d[4 * q] * tl.load(fb + 4 * q * 16 + t)
-            for k in tl.static_range(4 * q + 1, 4 * q + 4):
-                z = tl.fma(d[k], tl.load(fb + k * 16 + t), z)
-            zs = zs + (z,)
-        z = (zs[0] + zs[1]) + (zs[2] + zs[3])
-        loss = tl.fma(z, z, loss)
+    for t in tl.static_range(RANK_COLS):
+        if t < n:
+            # four partial sums of four terms: a chain of 4 FMAs and 2 adds instead of 16 FMAs (the loss of one
+            # candidate is on the walk's critical path)
+            zs = ()
+            for q in tl.static_range(4):
+                z = tl.zeros(d[0].shape, tl.float32)
+                for k in tl.static_range(4 * q, 4 * q + 4):
+                    if k >= t:  # G[k, t] = F[k, t]: lower triangle
+                        z = tl.fma(d[k], fv[16 * t - (t * (t - 1)) // 2 + k - t], z)
+                    else:
+                        z = tl.fma(d[k], gx[(t * (t - 1)) // 2 + k], z)
+                zs = zs + (z,)
+            z = (zs[0] + zs[1]) + (zs[2] + zs[3])
+            loss = tl.fma(z, z, loss)
     return loss
 
 
@@ -147,7 +164,7 @@ def _weighted_l1(d, sd):
 
 
 @triton.jit
-def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, fb, fv, sd, rd, reg, lr, tau,
+def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, gx, fv, sd, rd, reg, lr, tau,
               HESSIAN: tl.constexpr):
     """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
@@ -159,7 +176,7 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, f
     d = _errors(w, s, r)
     if HESSIAN:
         if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
-            loss = _quad_cols(d, fb, lr)
+            loss = _quad_cols(d, fv, gx, lr)
         else:
             loss = _quad(d, fv)
             if reg:  # uniform: the block column's factor is regularised (singular H)
@@ -209,7 +226,7 @@ def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
 
 
 @triton.jit
-def _box_bound(w, s, fb, fv, sd, rd, lr, tau):
+def _box_bound(w, s, gx, fv, sd, rd, lr, tau):
     """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the
     fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, TAU * (sum sd |w|)^2), and
     the regularisation of a singular block's factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
@@ -226,7 +243,7 @@ def _box_bound(w, s, fb, fv, sd, rd, lr, tau):
         rad = tl.fma(rho, sd[k], rad)
         big = tl.fma(a, sd[k], big)
     if lr > 0:
-        q = _quad_cols(m, fb, lr)
+        q = _quad_cols(m, fv, gx, lr)
     else:
         q = _quad(m, fv)
     norm = tl.sqrt(q) * (1.0 - 1e-5) - rad - 1e-5 * big
@@ -386,8 +403,10 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     lr = 0
     tau = TAU
     fv = ()
+    gx = ()
     if HESSIAN:
         fv = _load_tri(fb)
+        gx = _load_upper_g(fb)
         lr = tl.load(rank_ptr + e * (stride_fe // 256) + j)
         tau = tl.where(lr > 0, 2.0 * TAU, TAU)
         # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding), shared by the program's blocks (a low-rank G is not
@@ -499,7 +518,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                 c_hi = tl.where(live & ~down, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, live, down, best, bmar, best_idx, low1,
-                                                             low2, r1, fb, fv, sd, rd, reg, lr, tau, HESSIAN)
+                                                             low2, r1, gx, fv, sd, rd, reg, lr, tau, HESSIAN)
             c = tl.where(down, c - 1, c + 1)
             if u == UNROLL - 1:
                 # the bounds, tested at the next candidate each lane would try (covering it and all beyond)
@@ -514,7 +533,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                     # simulated on rank-1/2/8 and collinear blocks: ~1 candidate more per block, half the products,
                     # ~10 % less work in the downward walk
                     if weak & ((steps // UNROLL) % 2 == 0):
-                        bound = tl.maximum(bound, _box_bound(w, s_next, fb, fv, sd, rd, lr, tau))
+                        bound = tl.maximum(bound, _box_bound(w, s_next, gx, fv, sd, rd, lr, tau))
                 stop = down & (bound > thr)
                 if HESSIAN:
                     if clip:
