@@ -4,6 +4,37 @@ The sweep (sweep_rows.py, 'Exact picks') records each block whose fp32 order may
 best and its runner-up r1 can truly win, mode 2 when three or more candidates can. This kernel recomputes those
 candidates' losses dw^T H dw in float64 from the block's fp32 Hessian, with the same fp32 errors dw as the sweep
 and the reference (reference.block_loss), and keeps the smallest, ties to the smaller candidate.
+
+fp32 filter (mode 2, symmetric H). A float64 candidate costs about ten fp32 ones on Hopper (152 conversions to
+float64 at 16 a clock and SM), and a mode-2 block walked ~54 candidates, of which a handful can win. So each
+lane first walks its window in fp32, from the H it holds in registers, and keeps only the candidates that an
+rigorous error bound cannot exclude; the float64 losses then run on those alone (a 128-bit mask per lane, a
+loop over each lane's set bits in increasing candidate order, as many steps as the warp's largest count).
+
+The bound. For a candidate with fp32 errors d (16 values, exact inputs) and the block's fp32 H (symmetric),
+L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of the elementary terms d_i H_ik d_k, whose
+absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it with FMAs: y_i = sum_k>i H_ik d_k (a chain of
+at most 15 roundings), t_i = fma(H_ii, d_i, 2 y_i) (one; doubling is exact), L = sum_i d_i t_i (a chain of 16).
+Every elementary term passes through at most 15 + 1 + 16 = 32 roundings, each a factor (1 + delta), |delta| <= u
+= 2^-24, so |fl(L) - L| <= gamma_32 B, gamma_32 = 32 u / (1 - 32 u) < 33 u (the standard bound for a sum of
+products, Higham ch. 3, applied per term). The float64 losses (this kernel's and the reference's einsum) are
+within gamma_32 of float64 = 2^-47 B of L: so each candidate's float64 loss F lies in [fl(L) - 34 u B, fl(L) +
+34 u B]. B needs no semi-definite H: with a_i = sqrt(H_ii) and rho = max(1, max_i<k |H_ik| / (a_i a_k)) (per block,
+once), |H_ik| <= rho a_i a_k for all i, k (i = k: H_ii = a_i^2, H_ii >= 0 checked), hence B <= rho S^2,
+S = sum_i a_i |d_i| (rho = 1 on a rank-1 block x x^T, and about 1 on any computed X^T X; a negative diagonal, or
+a zero one beside a nonzero entry of its row, makes rho infinite: no filter). The margin m = TAU32 rho S^2,
+TAU32 = 40 u, with S, rho and m computed in fp32 (correctly rounded sqrt and division, each a few u relative
+below its exact value: m >= 39.9 u B), covers 34 u B plus the rounding of fl(L) -+ m (u (|fl(L)| + m) <= 1.01 u
+B + u m): the computed lower end fl(fl(L) - m) is at or below F and the upper end fl(fl(L) + m) at or above it.
+Underflow (subnormal or flushed results; |d_i| <= |w_i|): S starts at 2^-60 (covers the at most 16 flushed
+products a_i |d_i| < 2^-126 each), and m gets 2^-116 (1 + sum_i |w_i|)^2 added, which covers every flushed product
+H_ik d_k (< 2^-126 |d_i| |d_k| after its multiplication by d_i) and every flushed intermediate (< 2^-126 each, 47
+of them, times |d_i| at most). A candidate is dropped only when its lower end is finite and above the upper end of
+some candidate of the window (the sweep's best first, then a running minimum): then its float64 loss exceeds that
+candidate's, so it is neither the float64 minimum nor tied with it. Every candidate whose float64 loss equals the
+window's minimum is kept (its lower end is at or below the minimum's upper end), and the kept ones are re-scored
+in increasing order with strict '<': the pick is the one the unfiltered window gives, ties to the smaller
+candidate. Non-finite fp32 values (overflow) drop nothing. The sweep's best is always kept, for LOSSES' update.
 """
 
 from __future__ import annotations
@@ -12,6 +43,12 @@ import triton
 import triton.language as tl
 
 from fp4cal.search.kernel_common import FP8_TOP, N_CAND, _errors, _round_signed
+
+# The fp32 filter's margins (module docstring, 'The bound'): relative to rho S^2 (40 u; 34 u needed), the start of
+# S, and the absolute term's factor on (1 + sum |w|)^2 (underflow)
+TAU32: tl.constexpr = tl.constexpr(40 * 2.0**-24)
+S0: tl.constexpr = tl.constexpr(2.0**-60)
+ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
 
 
 @triton.jit
@@ -106,13 +143,171 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 
 
 @triton.jit
-def _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_row, r_row, full, n_try, c_lo, c_hi, best_old, r1,
-            SYM: tl.constexpr):
-    """(float64 best loss, its candidate, best_old's float64 loss) per lane over n_try candidates: (full) the window
-    c_lo.. c_hi, or the pair (best_old, r1) in increasing order; '<', so ties keep the smaller candidate. w2: the
-    lanes' weights [BR, 16], w: the same as a 16-tuple. SYM: every block's H is symmetric, the loss is
-    _quad64_up's from the values held in registers; else _quad64_any's from memory (a loop of its own, so that the
-    fast one's registers are not shared with it)."""
+def _bound_scale(diag, up, w):
+    """Per lane, what the fp32 filter's margin needs from its block (module docstring, 'The bound'): (a, rho, ab).
+    a: 16-tuple of sqrt(H_ii) [BR] fp32; rho [BR]: max(1, max_i<k |H_ik| / (a_i a_k)), inf where some H_ii < 0 or a
+    zero diagonal has a nonzero entry in its row (no filter there); ab [BR]: the absolute margin for underflow,
+    2^-116 (1 + sum_i |w_i|)^2. Correctly rounded sqrt and division: each ratio within a few u of its value."""
+    a = ()
+    q = ()
+    neg = tl.zeros(diag[0].shape, tl.int1)
+    for i in tl.static_range(16):
+        neg = neg | (diag[i] < 0.0)
+        ai = tl.sqrt_rn(tl.maximum(diag[i], 0.0))
+        a = a + (ai,)
+        q = q + (tl.where(ai > 0.0, tl.div_rn(tl.full(ai.shape, 1.0, tl.float32), tl.where(ai > 0.0, ai, 1.0)),
+                          float("inf")),)
+    rho = tl.full(diag[0].shape, 1.0, tl.float32)
+    for i in tl.static_range(16):
+        for k in tl.static_range(i + 1, 16):
+            h = tl.abs(up[15 * i - (i * (i - 1)) // 2 + k - i - 1])
+            # q > 0 (finite or inf), so a nonzero h gives a number or inf, never NaN
+            rho = tl.maximum(rho, tl.where(h == 0.0, 0.0, h * q[i] * q[k]))
+    rho = tl.where(neg, float("inf"), rho)
+    ws = tl.zeros(diag[0].shape, tl.float32)
+    for k in tl.static_range(16):
+        ws = ws + tl.abs(w[k])
+    ab = ABS_MARGIN * (1.0 + ws) * (1.0 + ws)
+    return a, rho, ab
+
+
+@triton.jit
+def _quad32_up(d, diag, up, a):
+    """(fp32 d^T H d, S) for _bound_scale's margin: the loss as _quad64_up sums it, in fp32 FMAs (the order the
+    module docstring's error bound counts), and S = S0 + sum_i a_i |d_i|; d: 16-tuple of [BR] fp32 errors."""
+    loss = tl.zeros(d[0].shape, tl.float32)
+    sw = tl.full(d[0].shape, S0, tl.float32)
+    for i in tl.static_range(16):
+        y = tl.zeros(d[0].shape, tl.float32)
+        for k in tl.static_range(i + 1, 16):
+            y = tl.fma(up[15 * i - (i * (i - 1)) // 2 + k - i - 1], d[k], y)
+        loss = tl.fma(d[i], tl.fma(diag[i], d[i], 2.0 * y), loss)
+        sw = tl.fma(a[i], tl.abs(d[i]), sw)
+    return loss, sw
+
+
+@triton.jit
+def _filter32(w, diag, up, ok, s_row, r_row, c_lo, c_hi, best_old):
+    """The mode-2 fp32 filter (module docstring): the candidates of each lane's window [c_lo, c_hi] that may be the
+    float64 minimum, as a 128-bit mask (m0, m1, m2, m3: bit t = candidate c_lo + t) and their count [BR]. The walk
+    starts at the sweep's best (t = -1: its upper end starts the running minimum U; it is kept if in the window)."""
+    a, rho, ab = _bound_scale(diag, up, w)
+    rt = rho * TAU32
+    n_win = tl.max(tl.where(ok, c_hi - c_lo + 1, 0))
+    old_in = ok & (best_old >= c_lo) & (best_old <= c_hi)
+    u_min = tl.full(ok.shape, float("inf"), tl.float32)
+    m0 = tl.zeros(ok.shape, tl.int32)
+    m1 = tl.zeros(ok.shape, tl.int32)
+    m2 = tl.zeros(ok.shape, tl.int32)
+    m3 = tl.zeros(ok.shape, tl.int32)
+    cnt = tl.zeros(ok.shape, tl.int32)
+    for t in range(-1, n_win):
+        tt = tl.maximum(t, 0)
+        inwin = ok & (tt <= c_hi - c_lo) & (t >= 0)
+        c = tl.where(t < 0, best_old, tl.minimum(c_lo + tt, c_hi))
+        s = tl.load(s_row + c, mask=ok, other=1.0)
+        r = tl.load(r_row + c, mask=ok, other=1.0)
+        loss, sw = _quad32_up(_errors(w, s, r), diag, up, a)
+        m = tl.fma(rt, sw * sw, ab)
+        lower = loss - m
+        upper = loss + m
+        u_min = tl.where((inwin | ((t < 0) & old_in)) & (upper < u_min), upper, u_min)  # a NaN never enters
+        # dropped: a finite lower end above some candidate's upper end (NaN and inf keep the candidate)
+        keep = inwin & ((c == best_old) | ~((lower > u_min) & (lower < float("inf"))))
+        bit = tl.where(keep, 1 << (tt & 31), 0)
+        word = tt >> 5
+        m0 = m0 | tl.where(word == 0, bit, 0)
+        m1 = m1 | tl.where(word == 1, bit, 0)
+        m2 = m2 | tl.where(word == 2, bit, 0)
+        m3 = m3 | tl.where(word == 3, bit, 0)
+        cnt += keep.to(tl.int32)
+    return m0, m1, m2, m3, cnt
+
+
+@triton.jit
+def _pop_lowest(m0, m1, m2, m3):
+    """(index of the lowest set bit of the 128-bit mask (m0 bits 0..31, .., m3 bits 96..127), the mask without it);
+    an empty mask gives a negative index. The bit x & -x, its index the exponent of its exact fp32 value (the sign
+    bit, -2^31, has exponent 31 too)."""
+    nz0 = m0 != 0
+    nz1 = m1 != 0
+    nz2 = m2 != 0
+    word = tl.where(nz0, m0, tl.where(nz1, m1, tl.where(nz2, m2, m3)))
+    off = tl.where(nz0, 0, tl.where(nz1, 32, tl.where(nz2, 64, 96)))
+    low = word & (0 - word)
+    idx = off + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    m0 = tl.where(nz0, m0 ^ low, m0)
+    m1 = tl.where(~nz0 & nz1, m1 ^ low, m1)
+    m2 = tl.where(~nz0 & ~nz1 & nz2, m2 ^ low, m2)
+    m3 = tl.where(~nz0 & ~nz1 & ~nz2, m3 ^ low, m3)
+    return idx, m0, m1, m2, m3
+
+
+@triton.jit
+def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STATS: tl.constexpr,
+              stats_ptr, blk):
+    """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
+    candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
+    so ties keep the smaller candidate; each lane's k-th candidate at step k, as many steps as the warp's largest
+    count. STATS: mode 2's counts into stats_ptr[0:5] and each block's mask at stats_ptr[8 + 5 blk ..]
+    (search_triton's rescore_stats)."""
+    if full:
+        base = c_lo
+        m0, m1, m2, m3, cnt = _filter32(w, diag, up, ok, s_row, r_row, c_lo, c_hi, best_old)
+    else:
+        base = tl.minimum(best_old, r1)
+        gap = tl.abs(r1 - best_old)  # bits 0 and gap (one bit if r1 == best_old)
+        bit = 1 << (gap & 31)
+        m0 = tl.where(gap >> 5 == 0, bit | 1, 1)
+        m1 = tl.where(gap >> 5 == 1, bit, 0)
+        m2 = tl.where(gap >> 5 == 2, bit, 0)
+        m3 = tl.where(gap >> 5 == 3, bit, 0)
+        cnt = tl.where(gap == 0, 1, 2)
+    n64 = tl.max(tl.where(ok, cnt, 0))
+    if STATS:
+        if full:
+            lanes = tl.sum(ok.to(tl.int32))
+            win = tl.sum(tl.where(ok, c_hi - c_lo + 1, 0))
+            tl.atomic_add(stats_ptr, lanes)
+            tl.atomic_add(stats_ptr + 1, win)
+            tl.atomic_add(stats_ptr + 2, tl.sum(tl.where(ok, cnt, 0)))
+            tl.atomic_add(stats_ptr + 3, n64)
+            tl.atomic_add(stats_ptr + 4, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) + 1)
+            rec = stats_ptr + 8 + 5 * blk
+            tl.store(rec, c_lo, mask=ok)
+            tl.store(rec + 1, m0, mask=ok)
+            tl.store(rec + 2, m1, mask=ok)
+            tl.store(rec + 3, m2, mask=ok)
+            tl.store(rec + 4, m3, mask=ok)
+    best = tl.full(ok.shape, float("inf"), tl.float64)
+    best_idx = best_old
+    l_old = tl.zeros(ok.shape, tl.float64)
+    for k in range(n64):
+        has = ok & (cnt > k)
+        idx, m0, m1, m2, m3 = _pop_lowest(m0, m1, m2, m3)
+        c = tl.where(has, base + idx, best_old)
+        s = tl.load(s_row + c, mask=has, other=1.0)
+        r = tl.load(r_row + c, mask=has, other=1.0)
+        d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
+        d = ()
+        for i in tl.static_range(16):
+            d = d + (d32[i].to(tl.float64),)
+        # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
+        one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
+        loss = _quad64_up(d, diag, up, one)
+        better = has & (loss < best)
+        best = tl.where(better, loss, best)
+        best_idx = tl.where(better, c, best_idx)
+        l_old = tl.where(has & (c == best_old), loss, l_old)
+    return best, best_idx, l_old
+
+
+@triton.jit
+def _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1):
+    """_walk_sym's result for a step with a block whose H is not symmetric: every candidate of the window (mode 2)
+    or the pair (best_old, r1) in increasing order, _quad64_any's losses from memory, no fp32 filter (a lane whose
+    window is shorter than its step's longest re-tries c_hi: no change)."""
+    n_try = tl.where(full, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)), 2)
     best = tl.full(ok.shape, float("inf"), tl.float64)
     best_idx = best_old
     l_old = tl.zeros(ok.shape, tl.float64)
@@ -121,16 +316,7 @@ def _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_row, r_row, full, n_try,
                                                                  tl.maximum(best_old, r1)))
         s = tl.load(s_row + c, mask=ok, other=1.0)
         r = tl.load(r_row + c, mask=ok, other=1.0)
-        if SYM:
-            d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
-            d = ()
-            for k in tl.static_range(16):
-                d = d + (d32[k].to(tl.float64),)
-            # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
-            one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
-            loss = _quad64_up(d, diag, up, one)
-        else:
-            loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
+        loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
         better = ok & (loss < best)
         best = tl.where(better, loss, best)
         best_idx = tl.where(better, c, best_idx)
@@ -140,24 +326,25 @@ def _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_row, r_row, full, n_try,
 
 @triton.jit
 def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
-                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR: tl.constexpr, LOSSES: tl.constexpr):
+                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, BR: tl.constexpr,
+                    LOSSES: tl.constexpr, STATS: tl.constexpr):
     """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
     picks'), BR of them per step (one per lane), the programs striding over each list (whose lengths only the
     device knows): mode 1 (list entries 0, 1, ...), the float64 losses of best and r1, the smaller index first;
-    mode 2 (entries cap - 1, cap - 2, ...), every candidate of the window [lo, hi] the block walked, in order
-    (those outside it have true losses above the best's: the bounds that skipped them). Strict '<' in increasing
-    candidate order, so exact ties keep the smaller candidate as the reference does (a lane whose window is
-    shorter than its step's longest re-tries hi: no change). A changed pick rewrites the block's amax, and (LOSSES)
-    moves the tensor's chosen-scale loss by the float64 difference.
+    mode 2 (entries cap - 1, cap - 2, ...), the candidates of the window [lo, hi] the block walked that the fp32
+    filter keeps (module docstring; those outside the window have true losses above the best's: the bounds that
+    skipped them). Strict '<' in increasing candidate order, so exact ties keep the smaller candidate as the
+    reference does. A changed pick rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by
+    the float64 difference. STATS: counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
 
     One block per lane, as in the sweep: its weights and its H are loaded once and held in registers, H as the 136
-    fp32 values of its upper triangle (_fold_h), for all its candidates; each candidate then costs 16 roundings,
-    152 conversions to float64 and 152 float64 FMAs (_quad64_up), on registers (the rounding that used to extract
-    each error from a [BR, 16] tensor per row of H, and the shuffles of tensor reductions, are gone). A step with a
-    block whose H is not symmetric reads H from memory per candidate instead (_quad64_any, exact for any H). The
-    two modes share one copy of the code (a runtime loop over the lists): compile time grows with the code's size
-    (Triton's coalescing pass: about the memory operations x the kernel's size squared; 300 memory operations in
-    a first version of this kernel took minutes)."""
+    fp32 values of its upper triangle (_fold_h), for all its candidates; each float64 candidate then costs 16
+    roundings, 152 conversions to float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16
+    roundings and 152 fp32 FMAs, on registers. A step with a block whose H is not symmetric reads H from memory per
+    candidate instead (_quad64_any, exact for any H; no filter). The two modes share one copy of the code (a
+    runtime loop over the lists): compile time grows with the code's size (Triton's coalescing pass: about the
+    memory operations x the kernel's size squared; 300 memory operations in a first version of this kernel took
+    minutes)."""
     n1 = tl.load(cnt_ptr)
     n2 = tl.load(cnt_ptr + 1)
     for mode in range(1, 3):
@@ -177,20 +364,20 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
             wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
             w2 = tl.load(wrow[:, None] + tl.arange(0, 16)[None, :] * stride_wc, mask=ok[:, None],
                          other=0.0).to(tl.float32)
-            w = _cols16(w2)
             hb = h_ptr + e * stride_fe + j * 256
             diag, up, asym = _fold_h(hb, ok)
             best_old = rec & 127
             r1 = (rec >> 7) & 127
             c_lo = (rec >> 14) & 127
             c_hi = (rec >> 21) & 127
-            n_try = tl.where(full, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)), 2)
+            s_row = s_tab_ptr + e * N_CAND
+            r_row = r_tab_ptr + e * N_CAND
             if tl.sum((asym & ok).to(tl.int32)) == 0:
-                best, best_idx, l_old = _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_tab_ptr + e * N_CAND,
-                                                r_tab_ptr + e * N_CAND, full, n_try, c_lo, c_hi, best_old, r1, True)
+                best, best_idx, l_old = _walk_sym(_cols16(w2), diag, up, ok, s_row, r_row, full, c_lo, c_hi,
+                                                  best_old, r1, STATS, stats_ptr, blk)
             else:
-                best, best_idx, l_old = _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_tab_ptr + e * N_CAND,
-                                                r_tab_ptr + e * N_CAND, full, n_try, c_lo, c_hi, best_old, r1, False)
+                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi,
+                                                  best_old, r1)
             changed = ok & (best_idx != best_old)
             g = tl.load(g_ptr + e, mask=ok, other=0.0)
             amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
