@@ -431,8 +431,8 @@ def search_triton(
     rescore_stats: optional int32 [8 + 5 x blocks], zeros (diagnostics of the float64 pass's mode 2, whose fp32
         filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
         filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (both summed over warps); then per
-        block (linear index (e * cout + row) * nb + j) its window's first candidate and the 128-bit mask of the
-        kept ones (4 int32, bit t = first + t), zero for blocks not in mode 2.
+        block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
+        the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     stack = w.dim() == 3

@@ -5,36 +5,39 @@ best and its runner-up r1 can truly win, mode 2 when three or more candidates ca
 candidates' losses dw^T H dw in float64 from the block's fp32 Hessian, with the same fp32 errors dw as the sweep
 and the reference (reference.block_loss), and keeps the smallest, ties to the smaller candidate.
 
-fp32 filter (mode 2, symmetric H). A float64 candidate costs about ten fp32 ones on Hopper (152 conversions to
-float64 at 16 a clock and SM), and a mode-2 block walked ~54 candidates, of which a handful can win. So each
-lane first walks its window in fp32, from the H it holds in registers, and keeps only the candidates that an
-rigorous error bound cannot exclude; the float64 losses then run on those alone (a 128-bit mask per lane, a
-loop over each lane's set bits in increasing candidate order, as many steps as the warp's largest count).
+fp32 filter (mode 2, symmetric H). A float64 candidate costs several fp32 ones on Hopper (152 conversions to
+float64 at 16 a clock and SM), and a mode-2 block walked ~54 candidates, of which a handful can win. So each lane
+first walks its window in fp32, from the H it holds in registers, and keeps only the candidates that a rigorous
+error bound cannot exclude; the float64 losses then run on those alone (a 128-bit mask per lane, a loop over each
+lane's set bits in increasing candidate order, as many steps as the warp's largest count).
 
-The bound. For a candidate with fp32 errors d (16 values, exact inputs) and the block's fp32 H (symmetric),
-L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of the elementary terms d_i H_ik d_k, whose
-absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it with FMAs: y_i = sum_k>i H_ik d_k (a chain of
-at most 15 roundings), t_i = fma(H_ii, d_i, 2 y_i) (one; doubling is exact), L = sum_i d_i t_i (a chain of 16).
-Every elementary term passes through at most 15 + 1 + 16 = 32 roundings, each a factor (1 + delta), |delta| <= u
-= 2^-24, so |fl(L) - L| <= gamma_32 B, gamma_32 = 32 u / (1 - 32 u) < 33 u (the standard bound for a sum of
-products, Higham ch. 3, applied per term). The float64 losses (this kernel's and the reference's einsum) are
-within gamma_32 of float64 = 2^-47 B of L: so each candidate's float64 loss F lies in [fl(L) - 34 u B, fl(L) +
-34 u B]. B needs no semi-definite H: with a_i = sqrt(H_ii) and rho = max(1, max_i<k |H_ik| / (a_i a_k)) (per block,
-once), |H_ik| <= rho a_i a_k for all i, k (i = k: H_ii = a_i^2, H_ii >= 0 checked), hence B <= rho S^2,
-S = sum_i a_i |d_i| (rho = 1 on a rank-1 block x x^T, and about 1 on any computed X^T X; a negative diagonal, or
-a zero one beside a nonzero entry of its row, makes rho infinite: no filter). The margin m = TAU32 rho S^2,
-TAU32 = 40 u, with S, rho and m computed in fp32 (correctly rounded sqrt and division, each a few u relative
-below its exact value: m >= 39.9 u B), covers 34 u B plus the rounding of fl(L) -+ m (u (|fl(L)| + m) <= 1.01 u
-B + u m): the computed lower end fl(fl(L) - m) is at or below F and the upper end fl(fl(L) + m) at or above it.
-Underflow (subnormal or flushed results; |d_i| <= |w_i|): S starts at 2^-60 (covers the at most 16 flushed
-products a_i |d_i| < 2^-126 each), and m gets 2^-116 (1 + sum_i |w_i|)^2 added, which covers every flushed product
-H_ik d_k (< 2^-126 |d_i| |d_k| after its multiplication by d_i) and every flushed intermediate (< 2^-126 each, 47
-of them, times |d_i| at most). A candidate is dropped only when its lower end is finite and above the upper end of
-some candidate of the window (the sweep's best first, then a running minimum): then its float64 loss exceeds that
-candidate's, so it is neither the float64 minimum nor tied with it. Every candidate whose float64 loss equals the
-window's minimum is kept (its lower end is at or below the minimum's upper end), and the kept ones are re-scored
-in increasing order with strict '<': the pick is the one the unfiltered window gives, ties to the smaller
-candidate. Non-finite fp32 values (overflow) drop nothing. The sweep's best is always kept, for LOSSES' update.
+The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and
+the block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary
+terms d_i H_ik d_k whose absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it so that every
+elementary term passes through at most 13 roundings (its docstring counts them), each a factor (1 + delta),
+|delta| <= u = 2^-24 (doubling is exact; adding an exact 0 too): |fl(L) - L| <= gamma_13 B, gamma_13 = 13 u /
+(1 - 13 u) (the standard bound for sums of products, Higham ch. 3, applied term by term). The float64 losses F
+(this kernel's and the reference's einsum) are within gamma_32 of float64, below 2^-47 B, of L. So F lies
+within (13 u + 2^-23 u) B of fl(L), and with the rounding of fl(L) -+ m (at most u (|fl(L)| + m), |fl(L)| <= (1 +
+gamma_13) B) a margin m >= 14.01 u B makes the computed lower end fl(fl(L) - m) at most F and the upper end
+fl(fl(L) + m) at least F. B needs no semi-definite H: for any a_i > 0, |H_ik| <= rho a_i a_k with rho = max_i<=k
+|H_ik| / (a_i a_k), hence B <= rho S^2, S = sum_i a_i |d_i|. _bound_scale takes a_i = max(sqrt(H_ii), 2^-100),
+which makes rho about 1 on a computed X^T X (exactly 1 up to rounding on a rank-1 block fl(x x^T): B = S^2 there)
+and huge on a block that is far from semi-definite (no filter, in effect). The margin is m = TAU32 rho S^2 + ab,
+TAU32 = 16 u, with rho, S, S^2 and the products in fp32: each within a few u relative of its value (rho's
+reciprocals within 2 ulp), so m >= 15.99 u B. Underflow (|d_i| <= |w_i| (1 + 2u): rounding to the nearest level
+never moves further than 0 does): every fp32 result errs by at most 2^-126 beyond its relative error even where
+flushed to zero, and an operand flushed to zero changes a product H_ik d_k by less than 2^-126 |d_k|; the at
+most ~50 such errors per candidate, times |d_i| at most, sum below 2^-120 (1 + sum_i |w_i|)^2, which the absolute
+term ab = 2^-116 (1 + sum_i |w_i|)^2 covers; S starts at S0 = 2^-60, above the at most 16 products a_i |d_i| it
+could lose (2^-126 each).
+
+The filter. A candidate is dropped only when its lower end is finite and above the upper end of some candidate
+of the window (the sweep's best, evaluated first, then a running minimum over the walk): then its float64 loss
+exceeds that candidate's, so it is neither the window's float64 minimum nor tied with it. Every candidate whose
+float64 loss equals the window's minimum is kept, and the kept ones are re-scored in increasing order with
+strict '<': the pick is the one the unfiltered window gives, ties to the smaller candidate. Non-finite fp32
+values (overflow) drop nothing. The sweep's best is always kept (LOSSES needs its float64 loss).
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ import triton.language as tl
 
 from fp4cal.search.kernel_common import FP8_TOP, N_CAND, _errors, _round_signed
 
-# The fp32 filter's margins (module docstring, 'The bound'): relative to rho S^2 (40 u; 34 u needed), the start of
-# S, and the absolute term's factor on (1 + sum |w|)^2 (underflow)
-TAU32: tl.constexpr = tl.constexpr(40 * 2.0**-24)
+# The fp32 filter's margins (module docstring, 'The bound'): relative to rho S^2 (16 u; 14.01 u needed), the floor of
+# the a_i, the start of S, and the absolute term's factor on (1 + sum |w|)^2 (underflow)
+TAU32: tl.constexpr = tl.constexpr(2.0**-20)
+A_MIN: tl.constexpr = tl.constexpr(2.0**-100)
 S0: tl.constexpr = tl.constexpr(2.0**-60)
 ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
 
@@ -145,25 +149,20 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 @triton.jit
 def _bound_scale(diag, up, w):
     """Per lane, what the fp32 filter's margin needs from its block (module docstring, 'The bound'): (a, rho, ab).
-    a: 16-tuple of sqrt(H_ii) [BR] fp32; rho [BR]: max(1, max_i<k |H_ik| / (a_i a_k)), inf where some H_ii < 0 or a
-    zero diagonal has a nonzero entry in its row (no filter there); ab [BR]: the absolute margin for underflow,
-    2^-116 (1 + sum_i |w_i|)^2. Correctly rounded sqrt and division: each ratio within a few u of its value."""
+    a: 16-tuple of [BR] fp32, a_i = max(sqrt(H_ii), 2^-100) (any a_i > 0 serves: its accuracy does not matter);
+    rho [BR]: max_i<=k |H_ik| / (a_i a_k), each ratio within a few u of its value (both products finite or inf,
+    never NaN: 1 / a_i <= 2^100); ab [BR]: the absolute margin for underflow, 2^-116 (1 + sum_i |w_i|)^2."""
     a = ()
     q = ()
-    neg = tl.zeros(diag[0].shape, tl.int1)
     for i in tl.static_range(16):
-        neg = neg | (diag[i] < 0.0)
-        ai = tl.sqrt_rn(tl.maximum(diag[i], 0.0))
+        ai = tl.maximum(tl.sqrt(tl.maximum(diag[i], 0.0)), A_MIN)
         a = a + (ai,)
-        q = q + (tl.where(ai > 0.0, tl.div_rn(tl.full(ai.shape, 1.0, tl.float32), tl.where(ai > 0.0, ai, 1.0)),
-                          float("inf")),)
-    rho = tl.full(diag[0].shape, 1.0, tl.float32)
+        q = q + (1.0 / ai,)
+    rho = tl.zeros(diag[0].shape, tl.float32)
     for i in tl.static_range(16):
+        rho = tl.maximum(rho, (tl.abs(diag[i]) * q[i]) * q[i])
         for k in tl.static_range(i + 1, 16):
-            h = tl.abs(up[15 * i - (i * (i - 1)) // 2 + k - i - 1])
-            # q > 0 (finite or inf), so a nonzero h gives a number or inf, never NaN
-            rho = tl.maximum(rho, tl.where(h == 0.0, 0.0, h * q[i] * q[k]))
-    rho = tl.where(neg, float("inf"), rho)
+            rho = tl.maximum(rho, (tl.abs(up[15 * i - (i * (i - 1)) // 2 + k - i - 1]) * q[i]) * q[k])
     ws = tl.zeros(diag[0].shape, tl.float32)
     for k in tl.static_range(16):
         ws = ws + tl.abs(w[k])
@@ -173,17 +172,42 @@ def _bound_scale(diag, up, w):
 
 @triton.jit
 def _quad32_up(d, diag, up, a):
-    """(fp32 d^T H d, S) for _bound_scale's margin: the loss as _quad64_up sums it, in fp32 FMAs (the order the
-    module docstring's error bound counts), and S = S0 + sum_i a_i |d_i|; d: 16-tuple of [BR] fp32 errors."""
-    loss = tl.zeros(d[0].shape, tl.float32)
+    """(fp32 d^T H d, S) for _bound_scale's margin; d: 16-tuple of [BR] fp32 errors. The loss as _quad64_up sums
+    it, in fp32 with a shallow rounding depth (module docstring, 'The bound'): y_i = sum_k>i H_ik d_k in four FMA
+    chains (k - i - 1 mod 4, at most 4 long) added as (c0 + c1) + (c2 + c3), t_i = fma(H_ii, d_i, 2 y_i), the loss
+    likewise in four chains over i mod 4: at most 4 + 2 + 1 + 4 + 2 = 13 roundings per term (an empty chain is 0,
+    and adding 0 is exact). S = S0 + sum_i a_i |d_i|."""
+    l0 = tl.zeros(d[0].shape, tl.float32)
+    l1 = tl.zeros(d[0].shape, tl.float32)
+    l2 = tl.zeros(d[0].shape, tl.float32)
+    l3 = tl.zeros(d[0].shape, tl.float32)
     sw = tl.full(d[0].shape, S0, tl.float32)
     for i in tl.static_range(16):
-        y = tl.zeros(d[0].shape, tl.float32)
+        c0 = tl.zeros(d[0].shape, tl.float32)
+        c1 = tl.zeros(d[0].shape, tl.float32)
+        c2 = tl.zeros(d[0].shape, tl.float32)
+        c3 = tl.zeros(d[0].shape, tl.float32)
         for k in tl.static_range(i + 1, 16):
-            y = tl.fma(up[15 * i - (i * (i - 1)) // 2 + k - i - 1], d[k], y)
-        loss = tl.fma(d[i], tl.fma(diag[i], d[i], 2.0 * y), loss)
+            h = up[15 * i - (i * (i - 1)) // 2 + k - i - 1]
+            if (k - i - 1) % 4 == 0:
+                c0 = tl.fma(h, d[k], c0)
+            elif (k - i - 1) % 4 == 1:
+                c1 = tl.fma(h, d[k], c1)
+            elif (k - i - 1) % 4 == 2:
+                c2 = tl.fma(h, d[k], c2)
+            else:
+                c3 = tl.fma(h, d[k], c3)
+        t = tl.fma(diag[i], d[i], 2.0 * ((c0 + c1) + (c2 + c3)))
+        if i % 4 == 0:
+            l0 = tl.fma(d[i], t, l0)
+        elif i % 4 == 1:
+            l1 = tl.fma(d[i], t, l1)
+        elif i % 4 == 2:
+            l2 = tl.fma(d[i], t, l2)
+        else:
+            l3 = tl.fma(d[i], t, l3)
         sw = tl.fma(a[i], tl.abs(d[i]), sw)
-    return loss, sw
+    return (l0 + l1) + (l2 + l3), sw
 
 
 @triton.jit
@@ -249,7 +273,7 @@ def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STA
     """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
     candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
     so ties keep the smaller candidate; each lane's k-th candidate at step k, as many steps as the warp's largest
-    count. STATS: mode 2's counts into stats_ptr[0:5] and each block's mask at stats_ptr[8 + 5 blk ..]
+    count. STATS: mode 2's counts into stats_ptr[0:5] and each block's window and mask at stats_ptr[8 + 5 blk ..]
     (search_triton's rescore_stats)."""
     if full:
         base = c_lo
@@ -274,7 +298,7 @@ def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STA
             tl.atomic_add(stats_ptr + 3, n64)
             tl.atomic_add(stats_ptr + 4, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) + 1)
             rec = stats_ptr + 8 + 5 * blk
-            tl.store(rec, c_lo, mask=ok)
+            tl.store(rec, c_lo | (c_hi << 8), mask=ok)
             tl.store(rec + 1, m0, mask=ok)
             tl.store(rec + 2, m1, mask=ok)
             tl.store(rec + 3, m2, mask=ok)
