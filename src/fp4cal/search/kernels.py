@@ -430,7 +430,8 @@ def search_triton(
         (benchmarks measure the pass's cost with it).
     rescore_stats: optional int32 [8 + 5 x blocks], zeros (diagnostics of the float64 pass's mode 2, whose fp32
         filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
-        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (both summed over warps); then per
+        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (both summed over steps of BR blocks),
+        [5] steps (the float64 steps without the filter: [4] - [5], each step's longest window); then per
         block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
         the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.

@@ -273,7 +273,7 @@ def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STA
     """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
     candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
     so ties keep the smaller candidate; each lane's k-th candidate at step k, as many steps as the warp's largest
-    count. STATS: mode 2's counts into stats_ptr[0:5] and each block's window and mask at stats_ptr[8 + 5 blk ..]
+    count. STATS: mode 2's counts into stats_ptr[0:6] and each block's window and mask at stats_ptr[8 + 5 blk ..]
     (search_triton's rescore_stats)."""
     if full:
         base = c_lo
@@ -297,6 +297,7 @@ def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STA
             tl.atomic_add(stats_ptr + 2, tl.sum(tl.where(ok, cnt, 0)))
             tl.atomic_add(stats_ptr + 3, n64)
             tl.atomic_add(stats_ptr + 4, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) + 1)
+            tl.atomic_add(stats_ptr + 5, 1)
             rec = stats_ptr + 8 + 5 * blk
             tl.store(rec, c_lo | (c_hi << 8), mask=ok)
             tl.store(rec + 1, m0, mask=ok)
