@@ -11,26 +11,25 @@ first walks its window in fp32, from the H it holds in registers, and keeps only
 error bound cannot exclude; the float64 losses then run on those alone (a 128-bit mask per lane, a loop over each
 lane's set bits in increasing candidate order, as many steps as the warp's largest count).
 
-The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and
-the block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary
-terms d_i H_ik d_k whose absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it so that every
-elementary term passes through at most 13 roundings (its docstring counts them), each a factor (1 + delta),
-|delta| <= u = 2^-24 (doubling is exact; adding an exact 0 too): |fl(L) - L| <= gamma_13 B, gamma_13 = 13 u /
-(1 - 13 u) (the standard bound for sums of products, Higham ch. 3, applied term by term). The float64 losses F
-(this kernel's and the reference's einsum) are within gamma_32 of float64, below 2^-47 B, of L. So F lies
-within (13 u + 2^-23 u) B of fl(L), and with the rounding of fl(L) -+ m (at most u (|fl(L)| + m), |fl(L)| <= (1 +
-gamma_13) B) a margin m >= 14.01 u B makes the computed lower end fl(fl(L) - m) at most F and the upper end
-fl(fl(L) + m) at least F. B needs no semi-definite H: for any a_i > 0, |H_ik| <= rho a_i a_k with rho = max_i<=k
-|H_ik| / (a_i a_k), hence B <= rho S^2, S = sum_i a_i |d_i|. _bound_scale takes a_i = max(sqrt(H_ii), 2^-100),
-which makes rho about 1 on a computed X^T X (exactly 1 up to rounding on a rank-1 block fl(x x^T): B = S^2 there)
-and huge on a block that is far from semi-definite (no filter, in effect). The margin is m = TAU32 rho S^2 + ab,
-TAU32 = 16 u, with rho, S, S^2 and the products in fp32: each within a few u relative of its value (rho's
-reciprocals within 2 ulp), so m >= 15.99 u B. Underflow (|d_i| <= |w_i| (1 + 2u): rounding to the nearest level
-never moves further than 0 does): every fp32 result errs by at most 2^-126 beyond its relative error even where
-flushed to zero, and an operand flushed to zero changes a product H_ik d_k by less than 2^-126 |d_k|; the at
-most ~50 such errors per candidate, times |d_i| at most, sum below 2^-120 (1 + sum_i |w_i|)^2, which the absolute
-term ab = 2^-116 (1 + sum_i |w_i|)^2 covers; S starts at S0 = 2^-60, above the at most 16 products a_i |d_i| it
-could lose (2^-126 each).
+The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and the
+block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary terms d_i
+H_ik d_k whose absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it so that every elementary term passes
+through at most 13 roundings (its docstring counts them), each a factor (1 + delta), |delta| <= u = 2^-24 (doubling is
+exact): |fl(L) - L| <= gamma_13 B, gamma_13 = 13 u / (1 - 13 u) (the standard bound for sums of products, Higham ch.
+3, applied term by term). The float64 losses F (this kernel's and the reference's einsum) are within gamma_32 of
+float64, below 2^-47 B, of L. So F lies within (13 u + 2^-23 u) B of fl(L), and with the rounding of fl(L) -+ m (at
+most u (|fl(L)| + m), |fl(L)| <= (1 + gamma_13) B) a margin m >= 14.01 u B makes the computed lower end fl(fl(L) - m)
+at most F and the upper end fl(fl(L) + m) at least F. B needs no semi-definite H: for any a_i > 0, |H_ik| <= rho a_i
+a_k with rho = max_i<=k |H_ik| / (a_i a_k), hence B <= rho S^2, S = sum_i a_i |d_i|. _bound_scale takes a_i = h_i
+rsqrt(h_i), h_i = max(H_ii, 2^-120), about sqrt(H_ii), which makes rho about 1 on a computed X^T X (1 up to rounding
+on a rank-1 block fl(x x^T), where B = S^2) and huge on a block far from semi-definite (no filter, in effect). The
+margin is m = TAU32 rho S^2 + ab, TAU32 = 16 u, with rho, S, S^2 and the products in fp32, each within a few 2^-22
+relative of its value (rsqrt's error, rounding), so m >= 15.9 u B. Underflow (|d_i| <= |w_i| (1 + 2u): rounding to the
+nearest level never moves further than 0 does): every fp32 result errs by at most 2^-126 beyond its relative error
+even where flushed to zero, and an operand flushed to zero changes a product H_ik d_k by less than 2^-126 |d_k|; the
+at most ~50 such errors per candidate, times |d_i| at most, sum below 2^-120 (1 + sum_i |w_i|)^2, which the absolute
+term ab = 2^-116 (1 + sum_i |w_i|)^2 covers; S starts at S0 = 2^-60, above the at most 16 products a_i |d_i| it could
+lose (2^-126 each).
 
 The filter. A candidate is dropped only when its lower end is finite and above the upper end of some candidate
 of the window (the sweep's best, evaluated first, then a running minimum over the walk): then its float64 loss
@@ -48,9 +47,9 @@ import triton.language as tl
 from fp4cal.search.kernel_common import FP8_TOP, N_CAND, _errors, _round_signed
 
 # The fp32 filter's margins (module docstring, 'The bound'): relative to rho S^2 (16 u; 14.01 u needed), the floor of
-# the a_i, the start of S, and the absolute term's factor on (1 + sum |w|)^2 (underflow)
+# the a_i^2, the start of S, and the absolute term's factor on (1 + sum |w|)^2 (underflow)
 TAU32: tl.constexpr = tl.constexpr(2.0**-20)
-A_MIN: tl.constexpr = tl.constexpr(2.0**-100)
+A_MIN2: tl.constexpr = tl.constexpr(2.0**-120)
 S0: tl.constexpr = tl.constexpr(2.0**-60)
 ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
 
@@ -147,36 +146,44 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 
 
 @triton.jit
-def _bound_scale(diag, up, w):
-    """Per lane, what the fp32 filter's margin needs from its block (module docstring, 'The bound'): (a, rho, ab).
-    a: 16-tuple of [BR] fp32, a_i = max(sqrt(H_ii), 2^-100) (any a_i > 0 serves: its accuracy does not matter);
-    rho [BR]: max_i<=k |H_ik| / (a_i a_k), each ratio within a few u of its value (both products finite or inf,
-    never NaN: 1 / a_i <= 2^100); ab [BR]: the absolute margin for underflow, 2^-116 (1 + sum_i |w_i|)^2."""
+def _bound_scale(diag, up):
+    """Per lane, the fp32 filter's scale (module docstring, 'The bound'): (a, rho). a: 16-tuple of [BR] fp32, a_i =
+    h_i q_i with h_i = max(H_ii, 2^-120) and q_i = rsqrt(h_i) (any a_i > 0 serves: its accuracy does not matter,
+    only that q_i is 1 / a_i to a few 2^-22; a_i >= 2^-60, q_i <= 2^60); rho [BR]: max_i q_i max_k>=i |H_ik| q_k,
+    the largest |H_ik| / (a_i a_k) to a few 2^-22 (finite or inf, never NaN). 2 operations per entry."""
     a = ()
     q = ()
     for i in tl.static_range(16):
-        ai = tl.maximum(tl.sqrt(tl.maximum(diag[i], 0.0)), A_MIN)
-        a = a + (ai,)
-        q = q + (1.0 / ai,)
+        hi = tl.maximum(diag[i], A_MIN2)
+        qi = tl.rsqrt(hi)
+        a = a + (hi * qi,)
+        q = q + (qi,)
     rho = tl.zeros(diag[0].shape, tl.float32)
     for i in tl.static_range(16):
-        rho = tl.maximum(rho, (tl.abs(diag[i]) * q[i]) * q[i])
+        r = tl.abs(diag[i]) * q[i]
         for k in tl.static_range(i + 1, 16):
-            rho = tl.maximum(rho, (tl.abs(up[15 * i - (i * (i - 1)) // 2 + k - i - 1]) * q[i]) * q[k])
-    ws = tl.zeros(diag[0].shape, tl.float32)
+            r = tl.maximum(r, tl.abs(up[15 * i - (i * (i - 1)) // 2 + k - i - 1]) * q[k])
+        rho = tl.maximum(rho, r * q[i])
+    return a, rho
+
+
+@triton.jit
+def _abs_margin(w):
+    """The fp32 filter's absolute margin for underflow (module docstring, 'The bound'): 2^-116 (1 + sum_i |w_i|)^2
+    per lane; w: 16-tuple of [BR] fp32."""
+    ws = tl.zeros(w[0].shape, tl.float32)
     for k in tl.static_range(16):
         ws = ws + tl.abs(w[k])
-    ab = ABS_MARGIN * (1.0 + ws) * (1.0 + ws)
-    return a, rho, ab
+    return ABS_MARGIN * (1.0 + ws) * (1.0 + ws)
 
 
 @triton.jit
 def _quad32_up(d, diag, up, a):
     """(fp32 d^T H d, S) for _bound_scale's margin; d: 16-tuple of [BR] fp32 errors. The loss as _quad64_up sums
     it, in fp32 with a shallow rounding depth (module docstring, 'The bound'): y_i = sum_k>i H_ik d_k in four FMA
-    chains (k - i - 1 mod 4, at most 4 long) added as (c0 + c1) + (c2 + c3), t_i = fma(H_ii, d_i, 2 y_i), the loss
-    likewise in four chains over i mod 4: at most 4 + 2 + 1 + 4 + 2 = 13 roundings per term (an empty chain is 0,
-    and adding 0 is exact). S = S0 + sum_i a_i |d_i|."""
+    chains (k - i - 1 mod 4, at most 4 long) added as (c0 + c1) + (c2 + c3) (the empty ones left out), t_i =
+    fma(H_ii, d_i, 2 y_i), the loss likewise in four chains over i mod 4: at most 4 + 2 + 1 + 4 + 2 = 13 roundings
+    per term. S = S0 + sum_i a_i |d_i|."""
     l0 = tl.zeros(d[0].shape, tl.float32)
     l1 = tl.zeros(d[0].shape, tl.float32)
     l2 = tl.zeros(d[0].shape, tl.float32)
@@ -197,7 +204,15 @@ def _quad32_up(d, diag, up, a):
                 c2 = tl.fma(h, d[k], c2)
             else:
                 c3 = tl.fma(h, d[k], c3)
-        t = tl.fma(diag[i], d[i], 2.0 * ((c0 + c1) + (c2 + c3)))
+        if i <= 11:  # 4 or more terms: all four chains
+            y = (c0 + c1) + (c2 + c3)
+        elif i == 12:
+            y = (c0 + c1) + c2
+        elif i == 13:
+            y = c0 + c1
+        else:
+            y = c0  # row 15: no term, 0
+        t = tl.fma(diag[i], d[i], 2.0 * y)
         if i % 4 == 0:
             l0 = tl.fma(d[i], t, l0)
         elif i % 4 == 1:
@@ -215,7 +230,8 @@ def _filter32(w, diag, up, ok, s_row, r_row, c_lo, c_hi, best_old):
     """The mode-2 fp32 filter (module docstring): the candidates of each lane's window [c_lo, c_hi] that may be the
     float64 minimum, as a 128-bit mask (m0, m1, m2, m3: bit t = candidate c_lo + t) and their count [BR]. The walk
     starts at the sweep's best (t = -1: its upper end starts the running minimum U; it is kept if in the window)."""
-    a, rho, ab = _bound_scale(diag, up, w)
+    a, rho = _bound_scale(diag, up)
+    ab = _abs_margin(w)
     rt = rho * TAU32
     n_win = tl.max(tl.where(ok, c_hi - c_lo + 1, 0))
     old_in = ok & (best_old >= c_lo) & (best_old <= c_hi)
