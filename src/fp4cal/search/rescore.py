@@ -146,24 +146,25 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 
 
 @triton.jit
-def _bound_scale(diag, up):
+def _bound_scale(diag, hb, ok):
     """Per lane, the fp32 filter's scale (module docstring, 'The bound'): (a, rho). a: 16-tuple of [BR] fp32, a_i =
     h_i q_i with h_i = max(H_ii, 2^-120) and q_i = rsqrt(h_i) (any a_i > 0 serves: its accuracy does not matter,
-    only that q_i is 1 / a_i to a few 2^-22; a_i >= 2^-60, q_i <= 2^60); rho [BR]: max_i q_i max_k>=i |H_ik| q_k,
-    the largest |H_ik| / (a_i a_k) to a few 2^-22 (finite or inf, never NaN). 2 operations per entry."""
+    only that q_i is 1 / a_i to a few 2^-22; a_i >= 2^-60, q_i <= 2^60); rho [BR]: max_i q_i max_k |H_ik| q_k, the
+    largest |H_ik| / (a_i a_k) to a few 2^-22 (finite or inf, never NaN; over both triangles, equal where the filter
+    runs). rho from H reloaded a row per step of a runtime loop (small code; hb: each lane's block, row-major): the
+    registers' diag and up would put 2 operations per entry into what depends on every row load of _fold_h, which
+    Triton's coalescing pass walks once per memory operation (compile time)."""
     a = ()
-    q = ()
     for i in tl.static_range(16):
         hi = tl.maximum(diag[i], A_MIN2)
-        qi = tl.rsqrt(hi)
-        a = a + (hi * qi,)
-        q = q + (qi,)
-    rho = tl.zeros(diag[0].shape, tl.float32)
-    for i in tl.static_range(16):
-        r = tl.abs(diag[i]) * q[i]
-        for k in tl.static_range(i + 1, 16):
-            r = tl.maximum(r, tl.abs(up[15 * i - (i * (i - 1)) // 2 + k - i - 1]) * q[k])
-        rho = tl.maximum(rho, r * q[i])
+        a = a + (hi * tl.rsqrt(hi),)
+    kk = tl.arange(0, 16)
+    qv = tl.rsqrt(tl.maximum(tl.load(hb[:, None] + 17 * kk[None, :], mask=ok[:, None], other=1.0), A_MIN2))
+    rho = tl.zeros(ok.shape, tl.float32)
+    for i in range(16):
+        row = tl.load(hb[:, None] + 16 * i + kk[None, :], mask=ok[:, None], other=0.0)
+        qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * i, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry i
+        rho = tl.maximum(rho, tl.max(tl.abs(row) * qv, axis=1) * qi)
     return a, rho
 
 
@@ -226,11 +227,11 @@ def _quad32_up(d, diag, up, a):
 
 
 @triton.jit
-def _filter32(w, diag, up, ok, s_row, r_row, c_lo, c_hi, best_old):
+def _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old):
     """The mode-2 fp32 filter (module docstring): the candidates of each lane's window [c_lo, c_hi] that may be the
     float64 minimum, as a 128-bit mask (m0, m1, m2, m3: bit t = candidate c_lo + t) and their count [BR]. The walk
     starts at the sweep's best (t = -1: its upper end starts the running minimum U; it is kept if in the window)."""
-    a, rho = _bound_scale(diag, up)
+    a, rho = _bound_scale(diag, hb, ok)
     ab = _abs_margin(w)
     rt = rho * TAU32
     n_win = tl.max(tl.where(ok, c_hi - c_lo + 1, 0))
@@ -284,7 +285,7 @@ def _pop_lowest(m0, m1, m2, m3):
 
 
 @triton.jit
-def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STATS: tl.constexpr,
+def _walk_sym(w, diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STATS: tl.constexpr,
               stats_ptr, blk):
     """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
     candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
@@ -293,7 +294,7 @@ def _walk_sym(w, diag, up, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STA
     (search_triton's rescore_stats)."""
     if full:
         base = c_lo
-        m0, m1, m2, m3, cnt = _filter32(w, diag, up, ok, s_row, r_row, c_lo, c_hi, best_old)
+        m0, m1, m2, m3, cnt = _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old)
     else:
         base = tl.minimum(best_old, r1)
         gap = tl.abs(r1 - best_old)  # bits 0 and gap (one bit if r1 == best_old)
@@ -414,7 +415,7 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
             s_row = s_tab_ptr + e * N_CAND
             r_row = r_tab_ptr + e * N_CAND
             if tl.sum((asym & ok).to(tl.int32)) == 0:
-                best, best_idx, l_old = _walk_sym(_cols16(w2), diag, up, ok, s_row, r_row, full, c_lo, c_hi,
+                best, best_idx, l_old = _walk_sym(_cols16(w2), diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi,
                                                   best_old, r1, STATS, stats_ptr, blk)
             else:
                 best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi,
