@@ -81,7 +81,7 @@ def test_rank_deficient_exact_on_qwen3_shapes(shape, hkind):
     assert compare_picks(w, gg, got, ref, h).bad == 0
     n2, window, kept = check_mode2_filter(w, gg, h, rstats)
     c = rstats[:5].tolist()
-    print(f"FILTER hessian {hkind} {cout}x{cin}: mode 2 {n2} blocks, {window} window candidates, {kept} kept, "
+    print(f"PARITY filter, hessian {hkind} {cout}x{cin}: mode 2 {n2} blocks, {window} window candidates, {kept} kept, "
           f"float64 steps {c[3]}, fp32 steps {c[4]}")
     assert (n2, window, kept) == tuple(c[:3])
     if hkind == "rank1":
