@@ -136,3 +136,45 @@ def with_antisymmetric_part(h: torch.Tensor, rel: float = 2.0**-10, seed: int = 
     eps = torch.randn(h.shape, generator=gen).to(h.device) * rel * h.abs()
     a = torch.triu(eps, 1)
     return (h + a - a.transpose(-1, -2)).float()
+
+
+def check_mode2_filter(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, stats: torch.Tensor) -> tuple[int, int, int]:
+    """The float64 pass's fp32 filter on one weight w [cout, cin] (h [nb, 16, 16]), from search_triton's
+    rescore_stats: on every mode-2 block, the kept candidates lie in its window, every window candidate within
+    2^-40 S^2 of the window's float64 minimum (the reference's losses) is kept, and every dropped one has a float64
+    loss above that minimum. Runs on w's device, in chunks. Returns (mode-2 blocks, window candidates, kept)."""
+    from fp4cal.numerics import global_scale, weight_blocks
+    from fp4cal.search.reference import block_error, candidate_block_scales
+
+    dev = w.device
+    nb = w.shape[1] // 16
+    recs = stats[8 : 8 + 5 * w.numel() // 16].view(-1, 5).to(dev).long()
+    sel_all = (recs[:, 1:] != 0).any(1).nonzero().squeeze(1)
+    wb_all = weight_blocks(w.float())
+    s = candidate_block_scales(global_scale(g.float()))
+    c = torch.arange(126, device=dev)
+    bits = torch.arange(32, device=dev)
+    n_win = n_kept = 0
+    for sel in sel_all.split(4096):
+        lo, hi = recs[sel, 0] & 255, (recs[sel, 0] >> 8) & 255
+        tt = c[None, :] - lo[:, None]  # bit tt of the block's mask is candidate c
+        words = recs[sel, 1:].gather(1, tt.clamp_min(0) // 32)
+        kept = (tt >= 0) & (((words >> (tt.clamp_min(0) % 32)) & 1) == 1)
+        n_bits = int(((recs[sel, 1:, None] >> bits) & 1).sum())
+        assert int(kept.sum()) == n_bits, "a kept bit beyond the last candidate"
+        win = (c[None, :] >= lo[:, None]) & (c[None, :] <= hi[:, None])
+        assert bool((kept <= win).all()), "a kept candidate outside its block's window"
+        rows, js = sel // nb, sel % nb
+        wb = wb_all[rows, js]  # [n, 16]
+        d = block_error(wb[:, None, :].expand(-1, 126, -1), s[None, :].expand(sel.numel(), -1)).double()
+        hd = h.double()[js]
+        loss = torch.einsum("nck,nkl,ncl->nc", d, hd, d)
+        s2 = ((d.abs() * hd.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]).sum(-1)) ** 2
+        low = torch.where(win, loss, torch.full_like(loss, float("inf"))).min(1, keepdim=True).values
+        must = win & (loss <= low + 2.0**-40 * s2)
+        assert bool((must <= kept).all()), f"{int((must & ~kept).sum())} candidates at the float64 minimum dropped"
+        dropped = win & ~kept
+        assert bool((loss[dropped] > low.expand_as(loss)[dropped]).all()), "a dropped candidate ties the minimum"
+        n_win += int(win.sum())
+        n_kept += int(kept.sum())
+    return sel_all.numel(), n_win, n_kept

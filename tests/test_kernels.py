@@ -15,6 +15,7 @@ from fp4cal.search.reference import search_reference
 from fp4cal.validation import check_global_amax
 from kernel_cases import (
     ILL_CONDITIONED,
+    check_mode2_filter,
     make_hessian,
     make_ill_hessian,
     make_weight,
@@ -86,15 +87,25 @@ def test_near_ties_decided_in_float64_by_default(device_for_kernels):
     record: a float64 choice between two candidates, or among all when three or more are close) and the second
     launch decides them in float64: the picks equal the brute force's beyond 1e-6 ties. The record is not empty,
     so the float64 pass chose these picks itself (a wrong choice there would show as a bad pick); the fp32 picks
-    alone are printed for the record (the regularised factor orders most such blocks right already)."""
+    alone are printed for the record (the regularised factor orders most such blocks right already).
+    The fp32 filter of mode 2 (rescore.py, 'The filter'; every block here is in mode 2, with several candidates
+    within fp32's rounding of the minimum): every candidate at the window's float64 minimum was kept and every
+    dropped one has a larger float64 loss (kernel_cases.check_mode2_filter, from the kernel's own masks), and the
+    filter dropped most of each window."""
     from fp4cal.search.kernels import search_triton
 
     w, h, g = near_tie_blocks(32, seed=5)
     w, h, g = w.to(device_for_kernels), h.to(device_for_kernels), g.to(device_for_kernels)
     stats = torch.zeros(1, 4, dtype=torch.int32, device=device_for_kernels) if device_for_kernels == "cpu" else None
-    got = search_triton(w, "local_hessian", g, h, stats=stats)
+    rstats = torch.zeros(8 + 5 * w.numel() // 16, dtype=torch.int32, device=device_for_kernels)
+    got = search_triton(w, "local_hessian", g, h, stats=stats, rescore_stats=rstats)
     ref = search_reference(w, "local_hessian", g, h)
     rep = compare_picks(w, g, got, ref, h)
+    n2, window, kept = check_mode2_filter(w, g, h, rstats)
+    print(f"near ties: mode 2 {n2} blocks, {window} window candidates, {kept} kept for float64 (counters "
+          f"{rstats[:5].tolist()})")
+    assert n2 > 0 and (n2, window, kept) == tuple(rstats[:3].tolist())
+    assert kept < window / 2, f"the filter kept {kept} of {window} candidates"
     plain = search_triton(w, "local_hessian", g, h, exact=False)
     rep32 = compare_picks(w, g, plain, ref, h)
     print(f"near ties: float64 pass {rep.differing} differing of {rep.blocks}, {rep.ties} ties; fp32 picks alone "

@@ -12,6 +12,7 @@ from fp4cal.search.reference import search_reference
 from fp4cal.validation import check_global_amax
 from kernel_cases import (
     ILL_CONDITIONED,
+    check_mode2_filter,
     make_hessian,
     make_ill_hessian,
     make_weight,
@@ -74,6 +75,17 @@ def test_rank_deficient_exact_on_qwen3_shapes(shape, hkind):
     print(f"PARITY fp32 picks alone, hessian {hkind} {cout}x{cin}: {rep32.differing} differing, {rep32.ties} ties, "
           f"{rep32.bad} bad")
     _check(w, g, "local_hessian", h, f"hessian {hkind} {cout}x{cin}", ref=ref)
+    # the float64 pass's fp32 filter (rescore.py): sound on every mode-2 block, and it drops most of the windows
+    rstats = torch.zeros(8 + 5 * w.numel() // 16, dtype=torch.int32, device="cuda")
+    got = search_triton(w, "local_hessian", gg, h, rescore_stats=rstats)
+    assert compare_picks(w, gg, got, ref, h).bad == 0
+    n2, window, kept = check_mode2_filter(w, gg, h, rstats)
+    c = rstats[:5].tolist()
+    print(f"PARITY filter, hessian {hkind} {cout}x{cin}: mode 2 {n2} blocks, {window} window candidates, {kept} kept, "
+          f"float64 steps {c[3]}, fp32 steps {c[4]}")
+    assert (n2, window, kept) == tuple(c[:3])
+    if hkind == "rank1":
+        assert n2 > 0 and kept < window / 2
 
 
 def test_near_ties_on_gpu():

@@ -94,7 +94,7 @@ def main():
                         args.out, f"sweep_exact{exact}")
     if not hasattr(rescore_mod, "_rescore_kernel"):
         return
-    const = dict(BR=args.rescore_br, LOSSES=False)
+    const = dict(BR=args.rescore_br, LOSSES=False, STATS=False)
     compile_one(rescore_mod._rescore_kernel, const, dict(num_warps=args.rescore_warps, enable_fp_fusion=False),
                 args.out, f"rescore_br{args.rescore_br}_w{args.rescore_warps}")
 

@@ -433,6 +433,7 @@ def search_triton(
     fused: bool | None = None,
     losses: torch.Tensor | None = None,
     exact: bool = True,
+    rescore_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel path of search_scales (see search_scales for shapes).
 
@@ -456,6 +457,12 @@ def search_triton(
     exact: local_hessian: decide the blocks whose fp32 order may be wrong in float64 (sweep_rows.py, 'Exact
         picks'): a second small launch over the blocks the sweep recorded, no host wait. False: the fp32 picks
         (benchmarks measure the pass's cost with it).
+    rescore_stats: optional int32 [8 + 5 x blocks], zeros (diagnostics of the float64 pass's mode 2, whose fp32
+        filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
+        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (both summed over steps of BR blocks),
+        [5] steps (the float64 steps without the filter: [4] - [5], each step's longest window); then per
+        block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
+        the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.
     """
     stack = w.dim() == 3
@@ -505,6 +512,10 @@ def search_triton(
     chunk = _chunk_rows(n_e, cout, nb, dev)
     grid = (triton.cdiv(cout, chunk), nb, n_e)
     rescore = hess and exact
+    if rescore_stats is not None and (rescore_stats.dtype != torch.int32 or rescore_stats.device != dev
+                                      or rescore_stats.numel() < 8 + 5 * n_e * cout * nb):
+        raise ValueError(f"rescore_stats: {rescore_stats.dtype} [{rescore_stats.numel()}] on {rescore_stats.device}, "
+                         f"expected int32 zeros of at least 8 + 5 x {n_e * cout * nb} blocks on {dev}")
     near = flags[4:]
     # the blocks recorded for the float64 pass: room for every block (int32 index and record, 8 bytes a block)
     cap = n_e * cout * nb if rescore else 1
@@ -521,13 +532,15 @@ def search_triton(
 
     rescore_grid = (_rescore_programs(dev),)
     rescore_args = (w3, g1, v_tab, s_tab, r_tab, hc, near, near_list, cap, out, flags if losses is None else losses,
-                    cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
+                    cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
+                    flags if rescore_stats is None else rescore_stats)
 
     def launch():
         _sweep_rows_kernel[grid](*args, **opts)
         if rescore:  # queued behind the sweep; reads the count the sweep left on the device
             _rescore_kernel[rescore_grid](*rescore_args, BR=block_rows, LOSSES=losses is not None,
-                                          num_warps=num_warps, enable_fp_fusion=False)
+                                          STATS=rescore_stats is not None, num_warps=num_warps,
+                                          enable_fp_fusion=False)
 
     flags_head = flags[:4]  # the value flags the host reads
     host_flags = None

@@ -4,6 +4,39 @@ The sweep (sweep_rows.py, 'Exact picks') records each block whose fp32 order may
 best and its runner-up r1 can truly win, mode 2 when three or more candidates can. This kernel recomputes those
 candidates' losses dw^T H dw in float64 from the block's fp32 Hessian, with the same fp32 errors dw as the sweep
 and the reference (reference.block_loss), and keeps the smallest, ties to the smaller candidate.
+
+fp32 filter (mode 2, symmetric H). A float64 candidate costs several fp32 ones on Hopper (152 conversions to
+float64 at 16 a clock and SM), and a mode-2 block walked ~54 candidates, of which a handful can win. So each lane
+first walks its window in fp32, from the H it holds in registers, and keeps only the candidates that a rigorous
+error bound cannot exclude; the float64 losses then run on those alone (a 128-bit mask per lane, a loop over each
+lane's set bits in increasing candidate order, as many steps as the warp's largest count).
+
+The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and the
+block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary terms d_i
+H_ik d_k whose absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it so that every elementary term passes
+through at most 13 roundings (its docstring counts them), each a factor (1 + delta), |delta| <= u = 2^-24 (doubling is
+exact): |fl(L) - L| <= gamma_13 B, gamma_13 = 13 u / (1 - 13 u) (the standard bound for sums of products, Higham ch.
+3, applied term by term). The float64 losses F (this kernel's and the reference's einsum) are within gamma_32 of
+float64, below 2^-47 B, of L. So F lies within (13 u + 2^-23 u) B of fl(L), and with the rounding of fl(L) -+ m (at
+most u (|fl(L)| + m), |fl(L)| <= (1 + gamma_13) B) a margin m >= 14.01 u B makes the computed lower end fl(fl(L) - m)
+at most F and the upper end fl(fl(L) + m) at least F. B needs no semi-definite H: for any a_i > 0, |H_ik| <= rho a_i
+a_k with rho = max_i<=k |H_ik| / (a_i a_k), hence B <= rho S^2, S = sum_i a_i |d_i|. _bound_scale takes a_i = h_i
+rsqrt(h_i), h_i = max(H_ii, 2^-120), about sqrt(H_ii), which makes rho about 1 on a computed X^T X (1 up to rounding
+on a rank-1 block fl(x x^T), where B = S^2) and huge on a block far from semi-definite (no filter, in effect). The
+margin is m = TAU32 rho S^2 + ab, TAU32 = 16 u, with rho, S, S^2 and the products in fp32, each within a few 2^-22
+relative of its value (rsqrt's error, rounding), so m >= 15.9 u B. Underflow (|d_i| <= |w_i| (1 + 2u): rounding to the
+nearest level never moves further than 0 does): every fp32 result errs by at most 2^-126 beyond its relative error
+even where flushed to zero, and an operand flushed to zero changes a product H_ik d_k by less than 2^-126 |d_k|; the
+at most ~50 such errors per candidate, times |d_i| at most, sum below 2^-120 (1 + sum_i |w_i|)^2, which the absolute
+term ab = 2^-116 (1 + sum_i |w_i|)^2 covers; S starts at S0 = 2^-60, above the at most 16 products a_i |d_i| it could
+lose (2^-126 each).
+
+The filter. A candidate is dropped only when its lower end is finite and above the upper end of some candidate
+of the window (the sweep's best, evaluated first, then a running minimum over the walk): then its float64 loss
+exceeds that candidate's, so it is neither the window's float64 minimum nor tied with it. Every candidate whose
+float64 loss equals the window's minimum is kept, and the kept ones are re-scored in increasing order with
+strict '<': the pick is the one the unfiltered window gives, ties to the smaller candidate. Non-finite fp32
+values (overflow) drop nothing. The sweep's best is always kept (LOSSES needs its float64 loss).
 """
 
 from __future__ import annotations
@@ -12,6 +45,13 @@ import triton
 import triton.language as tl
 
 from fp4cal.search.kernel_common import FP8_TOP, N_CAND, _errors, _round_signed
+
+# The fp32 filter's margins (module docstring, 'The bound'): relative to rho S^2 (16 u; 14.01 u needed), the floor of
+# the a_i^2, the start of S, and the absolute term's factor on (1 + sum |w|)^2 (underflow)
+TAU32: tl.constexpr = tl.constexpr(2.0**-20)
+A_MIN2: tl.constexpr = tl.constexpr(2.0**-120)
+S0: tl.constexpr = tl.constexpr(2.0**-60)
+ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
 
 
 @triton.jit
@@ -106,13 +146,210 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 
 
 @triton.jit
-def _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_row, r_row, full, n_try, c_lo, c_hi, best_old, r1,
-            SYM: tl.constexpr):
-    """(float64 best loss, its candidate, best_old's float64 loss) per lane over n_try candidates: (full) the window
-    c_lo.. c_hi, or the pair (best_old, r1) in increasing order; '<', so ties keep the smaller candidate. w2: the
-    lanes' weights [BR, 16], w: the same as a 16-tuple. SYM: every block's H is symmetric, the loss is
-    _quad64_up's from the values held in registers; else _quad64_any's from memory (a loop of its own, so that the
-    fast one's registers are not shared with it)."""
+def _bound_scale(diag, hb, ok):
+    """Per lane, the fp32 filter's scale (module docstring, 'The bound'): (a, rho). a: 16-tuple of [BR] fp32, a_i =
+    h_i q_i with h_i = max(H_ii, 2^-120) and q_i = rsqrt(h_i) (any a_i > 0 serves: its accuracy does not matter,
+    only that q_i is 1 / a_i to a few 2^-22; a_i >= 2^-60, q_i <= 2^60); rho [BR]: max_i q_i max_k |H_ik| q_k, the
+    largest |H_ik| / (a_i a_k) to a few 2^-22 (finite or inf, never NaN; over both triangles, equal where the filter
+    runs). rho from H reloaded a row per step of a runtime loop (small code; hb: each lane's block, row-major): the
+    registers' diag and up would put 2 operations per entry into what depends on every row load of _fold_h, which
+    Triton's coalescing pass walks once per memory operation (compile time)."""
+    a = ()
+    for i in tl.static_range(16):
+        hi = tl.maximum(diag[i], A_MIN2)
+        a = a + (hi * tl.rsqrt(hi),)
+    kk = tl.arange(0, 16)
+    qv = tl.rsqrt(tl.maximum(tl.load(hb[:, None] + 17 * kk[None, :], mask=ok[:, None], other=1.0), A_MIN2))
+    rho = tl.zeros(ok.shape, tl.float32)
+    for i in range(16):
+        row = tl.load(hb[:, None] + 16 * i + kk[None, :], mask=ok[:, None], other=0.0)
+        qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * i, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry i
+        rho = tl.maximum(rho, tl.max(tl.abs(row) * qv, axis=1) * qi)
+    return a, rho
+
+
+@triton.jit
+def _abs_margin(w):
+    """The fp32 filter's absolute margin for underflow (module docstring, 'The bound'): 2^-116 (1 + sum_i |w_i|)^2
+    per lane; w: 16-tuple of [BR] fp32."""
+    ws = tl.zeros(w[0].shape, tl.float32)
+    for k in tl.static_range(16):
+        ws = ws + tl.abs(w[k])
+    return ABS_MARGIN * (1.0 + ws) * (1.0 + ws)
+
+
+@triton.jit
+def _quad32_up(d, diag, up, a):
+    """(fp32 d^T H d, S) for _bound_scale's margin; d: 16-tuple of [BR] fp32 errors. The loss as _quad64_up sums
+    it, in fp32 with a shallow rounding depth (module docstring, 'The bound'): y_i = sum_k>i H_ik d_k in four FMA
+    chains (k - i - 1 mod 4, at most 4 long) added as (c0 + c1) + (c2 + c3) (the empty ones left out), t_i =
+    fma(H_ii, d_i, 2 y_i), the loss likewise in four chains over i mod 4: at most 4 + 2 + 1 + 4 + 2 = 13 roundings
+    per term. S = S0 + sum_i a_i |d_i|."""
+    l0 = tl.zeros(d[0].shape, tl.float32)
+    l1 = tl.zeros(d[0].shape, tl.float32)
+    l2 = tl.zeros(d[0].shape, tl.float32)
+    l3 = tl.zeros(d[0].shape, tl.float32)
+    sw = tl.full(d[0].shape, S0, tl.float32)
+    for i in tl.static_range(16):
+        c0 = tl.zeros(d[0].shape, tl.float32)
+        c1 = tl.zeros(d[0].shape, tl.float32)
+        c2 = tl.zeros(d[0].shape, tl.float32)
+        c3 = tl.zeros(d[0].shape, tl.float32)
+        for k in tl.static_range(i + 1, 16):
+            h = up[15 * i - (i * (i - 1)) // 2 + k - i - 1]
+            if (k - i - 1) % 4 == 0:
+                c0 = tl.fma(h, d[k], c0)
+            elif (k - i - 1) % 4 == 1:
+                c1 = tl.fma(h, d[k], c1)
+            elif (k - i - 1) % 4 == 2:
+                c2 = tl.fma(h, d[k], c2)
+            else:
+                c3 = tl.fma(h, d[k], c3)
+        if i <= 11:  # 4 or more terms: all four chains
+            y = (c0 + c1) + (c2 + c3)
+        elif i == 12:
+            y = (c0 + c1) + c2
+        elif i == 13:
+            y = c0 + c1
+        else:
+            y = c0  # row 15: no term, 0
+        t = tl.fma(diag[i], d[i], 2.0 * y)
+        if i % 4 == 0:
+            l0 = tl.fma(d[i], t, l0)
+        elif i % 4 == 1:
+            l1 = tl.fma(d[i], t, l1)
+        elif i % 4 == 2:
+            l2 = tl.fma(d[i], t, l2)
+        else:
+            l3 = tl.fma(d[i], t, l3)
+        sw = tl.fma(a[i], tl.abs(d[i]), sw)
+    return (l0 + l1) + (l2 + l3), sw
+
+
+@triton.jit
+def _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old):
+    """The mode-2 fp32 filter (module docstring): the candidates of each lane's window [c_lo, c_hi] that may be the
+    float64 minimum, as a 128-bit mask (m0, m1, m2, m3: bit t = candidate c_lo + t) and their count [BR]. The walk
+    starts at the sweep's best (t = -1: its upper end starts the running minimum U; it is kept if in the window)."""
+    a, rho = _bound_scale(diag, hb, ok)
+    ab = _abs_margin(w)
+    rt = rho * TAU32
+    n_win = tl.max(tl.where(ok, c_hi - c_lo + 1, 0))
+    old_in = ok & (best_old >= c_lo) & (best_old <= c_hi)
+    u_min = tl.full(ok.shape, float("inf"), tl.float32)
+    m0 = tl.zeros(ok.shape, tl.int32)
+    m1 = tl.zeros(ok.shape, tl.int32)
+    m2 = tl.zeros(ok.shape, tl.int32)
+    m3 = tl.zeros(ok.shape, tl.int32)
+    cnt = tl.zeros(ok.shape, tl.int32)
+    for t in range(-1, n_win):
+        tt = tl.maximum(t, 0)
+        inwin = ok & (tt <= c_hi - c_lo) & (t >= 0)
+        c = tl.where(t < 0, best_old, tl.minimum(c_lo + tt, c_hi))
+        s = tl.load(s_row + c, mask=ok, other=1.0)
+        r = tl.load(r_row + c, mask=ok, other=1.0)
+        loss, sw = _quad32_up(_errors(w, s, r), diag, up, a)
+        m = tl.fma(rt, sw * sw, ab)
+        lower = loss - m
+        upper = loss + m
+        u_min = tl.where((inwin | ((t < 0) & old_in)) & (upper < u_min), upper, u_min)  # a NaN never enters
+        # dropped: a finite lower end above some candidate's upper end (NaN and inf keep the candidate)
+        keep = inwin & ((c == best_old) | ~((lower > u_min) & (lower < float("inf"))))
+        bit = tl.where(keep, 1 << (tt & 31), 0)
+        word = tt >> 5
+        m0 = m0 | tl.where(word == 0, bit, 0)
+        m1 = m1 | tl.where(word == 1, bit, 0)
+        m2 = m2 | tl.where(word == 2, bit, 0)
+        m3 = m3 | tl.where(word == 3, bit, 0)
+        cnt += keep.to(tl.int32)
+    return m0, m1, m2, m3, cnt
+
+
+@triton.jit
+def _pop_lowest(m0, m1, m2, m3):
+    """(index of the lowest set bit of the 128-bit mask (m0 bits 0..31, .., m3 bits 96..127), the mask without it);
+    an empty mask gives a negative index. The bit x & -x, its index the exponent of its exact fp32 value (the sign
+    bit, -2^31, has exponent 31 too)."""
+    nz0 = m0 != 0
+    nz1 = m1 != 0
+    nz2 = m2 != 0
+    word = tl.where(nz0, m0, tl.where(nz1, m1, tl.where(nz2, m2, m3)))
+    off = tl.where(nz0, 0, tl.where(nz1, 32, tl.where(nz2, 64, 96)))
+    low = word & (0 - word)
+    idx = off + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    m0 = tl.where(nz0, m0 ^ low, m0)
+    m1 = tl.where(~nz0 & nz1, m1 ^ low, m1)
+    m2 = tl.where(~nz0 & ~nz1 & nz2, m2 ^ low, m2)
+    m3 = tl.where(~nz0 & ~nz1 & ~nz2, m3 ^ low, m3)
+    return idx, m0, m1, m2, m3
+
+
+@triton.jit
+def _walk_sym(w, diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STATS: tl.constexpr,
+              stats_ptr, blk):
+    """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
+    candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
+    so ties keep the smaller candidate; each lane's k-th candidate at step k, as many steps as the warp's largest
+    count. STATS: mode 2's counts into stats_ptr[0:6] and each block's window and mask at stats_ptr[8 + 5 blk ..]
+    (search_triton's rescore_stats)."""
+    if full:
+        base = c_lo
+        m0, m1, m2, m3, cnt = _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old)
+    else:
+        base = tl.minimum(best_old, r1)
+        gap = tl.abs(r1 - best_old)  # bits 0 and gap (one bit if r1 == best_old)
+        bit = 1 << (gap & 31)
+        m0 = tl.where(gap >> 5 == 0, bit | 1, 1)
+        m1 = tl.where(gap >> 5 == 1, bit, 0)
+        m2 = tl.where(gap >> 5 == 2, bit, 0)
+        m3 = tl.where(gap >> 5 == 3, bit, 0)
+        cnt = tl.where(gap == 0, 1, 2)
+    n64 = tl.max(tl.where(ok, cnt, 0))
+    if STATS:
+        if full:
+            lanes = tl.sum(ok.to(tl.int32))
+            win = tl.sum(tl.where(ok, c_hi - c_lo + 1, 0))
+            tl.atomic_add(stats_ptr, lanes)
+            tl.atomic_add(stats_ptr + 1, win)
+            tl.atomic_add(stats_ptr + 2, tl.sum(tl.where(ok, cnt, 0)))
+            tl.atomic_add(stats_ptr + 3, n64)
+            tl.atomic_add(stats_ptr + 4, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) + 1)
+            tl.atomic_add(stats_ptr + 5, 1)
+            rec = stats_ptr + 8 + 5 * blk
+            tl.store(rec, c_lo | (c_hi << 8), mask=ok)
+            tl.store(rec + 1, m0, mask=ok)
+            tl.store(rec + 2, m1, mask=ok)
+            tl.store(rec + 3, m2, mask=ok)
+            tl.store(rec + 4, m3, mask=ok)
+    best = tl.full(ok.shape, float("inf"), tl.float64)
+    best_idx = best_old
+    l_old = tl.zeros(ok.shape, tl.float64)
+    for k in range(n64):
+        has = ok & (cnt > k)
+        idx, m0, m1, m2, m3 = _pop_lowest(m0, m1, m2, m3)
+        c = tl.where(has, base + idx, best_old)
+        s = tl.load(s_row + c, mask=has, other=1.0)
+        r = tl.load(r_row + c, mask=has, other=1.0)
+        d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
+        d = ()
+        for i in tl.static_range(16):
+            d = d + (d32[i].to(tl.float64),)
+        # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
+        one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
+        loss = _quad64_up(d, diag, up, one)
+        better = has & (loss < best)
+        best = tl.where(better, loss, best)
+        best_idx = tl.where(better, c, best_idx)
+        l_old = tl.where(has & (c == best_old), loss, l_old)
+    return best, best_idx, l_old
+
+
+@triton.jit
+def _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1):
+    """_walk_sym's result for a step with a block whose H is not symmetric: every candidate of the window (mode 2)
+    or the pair (best_old, r1) in increasing order, _quad64_any's losses from memory, no fp32 filter (a lane whose
+    window is shorter than its step's longest re-tries c_hi: no change)."""
+    n_try = tl.where(full, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)), 2)
     best = tl.full(ok.shape, float("inf"), tl.float64)
     best_idx = best_old
     l_old = tl.zeros(ok.shape, tl.float64)
@@ -121,16 +358,7 @@ def _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_row, r_row, full, n_try,
                                                                  tl.maximum(best_old, r1)))
         s = tl.load(s_row + c, mask=ok, other=1.0)
         r = tl.load(r_row + c, mask=ok, other=1.0)
-        if SYM:
-            d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
-            d = ()
-            for k in tl.static_range(16):
-                d = d + (d32[k].to(tl.float64),)
-            # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
-            one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
-            loss = _quad64_up(d, diag, up, one)
-        else:
-            loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
+        loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
         better = ok & (loss < best)
         best = tl.where(better, loss, best)
         best_idx = tl.where(better, c, best_idx)
@@ -140,24 +368,25 @@ def _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_row, r_row, full, n_try,
 
 @triton.jit
 def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
-                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, BR: tl.constexpr, LOSSES: tl.constexpr):
+                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, BR: tl.constexpr,
+                    LOSSES: tl.constexpr, STATS: tl.constexpr):
     """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
     picks'), BR of them per step (one per lane), the programs striding over each list (whose lengths only the
     device knows): mode 1 (list entries 0, 1, ...), the float64 losses of best and r1, the smaller index first;
-    mode 2 (entries cap - 1, cap - 2, ...), every candidate of the window [lo, hi] the block walked, in order
-    (those outside it have true losses above the best's: the bounds that skipped them). Strict '<' in increasing
-    candidate order, so exact ties keep the smaller candidate as the reference does (a lane whose window is
-    shorter than its step's longest re-tries hi: no change). A changed pick rewrites the block's amax, and (LOSSES)
-    moves the tensor's chosen-scale loss by the float64 difference.
+    mode 2 (entries cap - 1, cap - 2, ...), the candidates of the window [lo, hi] the block walked that the fp32
+    filter keeps (module docstring; those outside the window have true losses above the best's: the bounds that
+    skipped them). Strict '<' in increasing candidate order, so exact ties keep the smaller candidate as the
+    reference does. A changed pick rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by
+    the float64 difference. STATS: counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
 
     One block per lane, as in the sweep: its weights and its H are loaded once and held in registers, H as the 136
-    fp32 values of its upper triangle (_fold_h), for all its candidates; each candidate then costs 16 roundings,
-    152 conversions to float64 and 152 float64 FMAs (_quad64_up), on registers (the rounding that used to extract
-    each error from a [BR, 16] tensor per row of H, and the shuffles of tensor reductions, are gone). A step with a
-    block whose H is not symmetric reads H from memory per candidate instead (_quad64_any, exact for any H). The
-    two modes share one copy of the code (a runtime loop over the lists): compile time grows with the code's size
-    (Triton's coalescing pass: about the memory operations x the kernel's size squared; 300 memory operations in
-    a first version of this kernel took minutes)."""
+    fp32 values of its upper triangle (_fold_h), for all its candidates; each float64 candidate then costs 16
+    roundings, 152 conversions to float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16
+    roundings and 152 fp32 FMAs, on registers. A step with a block whose H is not symmetric reads H from memory per
+    candidate instead (_quad64_any, exact for any H; no filter). The two modes share one copy of the code (a
+    runtime loop over the lists): compile time grows with the code's size (Triton's coalescing pass: about the
+    memory operations x the kernel's size squared; 300 memory operations in a first version of this kernel took
+    minutes)."""
     n1 = tl.load(cnt_ptr)
     n2 = tl.load(cnt_ptr + 1)
     for mode in range(1, 3):
@@ -177,20 +406,20 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
             wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
             w2 = tl.load(wrow[:, None] + tl.arange(0, 16)[None, :] * stride_wc, mask=ok[:, None],
                          other=0.0).to(tl.float32)
-            w = _cols16(w2)
             hb = h_ptr + e * stride_fe + j * 256
             diag, up, asym = _fold_h(hb, ok)
             best_old = rec & 127
             r1 = (rec >> 7) & 127
             c_lo = (rec >> 14) & 127
             c_hi = (rec >> 21) & 127
-            n_try = tl.where(full, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)), 2)
+            s_row = s_tab_ptr + e * N_CAND
+            r_row = r_tab_ptr + e * N_CAND
             if tl.sum((asym & ok).to(tl.int32)) == 0:
-                best, best_idx, l_old = _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_tab_ptr + e * N_CAND,
-                                                r_tab_ptr + e * N_CAND, full, n_try, c_lo, c_hi, best_old, r1, True)
+                best, best_idx, l_old = _walk_sym(_cols16(w2), diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi,
+                                                  best_old, r1, STATS, stats_ptr, blk)
             else:
-                best, best_idx, l_old = _walk64(w2, wrow, stride_wc, w, diag, up, hb, ok, s_tab_ptr + e * N_CAND,
-                                                r_tab_ptr + e * N_CAND, full, n_try, c_lo, c_hi, best_old, r1, False)
+                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi,
+                                                  best_old, r1)
             changed = ok & (best_idx != best_old)
             g = tl.load(g_ptr + e, mask=ok, other=0.0)
             amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
