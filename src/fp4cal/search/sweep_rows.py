@@ -18,8 +18,8 @@ ill-conditioned Hessians (issue 13):
   comparison enters it, the old best when a new one wins). At the end a block whose smallest is within the
   best's upper end is recorded (mode 1: only best and the runner-up can win; mode 2: three or more can), and
   rescore._rescore_kernel, a second launch over the recorded blocks only, decides in float64 from the fp32 Hessian
-  itself, as the reference does (mode 1: two losses; mode 2: the candidates of the window the block walked that an fp32 filter with its
-  own error bound keeps, rescore.py).
+  itself, as the reference does (mode 1: two losses; mode 2: the candidates of the window the block walked that
+  an fp32 filter with its own error bound keeps, rescore.py).
   Candidates the bounds skipped have true losses above the best's (the bounds bound the true loss and are
   compared with best + m_best), so the float64 choice is the brute force's. CPU simulation of the walk (bench
   weights, 512 x 2048): recorded blocks about 1 in 100 on well-conditioned Hessians, 1 in 10 on rank-1 blocks
