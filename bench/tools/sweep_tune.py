@@ -40,9 +40,13 @@ def main():
     ap.add_argument("--variants", default="255/8/8/2/2,168/8/8/2/2,255/4/8/2/2,255/8/8/4/2,255/8/8/2/0",
                     help="comma list of maxnreg/refill/rows-per-lane/unroll/min-waves")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--import-modelopt", action="store_true",
+                    help="import ModelOpt's sweep module first (what bench_search's process has: its host cost)")
     args = ap.parse_args()
+    if args.import_modelopt:
+        from modelopt.torch.kernels.quantization.gemm import nvfp4_fp8_sweep  # noqa: F401
     refill = hasattr(kernels, "_REFILL_LANES")
-    variants = args.variants.split(",") if refill else ["base"]
+    variants = args.variants.split(",") if refill and args.variants else ["base"]
     rows = []
     for sname in args.shapes.split(","):
         cout, cin = SHAPES[sname]
@@ -51,7 +55,7 @@ def main():
             h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
             first = None
             for var in variants:
-                if var != "base":
+                if var != "base" and var:
                     nreg, rl, rpl, unroll, waves = (int(x) for x in var.split("/"))
                     kernels._MAXNREG_HESSIAN, kernels._REFILL_LANES, kernels._ROWS_PER_LANE = nreg, rl, rpl
                     kernels._UNROLL, kernels._MIN_WAVES = unroll, waves
