@@ -116,9 +116,10 @@ _MAXNREG_HESSIAN = 255
 # Lane refill (sweep_rows.py): a program's lanes take new rows when _REFILL_LANES of them are idle; programs own up
 # to 32 x _ROWS_PER_LANE rows, and at least _MIN_WAVES x the resident programs are launched where the weight allows.
 # Measured on an H200 (bench/tools/sweep_tune.py, eighth session): 4 idle lanes 1-5 % faster than 8; on k/v
-# (1024 x 4096) 8 rows per lane (one wave) 10-17 % faster than 3 (two waves); q/o is at 8 either way.
+# (1024 x 4096) 7 rows per lane (one wave) 10-17 % faster than 3 (two waves); on q/o (4096 x 4096) 16 rows per
+# lane 2-4 % faster than 8.
 _REFILL_LANES = 4
-_ROWS_PER_LANE = 8
+_ROWS_PER_LANE = 16
 _UNROLL = 2  # candidates per lane between two tests of the bounds
 _MIN_WAVES = 1
 _PROGRAMS_PER_SM = 8
