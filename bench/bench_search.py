@@ -248,6 +248,18 @@ def run_moe(mo, rows):
     rows.append(res)
 
 
+def family_weight(cout, cin, n_e=1, dev="cuda"):
+    """The family rows' weight: bf16 N(0, 0.02^2), 0.1 % outliers x8, seed 3, [cout, cin] (n_e == 1) or [n_e, cout,
+    cin], and its global amax (per expert). The bench tools time the same inputs."""
+    torch.manual_seed(3)
+    w = torch.randn(n_e, cout, cin, device=dev) * 0.02
+    w[torch.rand_like(w) < 1e-3] *= 8
+    w = w.to(torch.bfloat16)
+    if n_e == 1:
+        w = w[0]
+    return w, w.float().abs().amax(dim=(-2, -1))
+
+
 def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
     """Local-Hessian time of fp4cal and ModelOpt on the same weights with each Hessian family, per Qwen3-8B shape
     and an expert stack (moe_experts x 1536 x 2048, 0: none); also fp4cal without its float64 pass (exact=False:
@@ -261,13 +273,7 @@ def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
     if moe_experts:
         cases.append((f"MoE {moe_experts}x{moe_cout}x{moe_cin}", moe_cout, moe_cin, moe_experts))
     for name, cout, cin, n_e in cases:
-        torch.manual_seed(3)
-        w = torch.randn(n_e, cout, cin, device=dev) * 0.02
-        w[torch.rand_like(w) < 1e-3] *= 8
-        w = w.to(torch.bfloat16)
-        if n_e == 1:
-            w = w[0]
-        g = w.float().abs().amax(dim=(-2, -1))
+        w, g = family_weight(cout, cin, n_e, dev)
         for fam in ["well"] + ILL_CONDITIONED:
             if fam == "well":
                 hs = [make_case(cout, cin, seed=e, dev=dev)[1] for e in range(min(n_e, 4))]

@@ -10,7 +10,6 @@
 # Each case is timed twice, the second pass in reverse order (an order or warm-up effect shows as a difference).
 #   python bench/tools/kv_check.py [--src DIR]    (DIR: another commit's src/, e.g. search2's, extracted)
 import argparse
-import collections
 import inspect
 import os
 import sys
@@ -18,41 +17,17 @@ import time
 
 import torch
 import triton
-from torch.profiler import ProfilerActivity, profile
 
 SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"
 sys.path.insert(0, SRC)
 sys.path.insert(0, "tests")
 sys.path.insert(0, "bench")
-from bench_search import make_case  # noqa: E402
+sys.path.insert(0, os.path.join("bench", "tools"))
+from kernel_times import kernel_us  # noqa: E402
+
+from bench_search import family_weight, make_case  # noqa: E402
 from fp4cal.search import kernels  # noqa: E402
 from kernel_cases import make_ill_hessian  # noqa: E402
-
-KERNELS = ("_prep_kernel", "_sweep_rows_kernel", "_rescore_kernel")
-
-
-def weight(cout, cin):
-    """bench_search.run_families' weight for a 2-D shape (seed 3, 0.1 % outliers x8, bf16) and its amax."""
-    torch.manual_seed(3)
-    w = torch.randn(1, cout, cin, device="cuda") * 0.02
-    w[torch.rand_like(w) < 1e-3] *= 8
-    w = w.to(torch.bfloat16)[0]
-    return w, w.float().abs().amax(dim=(-2, -1))
-
-
-def kernel_us(fn, iters=10):
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out = collections.defaultdict(float)
-    for avg in prof.key_averages():
-        for key in KERNELS:
-            if key in avg.key:
-                out[key] += avg.self_device_time_total / iters
-    return out
 
 
 def host_ms(fn, n=50):
@@ -74,8 +49,8 @@ def main():
     kw = {"exact": False} if "exact" in inspect.signature(kernels.search_triton).parameters else {}
     print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(kernels.search_triton)))),
           "| device:", torch.cuda.get_device_name(), "| triton", triton.__version__)
-    w_kv, g_kv = weight(1024, 4096)
-    w_qo, g_qo = weight(4096, 4096)
+    w_kv, g_kv = family_weight(1024, 4096)
+    w_qo, g_qo = family_weight(4096, 4096)
     h_kv = make_case(1024, 4096, seed=0, dev="cuda")[1]
     h_qo = make_case(4096, 4096, seed=0, dev="cuda")[1]
     h_db = make_ill_hessian("deadblock", 4096, "cuda", seed=0)
@@ -103,7 +78,7 @@ def main():
 
             pub = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
             graph = triton.testing.do_bench_cudagraph(nosync)
-            k = kernel_us(call)
+            k = kernel_us(call, 10)
             print(f"{name:13s} {p + 1:4d} {pub:9.3f} {graph:9.3f} {k['_prep_kernel']:8.1f} "
                   f"{k['_sweep_rows_kernel']:9.1f} {host_ms(nosync):13.3f}", flush=True)
 

@@ -16,20 +16,11 @@ SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"
 sys.path.insert(0, SRC)
 sys.path.insert(0, "tests")
 sys.path.insert(0, "bench")
-from bench_search import make_case  # noqa: E402
+from bench_search import family_weight, make_case  # noqa: E402
 from fp4cal.search import kernels  # noqa: E402
 from kernel_cases import make_ill_hessian  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "kv": (1024, 4096), "gu": (12288, 4096), "dn": (4096, 12288)}
-
-
-def weight(cout, cin):
-    """bench_search.run_families' weight for a 2-D shape (seed 3, 0.1 % outliers x8, bf16) and its amax."""
-    torch.manual_seed(3)
-    w = torch.randn(1, cout, cin, device="cuda") * 0.02
-    w[torch.rand_like(w) < 1e-3] *= 8
-    w = w.to(torch.bfloat16)[0]
-    return w, w.float().abs().amax(dim=(-2, -1))
 
 
 def main():
@@ -50,7 +41,7 @@ def main():
     rows = []
     for sname in args.shapes.split(","):
         cout, cin = SHAPES[sname]
-        w, g = weight(cout, cin)
+        w, g = family_weight(cout, cin)
         for fam in args.families.split(","):
             h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
             first = None
