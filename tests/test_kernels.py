@@ -167,6 +167,33 @@ def test_expert_stack_and_strides(device_for_kernels):
     assert compare_picks(wt, gt, _kernel_search(wt, "mse", gt, None), search_reference(wt, "mse", gt)).bad == 0
 
 
+@pytest.mark.parametrize("method, hkind", [("mse", None), ("local_hessian", "rank1")])
+def test_lane_refill_over_chunks(method, hkind, monkeypatch, device_for_kernels):
+    """More rows than a program has lanes (sweep_rows.py, 'lane refill'): lanes that finish take the chunk's next
+    rows, two programs share the block column (the second one partial), and the picks are still the brute force's.
+    The stats count every row once, and the walk's steps x lanes cover the candidates the lanes tried."""
+    from fp4cal.search import kernels
+
+    dev = device_for_kernels
+    lanes = 32 * (kernels._NUM_WARPS_CUDA if dev == "cuda" else kernels._NUM_WARPS_INTERPRETER)
+    monkeypatch.setattr(kernels, "_ROWS_PER_LANE", 2)
+    monkeypatch.setattr(kernels, "_MIN_WAVES", 0)
+    cout = 2 * lanes + lanes // 3  # two chunks of 2 x lanes rows, the second partial
+    w, g = make_weight("normal", cout, 16, torch.float32, dev, seed=21)
+    gg = check_global_amax(g, w)
+    h = None if hkind is None else make_ill_hessian(hkind, 16, dev, seed=22)
+    st = torch.zeros(kernels.sweep_programs(w), 4, dtype=torch.int32, device=dev)
+    got = kernels.search_triton(w, method, gg, h, stats=st)
+    rep = compare_picks(w, gg, got, search_reference(w, method, gg, h), h)
+    print(f"refill {method} {hkind}: {rep.differing} differing of {rep.blocks}, {rep.ties} ties; stats {st.tolist()}")
+    assert rep.bad == 0, f"{rep.bad} picks differ beyond a 1e-6 tie (worst gap {rep.worst_rel_gap:.3e})"
+    st = st.cpu().long()
+    assert st.shape[0] == 2  # two chunks of the one block column
+    assert st[:, 1].tolist() == [2 * lanes, cout - 2 * lanes]  # every row walked once
+    work = st[:, 2]
+    assert bool((work > 0).all()) and bool((st[:, 0] * lanes >= work).all())
+
+
 def test_global_amax_zero_and_out_of_range(device_for_kernels):
     dev = device_for_kernels
     w = torch.zeros(8, 32, device=dev)

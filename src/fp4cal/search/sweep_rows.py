@@ -353,7 +353,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     the slowest of 32 on well-conditioned Hessians, 52 and 100 on rank-1 ones), and a warp runs as long as its
     slowest lane. So a program owns `chunk` rows of one block column (the factor F_j, the bounds' coefficients and
     the branches on them stay uniform), each lane walks both directions of its block in turn (down from the MSE
-    top, then up), and when REFILL lanes have finished (or none is walking) they take the chunk's next rows.
+    top, then up), and when REFILL lanes have finished (or none is walking) they take the chunk's next rows (H200,
+    4096 x 4096: the walk of 32 rank-1 blocks 101 -> 59 candidate steps, for 53.5 candidates per block).
     Three steps:
     1. windows: every row of the chunk, BR at a time: MSE top and first all-zero candidate, kept in oi_ptr (the
        int32 view of out_ptr) as top | zero_at << 8 (a lane's refill then loads one word, not two binary searches);
