@@ -392,7 +392,13 @@ def _rescore_programs(device: torch.device) -> int:
     once), one under the interpreter."""
     if device.type != "cuda":
         return 1
-    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8 * _sm_count(device)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once: every search call sizes its grids with it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
@@ -401,7 +407,7 @@ def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
     an SM at once): the refill evens out the blocks' walks within a program, the waves even out the programs."""
     if device.type != "cuda":
         return 32 * _NUM_WARPS_INTERPRETER * _ROWS_PER_LANE
-    resident = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    resident = _PROGRAMS_PER_SM * _sm_count(device)
     per_lane = (n_e * cout * nb) // (32 * resident * _MIN_WAVES) if _MIN_WAVES else _ROWS_PER_LANE
     return 32 * max(1, min(_ROWS_PER_LANE, per_lane))
 
