@@ -260,6 +260,12 @@ def family_weight(cout, cin, n_e=1, dev="cuda"):
     return w, w.float().abs().amax(dim=(-2, -1))
 
 
+def family_hessian(fam, cout, cin, dev="cuda", seed=0):
+    """The family rows' Hessian blocks [cin/16, 16, 16]: 'well' is make_case's, any other family
+    kernel_cases.make_ill_hessian's."""
+    return make_case(cout, cin, seed=seed, dev=dev)[1] if fam == "well" else make_ill_hessian(fam, cin, dev, seed=seed)
+
+
 def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
     """Local-Hessian time of fp4cal and ModelOpt on the same weights with each Hessian family, per Qwen3-8B shape
     and an expert stack (moe_experts x 1536 x 2048, 0: none); also fp4cal without its float64 pass (exact=False:
@@ -275,10 +281,7 @@ def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
     for name, cout, cin, n_e in cases:
         w, g = family_weight(cout, cin, n_e, dev)
         for fam in ["well"] + ILL_CONDITIONED:
-            if fam == "well":
-                hs = [make_case(cout, cin, seed=e, dev=dev)[1] for e in range(min(n_e, 4))]
-            else:
-                hs = [make_ill_hessian(fam, cin, dev, seed=e) for e in range(min(n_e, 4))]
+            hs = [family_hessian(fam, cout, cin, dev, seed=e) for e in range(min(n_e, 4))]
             h = hs[0] if n_e == 1 else torch.stack([hs[e % len(hs)] for e in range(n_e)])
             row = {"shape": name, "family": fam}
             ours = search_scales(w, "local_hessian", h, g)

@@ -14,10 +14,9 @@ SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"
 sys.path.insert(0, SRC)
 sys.path.insert(0, "tests")
 from fp4cal.search.kernels import search_triton  # noqa: E402
-from kernel_cases import make_ill_hessian  # noqa: E402
 
 sys.path.insert(0, os.path.join("bench"))
-from bench_search import make_case  # noqa: E402
+from bench_search import family_hessian, family_weight  # noqa: E402
 
 SHAPES = [("q/o", 4096, 4096), ("k/v", 1024, 4096)]
 
@@ -49,13 +48,9 @@ def main():
     print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(search_triton)))))
     print(f"{'shape':6s} {'hessian':8s} {'exact':5s} {'prep us':>8s} {'sweep us':>9s} {'f64 pass us':>11s}")
     for name, cout, cin in SHAPES:
-        torch.manual_seed(3)
-        w = torch.randn(cout, cin, device="cuda") * 0.02
-        w[torch.rand_like(w) < 1e-3] *= 8
-        w = w.to(torch.bfloat16)
-        g = w.float().abs().amax()
+        w, g = family_weight(cout, cin)
         for fam in ("well", "rank1", "rank2"):
-            h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
+            h = family_hessian(fam, cout, cin)
             for exact in ((False,) if args.fp32_only else (True, False)) if has_exact else (None,):
                 kw = {} if exact is None else {"exact": exact}
                 t = kernel_us(lambda w=w, h=h, g=g, kw=kw: search_triton(w, "local_hessian", g, h, **kw), args.iters)

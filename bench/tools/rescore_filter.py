@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, "src")
 sys.path.insert(0, "tests")
 sys.path.insert(0, "bench")
-from bench_search import make_case  # noqa: E402
+from bench_search import family_hessian, family_weight  # noqa: E402
 from fp4cal.search.kernels import search_triton  # noqa: E402
-from kernel_cases import check_mode2_filter, make_ill_hessian  # noqa: E402
+from kernel_cases import check_mode2_filter  # noqa: E402
 
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (12288, 4096), "tiny": (32, 64)}  # tiny: CPU smoke run
 
@@ -30,13 +30,9 @@ def main():
           f"{'f64 steps':>9s} {'f64 steps before':>16s}")
     for name in args.shapes.split(","):
         cout, cin = SHAPES[name]
-        torch.manual_seed(3)
-        w = torch.randn(cout, cin, device=dev) * 0.02
-        w[torch.rand_like(w) < 1e-3] *= 8
-        w = w.to(torch.bfloat16)
-        g = w.float().abs().amax()
+        w, g = family_weight(cout, cin, dev=dev)
         for fam in args.families.split(","):
-            h = make_case(cout, cin, seed=0, dev=dev)[1] if fam == "well" else make_ill_hessian(fam, cin, dev, seed=0)
+            h = family_hessian(fam, cout, cin, dev)
             st = torch.zeros(8 + 5 * w.numel() // 16, dtype=torch.int32, device=dev)
             search_triton(w, "local_hessian", g, h, rescore_stats=st)
             c = st[:6].tolist()

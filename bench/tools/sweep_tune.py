@@ -16,9 +16,8 @@ SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src"
 sys.path.insert(0, SRC)
 sys.path.insert(0, "tests")
 sys.path.insert(0, "bench")
-from bench_search import family_weight, make_case  # noqa: E402
+from bench_search import family_hessian, family_weight  # noqa: E402
 from fp4cal.search import kernels  # noqa: E402
-from kernel_cases import make_ill_hessian  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "kv": (1024, 4096), "gu": (12288, 4096), "dn": (4096, 12288)}
 
@@ -28,8 +27,9 @@ def main():
     ap.add_argument("--src", default="src")
     ap.add_argument("--shapes", default="qo,kv")
     ap.add_argument("--families", default="well,rank1,rank2,rank8,collinear")
-    ap.add_argument("--variants", default="255/8/8/2/2,168/8/8/2/2,255/4/8/2/2,255/8/8/4/2,255/8/8/2/0",
-                    help="comma list of maxnreg/refill/rows-per-lane/unroll/min-waves")
+    ap.add_argument("--variants", default="255/4/16/2/1,168/4/16/2/1,255/8/16/2/1,255/4/8/2/1",
+                    help="comma list of maxnreg/refill/rows-per-lane/unroll/min-waves (the first: kernels.py's "
+                         "defaults, the reference the others' picks are compared with); empty: the defaults as set")
     ap.add_argument("--tag", default="")
     ap.add_argument("--import-modelopt", action="store_true",
                     help="import ModelOpt's sweep module first (what bench_search's process has: its host cost)")
@@ -43,7 +43,7 @@ def main():
         cout, cin = SHAPES[sname]
         w, g = family_weight(cout, cin)
         for fam in args.families.split(","):
-            h = make_case(cout, cin, seed=0)[1] if fam == "well" else make_ill_hessian(fam, cin, "cuda", seed=0)
+            h = family_hessian(fam, cout, cin)
             first = None
             for var in variants:
                 if var != "base" and var:
