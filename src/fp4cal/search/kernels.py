@@ -412,11 +412,17 @@ def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
     return 32 * max(1, min(_ROWS_PER_LANE, per_lane))
 
 
+def _sweep_grid(n_e: int, cout: int, nb: int, device: torch.device) -> tuple[tuple[int, int, int], int]:
+    """The sweep's launch grid (row chunks, block columns, tensors) and its rows per chunk."""
+    chunk = _chunk_rows(n_e, cout, nb, device)
+    return (triton.cdiv(cout, chunk), nb, n_e), chunk
+
+
 def sweep_programs(w: torch.Tensor) -> int:
     """Programs of the sweep launch for weight w ([cout, cin] or [E, cout, cin]): the rows of search_triton's stats."""
     n_e, cout, cin = (1, *w.shape) if w.dim() == 2 else w.shape
-    nb = cin // BLOCK
-    return triton.cdiv(cout, _chunk_rows(n_e, cout, nb, w.device)) * nb * n_e
+    (n_r, nb, n_e), _ = _sweep_grid(n_e, cout, cin // BLOCK, w.device)
+    return n_r * nb * n_e
 
 
 @functools.cache
@@ -516,8 +522,7 @@ def search_triton(
     out = torch.empty(n_e, cout, nb, dtype=torch.float32, device=dev)
     num_warps = _NUM_WARPS_CUDA if dev.type == "cuda" else _NUM_WARPS_INTERPRETER
     block_rows = 32 * num_warps
-    chunk = _chunk_rows(n_e, cout, nb, dev)
-    grid = (triton.cdiv(cout, chunk), nb, n_e)
+    grid, chunk = _sweep_grid(n_e, cout, nb, dev)
     rescore = hess and exact
     if rescore_stats is not None and (rescore_stats.dtype != torch.int32 or rescore_stats.device != dev
                                       or rescore_stats.numel() < 8 + 5 * n_e * cout * nb):
