@@ -177,7 +177,7 @@ def test_lane_refill_over_chunks(method, hkind, monkeypatch, device_for_kernels)
     dev = device_for_kernels
     lanes = 32 * (kernels._NUM_WARPS_CUDA if dev == "cuda" else kernels._NUM_WARPS_INTERPRETER)
     monkeypatch.setattr(kernels, "_ROWS_PER_LANE", 2)
-    monkeypatch.setattr(kernels, "_MIN_WAVES", 0)
+    monkeypatch.setattr(kernels, "_FILL_WAVES", False)
     cout = 2 * lanes + lanes // 3  # two chunks of 2 x lanes rows, the second partial
     w, g = make_weight("normal", cout, 16, torch.float32, dev, seed=21)
     gg = check_global_amax(g, w)
@@ -462,3 +462,23 @@ def test_epilogue_losses_match_the_reference_objective(method, device_for_kernel
     amax_s = fp4cal.search_scales(stack, method, h, torch.stack([gg, gg * 3]), backend="reference")
     assert torch.allclose(ls.cpu(), reference_losses(stack, torch.stack([gg, gg * 3]), amax_s, h).sum(0).cpu(),
                           rtol=1e-12, atol=0)
+
+
+def test_chunk_rows_fills_whole_waves():
+    """The sweep's rows per program (kernels.chunk_rows): at most max_rows, shrunk evenly until the grid fills the
+    waves it needs (132 SMs x 8 programs = 1056 resident on an H200), never past them."""
+    from fp4cal.search.kernels import chunk_rows
+
+    r = 1056
+    assert chunk_rows(4096, 256, r, 512) == 512  # q/o: 2048 programs = 2 waves already (1.94)
+    assert chunk_rows(1024, 256, r, 512) == 256  # k/v: 512 programs -> 1024 (one wave), not 1280 (1.2 waves)
+    assert chunk_rows(1024, 256, r, 512, fill_waves=False) == 512
+    assert chunk_rows(12288, 256, r, 512) == 512  # gate/up: 6144 programs in 6 waves
+    assert chunk_rows(1536, 128 * 128, r, 512) == 512  # 128 experts: more columns than resident programs
+    assert chunk_rows(100, 4, r, 512) == 32  # small: one row per lane at the least
+    for cout, cols in ((1024, 256), (3000, 100), (4096, 300), (96, 7), (12288, 768)):
+        c = chunk_rows(cout, cols, r, 512)
+        progs = -(-cout // c) * cols
+        waves = -(-(-(-cout // 512) * cols) // r)
+        assert c % 32 == 0 and 32 <= c <= 512
+        assert progs <= max(waves * r, -(-cout // 512) * cols), (cout, cols, c, progs)

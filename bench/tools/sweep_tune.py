@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--shapes", default="qo,kv")
     ap.add_argument("--families", default="well,rank1,rank2,rank8,collinear")
     ap.add_argument("--variants", default="255/4/16/2/1,168/4/16/2/1,255/8/16/2/1,255/4/8/2/1",
-                    help="comma list of maxnreg/refill/rows-per-lane/unroll/min-waves (the first: kernels.py's "
+                    help="comma list of maxnreg/refill/rows-per-lane/unroll/fill-waves (0/1) (the first: kernels.py's "
                          "defaults, the reference the others' picks are compared with); empty: the defaults as set")
     ap.add_argument("--tag", default="")
     ap.add_argument("--import-modelopt", action="store_true",
@@ -49,7 +49,7 @@ def main():
                 if var != "base" and var:
                     nreg, rl, rpl, unroll, waves = (int(x) for x in var.split("/"))
                     kernels._MAXNREG_HESSIAN, kernels._REFILL_LANES, kernels._ROWS_PER_LANE = nreg, rl, rpl
-                    kernels._UNROLL, kernels._MIN_WAVES = unroll, waves
+                    kernels._UNROLL, kernels._FILL_WAVES = unroll, bool(waves)
                 picks = kernels.search_triton(w, "local_hessian", g, h)
                 same = "-" if first is None else str(bool(torch.equal(picks, first)))
                 first = picks if first is None else first

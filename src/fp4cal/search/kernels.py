@@ -114,14 +114,14 @@ _NUM_WARPS_CUDA = 1
 _NUM_WARPS_INTERPRETER = 4
 _MAXNREG_HESSIAN = 255
 # Lane refill (sweep_rows.py): a program's lanes take new rows when _REFILL_LANES of them are idle; programs own up
-# to 32 x _ROWS_PER_LANE rows, and at least _MIN_WAVES x the resident programs are launched where the weight allows.
-# Measured on an H200 (bench/tools/sweep_tune.py, eighth session): 4 idle lanes 1-5 % faster than 8; on k/v
-# (1024 x 4096) 7 rows per lane (one wave) 10-17 % faster than 3 (two waves); on q/o (4096 x 4096) 16 rows per
-# lane 2-4 % faster than 8.
+# to 32 x _ROWS_PER_LANE rows of a block column, and with _FILL_WAVES the chunks shrink until the grid fills the
+# whole waves it needs (chunk_rows). Measured on an H200 (bench/tools/sweep_tune.py, eighth session): 4 idle lanes
+# 1-5 % faster than 8; on q/o (4096 x 4096) 16 rows per lane 2-4 % faster than 8; on k/v (1024 x 4096) one full
+# wave (1024 programs of 8 rows per lane) 11-15 % faster than 2816 programs of 3 rows per lane (BENCHMARKS.md).
 _REFILL_LANES = 4
 _ROWS_PER_LANE = 16
 _UNROLL = 2  # candidates per lane between two tests of the bounds
-_MIN_WAVES = 1
+_FILL_WAVES = True
 _PROGRAMS_PER_SM = 8
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
 # launch costs 0.05-0.09 ms of host time, more than such a sweep runs on the GPU (0.05 ms for 1024 x 4096).
@@ -401,15 +401,26 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def chunk_rows(cout: int, columns: int, resident: int, max_rows: int, fill_waves: bool = True) -> int:
+    """Rows per sweep program (a multiple of 32, one warp's lanes): at most max_rows of one block column. columns:
+    block columns over all tensors (n_e x cin / 16); resident: programs the GPU runs at once. fill_waves: the grid
+    of max_rows chunks needs W = ceil(programs / resident) waves; the chunks shrink (evenly over the column) until
+    the grid fills those W waves, never past them: a grid of 1.2 waves runs its last 0.2 on a few SMs after the
+    rest are done (k/v 1024 x 4096 on 132 SMs: 1280 programs of 7 rows per lane, now 1024 of 8)."""
+    n = triton.cdiv(cout, max_rows)  # chunks per block column at the most rows
+    if fill_waves:
+        waves = triton.cdiv(n * columns, resident)
+        n = max(n, min((waves * resident) // columns, triton.cdiv(cout, 32)))
+    return 32 * triton.cdiv(triton.cdiv(cout, n), 32)
+
+
 def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
-    """Rows per sweep program (sweep_rows.py, 'Lane refill'): BR x up to _ROWS_PER_LANE, fewer where the grid
-    would otherwise fill the GPU fewer than _MIN_WAVES times (a program is one warp, _PROGRAMS_PER_SM of them run on
-    an SM at once): the refill evens out the blocks' walks within a program, the waves even out the programs."""
+    """chunk_rows for a launch on device (sweep_rows.py, 'Lane refill'): a program is one warp, _PROGRAMS_PER_SM of
+    them run on an SM at once; the refill evens out the blocks' walks within a program, the waves the programs."""
     if device.type != "cuda":
         return 32 * _NUM_WARPS_INTERPRETER * _ROWS_PER_LANE
     resident = _PROGRAMS_PER_SM * _sm_count(device)
-    per_lane = (n_e * cout * nb) // (32 * resident * _MIN_WAVES) if _MIN_WAVES else _ROWS_PER_LANE
-    return 32 * max(1, min(_ROWS_PER_LANE, per_lane))
+    return chunk_rows(cout, n_e * nb, resident, 32 * _ROWS_PER_LANE, _FILL_WAVES)
 
 
 def _sweep_grid(n_e: int, cout: int, nb: int, device: torch.device) -> tuple[tuple[int, int, int], int]:
