@@ -52,6 +52,10 @@ TAU32: tl.constexpr = tl.constexpr(2.0**-20)
 A_MIN2: tl.constexpr = tl.constexpr(2.0**-120)
 S0: tl.constexpr = tl.constexpr(2.0**-60)
 ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
+# Mode 2 (module docstring, 'One block per warp'): the lanes a block's window is spread over, and the slots of
+# each lane (lane + W2 slot, slot < N_SLOT, covers the 126 candidates; the kept mask is N_SLOT words of W2 bits)
+W2: tl.constexpr = tl.constexpr(32)
+N_SLOT: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
@@ -227,114 +231,138 @@ def _quad32_up(d, diag, up, a):
 
 
 @triton.jit
-def _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old):
-    """The mode-2 fp32 filter (module docstring): the candidates of each lane's window [c_lo, c_hi] that may be the
-    float64 minimum, as a 128-bit mask (m0, m1, m2, m3: bit t = candidate c_lo + t) and their count [BR]. The walk
-    starts at the sweep's best (t = -1: its upper end starts the running minimum U; it is kept if in the window)."""
+def _slot_of(t, lane, W: tl.constexpr):
+    """The slot of lane's candidates (t = lane + W slot) that lies in [t, t + W): each lane holds one candidate
+    of any W consecutive ones. t: scalar >= 0; lane: [W]."""
+    return (t - lane + (W - 1)) // W
+
+
+@triton.jit
+def _pick(loss, has, c, best, best_idx):
+    """One warp step of the candidate walk, every lane a candidate c [W] of the same block, all of them above
+    those of the earlier steps: the step's smallest loss among has (+inf and NaN never win, as '<' against +inf),
+    ties to the smaller candidate, replaces (best, best_idx) [W] (uniform) only if strictly smaller. This is the
+    reference's strict '<' in increasing candidate order, step by step."""
+    eff = tl.where(has & (loss < float("inf")), loss, float("inf"))
+    low = tl.min(eff)
+    at = tl.min(tl.where(eff == low, c, 1 << 30))
+    better = low < best
+    return tl.where(better, low, best), tl.where(better, at, best_idx)
+
+
+@triton.jit
+def _window_sym(w, diag, up, hb, ok, lane, s_row, r_row, c_lo, c_hi, best_old, W: tl.constexpr,
+                NSLOT: tl.constexpr):
+    """Mode 2 of one block whose H is symmetric (module docstring, 'One block per warp'): (best, best_idx, l_old,
+    kept mask as NSLOT words [W] per lane, fp32 steps, float64 steps), every value uniform over the W lanes but
+    the mask. w, diag, up: the block's weights and H, the same in every lane; lane [W]: 0 .. W - 1."""
     a, rho = _bound_scale(diag, hb, ok)
     ab = _abs_margin(w)
     rt = rho * TAU32
-    n_win = tl.max(tl.where(ok, c_hi - c_lo + 1, 0))
-    old_in = ok & (best_old >= c_lo) & (best_old <= c_hi)
-    u_min = tl.full(ok.shape, float("inf"), tl.float32)
-    m0 = tl.zeros(ok.shape, tl.int32)
-    m1 = tl.zeros(ok.shape, tl.int32)
-    m2 = tl.zeros(ok.shape, tl.int32)
-    m3 = tl.zeros(ok.shape, tl.int32)
-    cnt = tl.zeros(ok.shape, tl.int32)
-    for t in range(-1, n_win):
-        tt = tl.maximum(t, 0)
-        inwin = ok & (tt <= c_hi - c_lo) & (t >= 0)
-        c = tl.where(t < 0, best_old, tl.minimum(c_lo + tt, c_hi))
-        s = tl.load(s_row + c, mask=ok, other=1.0)
-        r = tl.load(r_row + c, mask=ok, other=1.0)
+    n32 = tl.max((c_hi - c_lo + W) // W)  # uniform; windows are at most 126 long: at most NSLOT steps
+    u_min = tl.full(lane.shape, float("inf"), tl.float32)
+    lows = ()
+    for q in tl.static_range(NSLOT):
+        lows = lows + (tl.full(lane.shape, float("inf"), tl.float32),)
+    for t in range(n32):
+        c = c_lo + lane + W * t
+        inwin = c <= c_hi
+        cc = tl.minimum(c, c_hi)
+        s = tl.load(s_row + cc)
+        r = tl.load(r_row + cc)
         loss, sw = _quad32_up(_errors(w, s, r), diag, up, a)
         m = tl.fma(rt, sw * sw, ab)
         lower = loss - m
         upper = loss + m
-        u_min = tl.where((inwin | ((t < 0) & old_in)) & (upper < u_min), upper, u_min)  # a NaN never enters
-        # dropped: a finite lower end above some candidate's upper end (NaN and inf keep the candidate)
-        keep = inwin & ((c == best_old) | ~((lower > u_min) & (lower < float("inf"))))
-        bit = tl.where(keep, 1 << (tt & 31), 0)
-        word = tt >> 5
-        m0 = m0 | tl.where(word == 0, bit, 0)
-        m1 = m1 | tl.where(word == 1, bit, 0)
-        m2 = m2 | tl.where(word == 2, bit, 0)
-        m3 = m3 | tl.where(word == 3, bit, 0)
-        cnt += keep.to(tl.int32)
-    return m0, m1, m2, m3, cnt
+        # the smallest finite upper end of the window so far (non-finite ends drop nothing)
+        u_min = tl.minimum(u_min, tl.min(tl.where(inwin & (tl.abs(upper) < float("inf")), upper, float("inf"))))
+        new = ()
+        for q in tl.static_range(NSLOT):
+            new = new + (tl.where(t == q, lower, lows[q]),)
+        lows = new
+    # kept: in the window and not (a finite lower end above the window's smallest upper end); best_old always
+    kept = ()
+    words = ()
+    n_kept = tl.zeros(lane.shape, tl.int32)
+    first = tl.full(lane.shape, 4 * W, tl.int32)
+    for q in tl.static_range(NSLOT):
+        c = c_lo + lane + W * q
+        k = (c <= c_hi) & ((c == best_old) | ~((lows[q] > u_min) & (lows[q] < float("inf"))))
+        kept = kept + (k,)
+        words = words + (tl.xor_sum(tl.where(k, 1 << lane, 0)),)  # distinct bits: their xor is their or
+        n_kept += tl.sum(k.to(tl.int32))
+        first = tl.minimum(first, tl.min(tl.where(k, lane + W * q, 4 * W)))
+    # float64 steps: the kept candidates t0 .. t0 + W - 1 at once (t0 the lowest kept one not done), one a lane
+    best = tl.full(lane.shape, float("inf"), tl.float64)
+    best_idx = tl.zeros(lane.shape, tl.int32) + best_old
+    l_old = tl.zeros(lane.shape, tl.float64)
+    n64 = 0
+    t0 = tl.min(first)
+    while t0 < 4 * W:
+        slot = _slot_of(t0, lane, W)
+        has = tl.zeros(lane.shape, tl.int1)
+        for q in tl.static_range(NSLOT):
+            has = has | ((slot == q) & kept[q])
+        c = tl.where(has, c_lo + lane + W * slot, best_old)
+        s = tl.load(s_row + c)
+        r = tl.load(r_row + c)
+        d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
+        d = ()
+        for i in tl.static_range(16):
+            d = d + (d32[i].to(tl.float64),)
+        # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
+        one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
+        loss = _quad64_up(d, diag, up, one)
+        best, best_idx = _pick(loss, has, c, best, best_idx)
+        l_old += tl.sum(tl.where(has & (c == best_old), loss, 0.0))  # best_old is in exactly one step
+        n64 += 1
+        nxt = tl.full(lane.shape, 4 * W, tl.int32)
+        for q in tl.static_range(NSLOT):
+            tq = lane + W * q
+            nxt = tl.minimum(nxt, tl.where(kept[q] & (tq >= t0 + W), tq, 4 * W))
+        t0 = tl.min(nxt)
+    return best, best_idx, l_old, words, n_kept, n32, n64
 
 
 @triton.jit
-def _pop_lowest(m0, m1, m2, m3):
-    """(index of the lowest set bit of the 128-bit mask (m0 bits 0..31, .., m3 bits 96..127), the mask without it);
-    an empty mask gives a negative index. The bit x & -x, its index the exponent of its exact fp32 value (the sign
-    bit, -2^31, has exponent 31 too)."""
-    nz0 = m0 != 0
-    nz1 = m1 != 0
-    nz2 = m2 != 0
-    word = tl.where(nz0, m0, tl.where(nz1, m1, tl.where(nz2, m2, m3)))
-    off = tl.where(nz0, 0, tl.where(nz1, 32, tl.where(nz2, 64, 96)))
-    low = word & (0 - word)
-    idx = off + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
-    m0 = tl.where(nz0, m0 ^ low, m0)
-    m1 = tl.where(~nz0 & nz1, m1 ^ low, m1)
-    m2 = tl.where(~nz0 & ~nz1 & nz2, m2 ^ low, m2)
-    m3 = tl.where(~nz0 & ~nz1 & ~nz2, m3 ^ low, m3)
-    return idx, m0, m1, m2, m3
+def _window_any(w2, wrow, stride_wc, hb, ok, lane, s_row, r_row, c_lo, c_hi, best_old, W: tl.constexpr):
+    """_window_sym's (best, best_idx, l_old) for a block whose H is not symmetric: every candidate of the window,
+    W a step, _quad64_any's float64 losses from memory, no fp32 filter."""
+    best = tl.full(lane.shape, float("inf"), tl.float64)
+    best_idx = tl.zeros(lane.shape, tl.int32) + best_old
+    l_old = tl.zeros(lane.shape, tl.float64)
+    for t in range(tl.max((c_hi - c_lo + W) // W)):
+        c = c_lo + lane + W * t
+        has = c <= c_hi
+        cc = tl.minimum(c, c_hi)
+        s = tl.load(s_row + cc)
+        r = tl.load(r_row + cc)
+        loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
+        best, best_idx = _pick(loss, has, cc, best, best_idx)
+        l_old += tl.sum(tl.where(has & (c == best_old), loss, 0.0))
+    return best, best_idx, l_old
 
 
 @triton.jit
-def _walk_sym(w, diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STATS: tl.constexpr,
-              stats_ptr, blk):
-    """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
-    candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
-    so ties keep the smaller candidate; each lane's k-th candidate at step k, as many steps as the warp's largest
-    count. STATS: mode 2's counts into stats_ptr[0:6] and each block's window and mask at stats_ptr[8 + 5 blk ..]
-    (search_triton's rescore_stats)."""
-    if full:
-        base = c_lo
-        m0, m1, m2, m3, cnt = _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old)
-    else:
-        base = tl.minimum(best_old, r1)
-        gap = tl.abs(r1 - best_old)  # bits 0 and gap (one bit if r1 == best_old)
-        bit = 1 << (gap & 31)
-        m0 = tl.where(gap >> 5 == 0, bit | 1, 1)
-        m1 = tl.where(gap >> 5 == 1, bit, 0)
-        m2 = tl.where(gap >> 5 == 2, bit, 0)
-        m3 = tl.where(gap >> 5 == 3, bit, 0)
-        cnt = tl.where(gap == 0, 1, 2)
-    n64 = tl.max(tl.where(ok, cnt, 0))
-    if STATS:
-        if full:
-            lanes = tl.sum(ok.to(tl.int32))
-            win = tl.sum(tl.where(ok, c_hi - c_lo + 1, 0))
-            tl.atomic_add(stats_ptr, lanes)
-            tl.atomic_add(stats_ptr + 1, win)
-            tl.atomic_add(stats_ptr + 2, tl.sum(tl.where(ok, cnt, 0)))
-            tl.atomic_add(stats_ptr + 3, n64)
-            tl.atomic_add(stats_ptr + 4, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) + 1)
-            tl.atomic_add(stats_ptr + 5, 1)
-            rec = stats_ptr + 8 + 5 * blk
-            tl.store(rec, c_lo | (c_hi << 8), mask=ok)
-            tl.store(rec + 1, m0, mask=ok)
-            tl.store(rec + 2, m1, mask=ok)
-            tl.store(rec + 3, m2, mask=ok)
-            tl.store(rec + 4, m3, mask=ok)
+def _pair_sym(w, diag, up, ok, s_row, r_row, best_old, r1):
+    """Mode 1, one block per lane, symmetric H in registers: (float64 best loss, its candidate, best_old's float64
+    loss) over best_old and r1, the smaller first, '<' (ties keep the smaller); one step if no lane's r1 differs
+    from its best_old."""
+    c_a = tl.minimum(best_old, r1)
+    c_b = tl.maximum(best_old, r1)
+    n_try = tl.max(tl.where(ok & (c_b != c_a), 2, 1))
     best = tl.full(ok.shape, float("inf"), tl.float64)
     best_idx = best_old
     l_old = tl.zeros(ok.shape, tl.float64)
-    for k in range(n64):
-        has = ok & (cnt > k)
-        idx, m0, m1, m2, m3 = _pop_lowest(m0, m1, m2, m3)
-        c = tl.where(has, base + idx, best_old)
+    for t in range(n_try):
+        has = ok & ((t == 0) | (c_b != c_a))
+        c = tl.where(t == 0, c_a, c_b)
         s = tl.load(s_row + c, mask=has, other=1.0)
         r = tl.load(r_row + c, mask=has, other=1.0)
         d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
         d = ()
         for i in tl.static_range(16):
             d = d + (d32[i].to(tl.float64),)
-        # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
         one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
         loss = _quad64_up(d, diag, up, one)
         better = has & (loss < best)
@@ -345,17 +373,13 @@ def _walk_sym(w, diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1,
 
 
 @triton.jit
-def _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1):
-    """_walk_sym's result for a step with a block whose H is not symmetric: every candidate of the window (mode 2)
-    or the pair (best_old, r1) in increasing order, _quad64_any's losses from memory, no fp32 filter (a lane whose
-    window is shorter than its step's longest re-tries c_hi: no change)."""
-    n_try = tl.where(full, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)), 2)
+def _pair_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, best_old, r1):
+    """_pair_sym's result for a step with a block whose H is not symmetric: _quad64_any's losses from memory."""
     best = tl.full(ok.shape, float("inf"), tl.float64)
     best_idx = best_old
     l_old = tl.zeros(ok.shape, tl.float64)
-    for t in range(n_try):
-        c = tl.where(full, tl.minimum(c_lo + t, c_hi), tl.where(t == 0, tl.minimum(best_old, r1),
-                                                                 tl.maximum(best_old, r1)))
+    for t in range(2):
+        c = tl.where(t == 0, tl.minimum(best_old, r1), tl.maximum(best_old, r1))
         s = tl.load(s_row + c, mask=ok, other=1.0)
         r = tl.load(r_row + c, mask=ok, other=1.0)
         loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
@@ -367,62 +391,105 @@ def _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi, best_
 
 
 @triton.jit
+def _block_at(list_ptr, at, nb, cout, w_ptr, stride_we, stride_wr, stride_wc, h_ptr, stride_fe, ok):
+    """The recorded block at list entries at (any shape): (block index, record, e, row, j, wrow, hb)."""
+    blk = tl.load(list_ptr + 2 * at, mask=ok, other=0).to(tl.int64)
+    rec = tl.load(list_ptr + 2 * at + 1, mask=ok, other=0)
+    j = blk % nb
+    row = (blk // nb) % cout
+    e = blk // nb // cout
+    wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
+    hb = h_ptr + e * stride_fe + j * 256
+    return blk, rec, e, row, j, wrow, hb
+
+
+@triton.jit
+def _commit(best, best_idx, l_old, best_old, e, row, j, ok, g_ptr, v_ptr, out_ptr, loss_ptr, nb, stride_oe,
+            LOSSES: tl.constexpr):
+    """A changed pick rewrites the block's amax and (LOSSES) moves the tensor's chosen-scale loss by the float64
+    difference; ok: the lanes that write."""
+    changed = ok & (best_idx != best_old)
+    g = tl.load(g_ptr + e, mask=ok, other=0.0)
+    amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
+    tl.store(out_ptr + e * stride_oe + row * nb + j, amax, mask=changed)
+    if LOSSES:
+        tl.atomic_add(loss_ptr + e * 2 + 1, best - l_old, mask=changed)
+
+
+@triton.jit
 def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
                     nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, BR: tl.constexpr,
                     LOSSES: tl.constexpr, STATS: tl.constexpr):
     """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
-    picks'), BR of them per step (one per lane), the programs striding over each list (whose lengths only the
-    device knows): mode 1 (list entries 0, 1, ...), the float64 losses of best and r1, the smaller index first;
-    mode 2 (entries cap - 1, cap - 2, ...), the candidates of the window [lo, hi] the block walked that the fp32
-    filter keeps (module docstring; those outside the window have true losses above the best's: the bounds that
-    skipped them). Strict '<' in increasing candidate order, so exact ties keep the smaller candidate as the
-    reference does. A changed pick rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by
-    the float64 difference. STATS: counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
+    picks'), the programs striding over each list (whose lengths only the device knows). Mode 1 (list entries 0,
+    1, ...): BR blocks per step, one per lane, the float64 losses of best and r1, the smaller index first. Mode 2
+    (entries cap - 1, cap - 2, ...): one block per step, its window [lo, hi] spread over the lanes of a warp
+    (module docstring, 'One block per warp'): the fp32 filter, then the float64 losses of the candidates it keeps
+    (those outside the window have true losses above the best's: the bounds that skipped them). Strict '<' in
+    increasing candidate order, so exact ties keep the smaller candidate as the reference does. A changed pick
+    rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64 difference. STATS:
+    counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
 
-    One block per lane, as in the sweep: its weights and its H are loaded once and held in registers, H as the 136
-    fp32 values of its upper triangle (_fold_h), for all its candidates; each float64 candidate then costs 16
-    roundings, 152 conversions to float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16
-    roundings and 152 fp32 FMAs, on registers. A step with a block whose H is not symmetric reads H from memory per
-    candidate instead (_quad64_any, exact for any H; no filter). The two modes share one copy of the code (a
-    runtime loop over the lists): compile time grows with the code's size (Triton's coalescing pass: about the
-    memory operations x the kernel's size squared; 300 memory operations in a first version of this kernel took
-    minutes)."""
+    A block's H is held in registers as the 136 fp32 values of its upper triangle (_fold_h), for all its
+    candidates; each float64 candidate then costs 16 roundings, 152 conversions to float64 and 152 float64 FMAs
+    (_quad64_up), each fp32 one of the filter 16 roundings and 152 fp32 FMAs, on registers. A block whose H is not
+    symmetric reads H from memory per candidate instead (_quad64_any, exact for any H; no filter). Compile time
+    grows with the code's size (Triton's coalescing pass: about the memory operations x the kernel's size squared;
+    300 memory operations in a first version of this kernel took minutes)."""
     n1 = tl.load(cnt_ptr)
     n2 = tl.load(cnt_ptr + 1)
-    for mode in range(1, 3):
-        full = mode == 2
-        n = tl.where(full, n2, n1)
-        first = tl.where(full, cap - 1, 0)
-        step = tl.where(full, -1, 1)
-        for base in range(tl.program_id(0) * BR, n, tl.num_programs(0) * BR):
-            i = base + tl.arange(0, BR)
-            ok = i < n
-            at = first + step * i
-            blk = tl.load(list_ptr + 2 * at, mask=ok, other=0).to(tl.int64)
-            rec = tl.load(list_ptr + 2 * at + 1, mask=ok, other=0)
-            j = blk % nb
-            row = (blk // nb) % cout
-            e = blk // nb // cout
-            wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
-            w2 = tl.load(wrow[:, None] + tl.arange(0, 16)[None, :] * stride_wc, mask=ok[:, None],
-                         other=0.0).to(tl.float32)
-            hb = h_ptr + e * stride_fe + j * 256
-            diag, up, asym = _fold_h(hb, ok)
-            best_old = rec & 127
-            r1 = (rec >> 7) & 127
-            c_lo = (rec >> 14) & 127
-            c_hi = (rec >> 21) & 127
-            s_row = s_tab_ptr + e * N_CAND
-            r_row = r_tab_ptr + e * N_CAND
-            if tl.sum((asym & ok).to(tl.int32)) == 0:
-                best, best_idx, l_old = _walk_sym(_cols16(w2), diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi,
-                                                  best_old, r1, STATS, stats_ptr, blk)
-            else:
-                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi,
-                                                  best_old, r1)
-            changed = ok & (best_idx != best_old)
-            g = tl.load(g_ptr + e, mask=ok, other=0.0)
-            amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
-            tl.store(out_ptr + e * stride_oe + row * nb + j, amax, mask=changed)
-            if LOSSES:
-                tl.atomic_add(loss_ptr + e * 2 + 1, best - l_old, mask=changed)
+    for base in range(tl.program_id(0) * BR, n1, tl.num_programs(0) * BR):
+        i = base + tl.arange(0, BR)
+        ok = i < n1
+        blk, rec, e, row, j, wrow, hb = _block_at(list_ptr, i, nb, cout, w_ptr, stride_we, stride_wr, stride_wc,
+                                                  h_ptr, stride_fe, ok)
+        w2 = tl.load(wrow[:, None] + tl.arange(0, 16)[None, :] * stride_wc, mask=ok[:, None], other=0.0).to(tl.float32)
+        diag, up, asym = _fold_h(hb, ok)
+        best_old = rec & 127
+        r1 = (rec >> 7) & 127
+        s_row = s_tab_ptr + e * N_CAND
+        r_row = r_tab_ptr + e * N_CAND
+        if tl.sum((asym & ok).to(tl.int32)) == 0:
+            best, best_idx, l_old = _pair_sym(_cols16(w2), diag, up, ok, s_row, r_row, best_old, r1)
+        else:
+            best, best_idx, l_old = _pair_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, best_old, r1)
+        _commit(best, best_idx, l_old, best_old, e, row, j, ok, g_ptr, v_ptr, out_ptr, loss_ptr, nb, stride_oe,
+                LOSSES)
+    # mode 2: one block per step, W2 lanes over its window (every lane the same block: broadcast loads)
+    lane = tl.arange(0, W2)
+    one_lane = lane == 0  # the lane that writes a block's result and counts
+    chain = tl.zeros(lane.shape, tl.int32)  # this program's warp steps (STATS)
+    for q in range(tl.program_id(0), n2, tl.num_programs(0)):
+        at = cap - 1 - q + 0 * lane
+        allv = lane < W2
+        blk, rec, e, row, j, wrow, hb = _block_at(list_ptr, at, nb, cout, w_ptr, stride_we, stride_wr, stride_wc,
+                                                  h_ptr, stride_fe, allv)
+        w2 = tl.load(wrow[:, None] + tl.arange(0, 16)[None, :] * stride_wc).to(tl.float32)
+        diag, up, asym = _fold_h(hb, allv)
+        best_old = rec & 127
+        c_lo = (rec >> 14) & 127
+        c_hi = (rec >> 21) & 127
+        s_row = s_tab_ptr + e * N_CAND
+        r_row = r_tab_ptr + e * N_CAND
+        if tl.sum(asym.to(tl.int32)) == 0:
+            best, best_idx, l_old, words, n_kept, n32, n64 = _window_sym(
+                _cols16(w2), diag, up, hb, allv, lane, s_row, r_row, c_lo, c_hi, best_old, W2, N_SLOT)
+            if STATS:
+                win = c_hi - c_lo + 1
+                tl.atomic_add(stats_ptr + 0 * lane, 1, mask=one_lane)
+                tl.atomic_add(stats_ptr + 1 + 0 * lane, win, mask=one_lane)
+                tl.atomic_add(stats_ptr + 2 + 0 * lane, n_kept, mask=one_lane)
+                tl.atomic_add(stats_ptr + 3 + 0 * lane, n64, mask=one_lane)
+                tl.atomic_add(stats_ptr + 4 + 0 * lane, n32, mask=one_lane)
+                chain += n32 + n64
+                at_rec = stats_ptr + 8 + 5 * blk
+                tl.store(at_rec, c_lo | (c_hi << 8), mask=one_lane)
+                for k in tl.static_range(N_SLOT):
+                    tl.store(at_rec + 1 + k, words[k], mask=one_lane)
+        else:
+            best, best_idx, l_old = _window_any(w2, wrow, stride_wc, hb, allv, lane, s_row, r_row, c_lo, c_hi,
+                                                best_old, W2)
+        _commit(best, best_idx, l_old, best_old, e, row, j, one_lane, g_ptr, v_ptr, out_ptr, loss_ptr, nb,
+                stride_oe, LOSSES)
+    if STATS:
+        tl.atomic_max(stats_ptr + 5 + 0 * lane, chain, mask=one_lane)
