@@ -176,10 +176,11 @@ def _bound_scale(diag, hb, ok, n_rows):
     kk = tl.arange(0, 16)
     qv = tl.rsqrt(tl.maximum(tl.load(hb[:, None] + 17 * kk[None, :], mask=ok[:, None], other=1.0), A_MIN2))
     rho = tl.zeros(ok.shape, tl.float32)
-    for i in range(n_rows):
-        row = tl.load(hb[:, None] + 16 * i + kk[None, :], mask=ok[:, None], other=0.0)
-        qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * i, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry i
-        rho = tl.maximum(rho, tl.max(tl.abs(row) * qv, axis=1) * qi)
+    ri = tl.arange(0, ok.shape[0]) % 16
+    for _ in range(n_rows):
+        row = tl.load(hb[:, None] + 16 * ri[:, None] + kk[None, :], mask=ok[:, None], other=0.0)
+        qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * ri, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry ri
+        rho = tl.maximum(rho, tl.max(tl.max(tl.abs(row) * qv, axis=1) * qi))
     return a, rho
 
 
@@ -284,7 +285,7 @@ def _walk_sym(w, diag, up, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_ol
     float64, W consecutive ones a step; results uniform over the lanes but the mask words (NSLOT x [W], word q bit l
     = candidate c_lo + l + W q, as search_triton's rescore_stats). Otherwise (mode 1) one block per lane, best_old
     and r1 in float64, the smaller first (one step if no lane's differ)."""
-    a, rho = _bound_scale(diag, hb, ok, tl.where(full, 16, 0))
+    a, rho = _bound_scale(diag, hb, ok, tl.where(full, 1, 0))
     ab = _abs_margin(w)
     rt = rho * TAU32
     n32 = tl.where(full, tl.max((c_hi - c_lo + W) // W), 0)  # windows are at most 126 long: at most NSLOT steps
