@@ -178,3 +178,23 @@ def check_mode2_filter(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, stats:
         n_win += int(win.sum())
         n_kept += int(kept.sum())
     return sel_all.numel(), n_win, n_kept
+
+
+def mode2_steps(stats: torch.Tensor, lanes: int = 32) -> tuple[int, int]:
+    """(fp32 steps, float64 steps) of the float64 pass's mode 2 (rescore.py, 'One block per warp'), recomputed from
+    search_triton's rescore_stats records (windows and kept masks) to check the kernel's own counters [4] and [3]:
+    per block ceil(window / lanes) fp32 steps, and float64 steps that cover its kept candidates `lanes` consecutive
+    ones at a time, each from the lowest kept one not yet done."""
+    recs = stats[8:].view(-1, 5).cpu().long()
+    recs = recs[(recs[:, 1:] != 0).any(1)]
+    lo, hi = recs[:, 0] & 255, (recs[:, 0] >> 8) & 255
+    n32 = int(((hi - lo + lanes) // lanes).sum())
+    bits = torch.arange(32)
+    kept = ((recs[:, 1:, None] >> bits) & 1).reshape(-1, 128)  # [blocks, 128], bit t = candidate lo + t
+    n64 = 0
+    for row in kept:
+        t0, ts = -lanes, row.nonzero().squeeze(1).tolist()
+        for t in ts:
+            if t >= t0 + lanes:
+                n64, t0 = n64 + 1, t
+    return n32, n64

@@ -19,6 +19,7 @@ from kernel_cases import (
     make_hessian,
     make_ill_hessian,
     make_weight,
+    mode2_steps,
     near_tie_blocks,
     with_antisymmetric_part,
 )
@@ -106,6 +107,14 @@ def test_near_ties_decided_in_float64_by_default(device_for_kernels):
           f"{rstats[:5].tolist()})")
     assert n2 > 0 and (n2, window, kept) == tuple(rstats[:3].tolist())
     assert kept < window / 2, f"the filter kept {kept} of {window} candidates"
+    # one block per warp (rescore.py): the counted steps are the layout's, and one program's chain is their sum
+    n32, n64 = mode2_steps(rstats)
+    print(f"near ties: mode 2 steps per block: fp32 {n32 / n2:.2f}, float64 {n64 / n2:.2f}; longest chain "
+          f"{int(rstats[5])}")
+    assert (n32, n64) == (int(rstats[4]), int(rstats[3]))
+    assert n2 <= n64 <= kept and n64 < n32  # at least one float64 step a block, fewer than the fp32 ones
+    if device_for_kernels == "cpu":  # the interpreter runs one program
+        assert int(rstats[5]) == n32 + n64
     plain = search_triton(w, "local_hessian", g, h, exact=False)
     rep32 = compare_picks(w, g, plain, ref, h)
     print(f"near ties: float64 pass {rep.differing} differing of {rep.blocks}, {rep.ties} ties; fp32 picks alone "

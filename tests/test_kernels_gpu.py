@@ -16,6 +16,7 @@ from kernel_cases import (
     make_hessian,
     make_ill_hessian,
     make_weight,
+    mode2_steps,
     near_tie_blocks,
     with_antisymmetric_part,
 )
@@ -82,8 +83,9 @@ def test_rank_deficient_exact_on_qwen3_shapes(shape, hkind):
     n2, window, kept = check_mode2_filter(w, gg, h, rstats)
     c = rstats[:5].tolist()
     print(f"PARITY filter, hessian {hkind} {cout}x{cin}: mode 2 {n2} blocks, {window} window candidates, {kept} kept, "
-          f"float64 steps {c[3]}, fp32 steps {c[4]}")
+          f"float64 steps {c[3]}, fp32 steps {c[4]}, longest chain {int(rstats[5])} (one block per warp)")
     assert (n2, window, kept) == tuple(c[:3])
+    assert mode2_steps(rstats) == (c[4], c[3]) and int(rstats[5]) <= c[3] + c[4]
     if hkind == "rank1":
         assert n2 > 0 and kept < window / 2
 

@@ -483,8 +483,8 @@ def search_triton(
         (benchmarks measure the pass's cost with it).
     rescore_stats: optional int32 [8 + 5 x blocks], zeros (diagnostics of the float64 pass's mode 2, whose fp32
         filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
-        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (both summed over steps of BR blocks),
-        [5] steps (the float64 steps without the filter: [4] - [5], each step's longest window); then per
+        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (warp steps, one block a step: both
+        summed over the blocks), [5] the longest chain: the most warp steps ([3] + [4]) one program took; then per
         block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
         the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.
@@ -561,9 +561,9 @@ def search_triton(
     def launch():
         _sweep_rows_kernel[grid](*args, **opts)
         if rescore:  # queued behind the sweep; reads the count the sweep left on the device
-            _rescore_kernel[rescore_grid](*rescore_args, BR=block_rows, LOSSES=losses is not None,
-                                          STATS=rescore_stats is not None, num_warps=num_warps,
-                                          enable_fp_fusion=False)
+            # one warp a program: mode 2 spreads a block's window over its 32 lanes (rescore.py)
+            _rescore_kernel[rescore_grid](*rescore_args, LOSSES=losses is not None, STATS=rescore_stats is not None,
+                                          num_warps=1, enable_fp_fusion=False)
 
     flags_head = flags[:4]  # the value flags the host reads
     host_flags = None

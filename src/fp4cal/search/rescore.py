@@ -6,10 +6,19 @@ candidates' losses dw^T H dw in float64 from the block's fp32 Hessian, with the 
 and the reference (reference.block_loss), and keeps the smallest, ties to the smaller candidate.
 
 fp32 filter (mode 2, symmetric H). A float64 candidate costs several fp32 ones on Hopper (152 conversions to
-float64 at 16 a clock and SM), and a mode-2 block walked ~54 candidates, of which a handful can win. So each lane
-first walks its window in fp32, from the H it holds in registers, and keeps only the candidates that a rigorous
-error bound cannot exclude; the float64 losses then run on those alone (a 128-bit mask per lane, a loop over each
-lane's set bits in increasing candidate order, as many steps as the warp's largest count).
+float64 at 16 a clock and SM), and a mode-2 block's window holds ~80 candidates, of which a handful can win. So
+the window is first evaluated in fp32, and only the candidates that a rigorous error bound cannot exclude get
+float64 losses.
+
+One block per warp (mode 2). A mode-2 block takes a whole warp: its weights and H are the same in every lane
+(broadcast loads of one address), and its window [lo, hi] is spread over the W2 = 32 lanes, lane l taking the
+candidates lo + l, lo + l + 32, ..: ceil(window / 32) fp32 steps (at most 4), a warp minimum of the upper ends,
+then the kept candidates in float64 32 at a time (each step the 32 consecutive candidates from the lowest kept
+one not yet done: lane l takes the one that is l mod 32, its own; mostly one step), a warp argmin per step with
+ties to the smaller candidate, and strict '<' between steps, which come in increasing candidate order: the
+reference's pick. Each lane's chain is then ~4-6 steps per block; with one block per lane (the sweep's layout,
+which mode 1 keeps: two candidates a block) a warp lasted as long as the longest of its 32 blocks' windows (~118
+fp32 steps) plus its largest kept count, and a pass with few mode-2 blocks was that one chain.
 
 The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and the
 block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary terms d_i
@@ -31,12 +40,13 @@ at most ~50 such errors per candidate, times |d_i| at most, sum below 2^-120 (1 
 term ab = 2^-116 (1 + sum_i |w_i|)^2 covers; S starts at S0 = 2^-60, above the at most 16 products a_i |d_i| it could
 lose (2^-126 each).
 
-The filter. A candidate is dropped only when its lower end is finite and above the upper end of some candidate
-of the window (the sweep's best, evaluated first, then a running minimum over the walk): then its float64 loss
-exceeds that candidate's, so it is neither the window's float64 minimum nor tied with it. Every candidate whose
-float64 loss equals the window's minimum is kept, and the kept ones are re-scored in increasing order with
-strict '<': the pick is the one the unfiltered window gives, ties to the smaller candidate. Non-finite fp32
-values (overflow) drop nothing. The sweep's best is always kept (LOSSES needs its float64 loss).
+The filter. A candidate is dropped only when its lower end is finite and above the smallest finite upper end of
+the window's candidates: then its float64 loss exceeds that candidate's, so it is neither the window's float64
+minimum nor tied with it. Every candidate whose float64 loss equals the window's minimum is kept, and the kept
+ones are re-scored in increasing order with strict '<': the pick is the one the unfiltered window gives, ties to
+the smaller candidate. Non-finite fp32 values (overflow, a bound of inf or NaN) drop nothing: such an upper end
+does not enter the minimum, such a lower end is not above it. The sweep's best is always kept (LOSSES needs its
+float64 loss).
 """
 
 from __future__ import annotations
@@ -52,6 +62,10 @@ TAU32: tl.constexpr = tl.constexpr(2.0**-20)
 A_MIN2: tl.constexpr = tl.constexpr(2.0**-120)
 S0: tl.constexpr = tl.constexpr(2.0**-60)
 ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
+# Mode 2 (module docstring, 'One block per warp'): the lanes a block's window is spread over, and the slots of
+# each lane (lane + W2 slot, slot < N_SLOT, covers the 126 candidates; the kept mask is N_SLOT words of W2 bits)
+W2: tl.constexpr = tl.constexpr(32)
+N_SLOT: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
@@ -146,12 +160,13 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 
 
 @triton.jit
-def _bound_scale(diag, hb, ok):
+def _bound_scale(diag, hb, ok, n_rows):
     """Per lane, the fp32 filter's scale (module docstring, 'The bound'): (a, rho). a: 16-tuple of [BR] fp32, a_i =
     h_i q_i with h_i = max(H_ii, 2^-120) and q_i = rsqrt(h_i) (any a_i > 0 serves: its accuracy does not matter,
     only that q_i is 1 / a_i to a few 2^-22; a_i >= 2^-60, q_i <= 2^60); rho [BR]: max_i q_i max_k |H_ik| q_k, the
     largest |H_ik| / (a_i a_k) to a few 2^-22 (finite or inf, never NaN; over both triangles, equal where the filter
-    runs). rho from H reloaded a row per step of a runtime loop (small code; hb: each lane's block, row-major): the
+    runs; n_rows: 16, or 0 where the filter does not run and rho is not used). rho from H reloaded a row per step of
+    a runtime loop (small code; hb: each lane's block, row-major): the
     registers' diag and up would put 2 operations per entry into what depends on every row load of _fold_h, which
     Triton's coalescing pass walks once per memory operation (compile time)."""
     a = ()
@@ -161,10 +176,11 @@ def _bound_scale(diag, hb, ok):
     kk = tl.arange(0, 16)
     qv = tl.rsqrt(tl.maximum(tl.load(hb[:, None] + 17 * kk[None, :], mask=ok[:, None], other=1.0), A_MIN2))
     rho = tl.zeros(ok.shape, tl.float32)
-    for i in range(16):
-        row = tl.load(hb[:, None] + 16 * i + kk[None, :], mask=ok[:, None], other=0.0)
-        qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * i, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry i
-        rho = tl.maximum(rho, tl.max(tl.abs(row) * qv, axis=1) * qi)
+    ri = tl.arange(0, ok.shape[0]) % 16
+    for _ in range(n_rows):
+        row = tl.load(hb[:, None] + 16 * ri[:, None] + kk[None, :], mask=ok[:, None], other=0.0)
+        qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * ri, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry ri
+        rho = tl.maximum(rho, tl.max(tl.max(tl.abs(row) * qv, axis=1) * qi))
     return a, rho
 
 
@@ -227,107 +243,101 @@ def _quad32_up(d, diag, up, a):
 
 
 @triton.jit
-def _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old):
-    """The mode-2 fp32 filter (module docstring): the candidates of each lane's window [c_lo, c_hi] that may be the
-    float64 minimum, as a 128-bit mask (m0, m1, m2, m3: bit t = candidate c_lo + t) and their count [BR]. The walk
-    starts at the sweep's best (t = -1: its upper end starts the running minimum U; it is kept if in the window)."""
-    a, rho = _bound_scale(diag, hb, ok)
+def _block_at(list_ptr, at, nb, cout, w_ptr, stride_we, stride_wr, stride_wc, h_ptr, stride_fe, ok):
+    """The recorded block at list entries at (any shape): (block index, record, e, row, j, wrow, hb)."""
+    blk = tl.load(list_ptr + 2 * at, mask=ok, other=0).to(tl.int64)
+    rec = tl.load(list_ptr + 2 * at + 1, mask=ok, other=0)
+    j = blk % nb
+    row = (blk // nb) % cout
+    e = blk // nb // cout
+    wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
+    hb = h_ptr + e * stride_fe + j * 256
+    return blk, rec, e, row, j, wrow, hb
+
+
+@triton.jit
+def _slot_of(t, lane, W: tl.constexpr):
+    """The slot of lane's candidates (offsets lane + W slot) that lies in [t, t + W): each lane holds one offset of
+    any W consecutive ones. t: scalar >= 0; lane: [W]."""
+    return (t - lane + (W - 1)) // W
+
+
+@triton.jit
+def _pick(loss, has, c, best, best_idx, full):
+    """One step of the candidate walk: the candidates c [W] with float64 losses loss, all above those of earlier
+    steps of their block, update (best, best_idx) [W] with strict '<' (+inf and NaN never win, as '<' against an
+    initial +inf). full (mode 2): the lanes are one block's candidates: the step's smallest loss among has, ties to
+    the smaller candidate, then '<' against the earlier steps (uniform over the lanes); otherwise each lane its own
+    block. Either way the reference's strict '<' in increasing candidate order."""
+    eff = tl.where(has & (loss < float("inf")), loss, float("inf"))
+    low = tl.where(full, tl.min(eff), eff)
+    at = tl.where(full, tl.min(tl.where(eff == low, c, 1 << 30)), c)
+    better = low < best
+    return tl.where(better, low, best), tl.where(better, at, best_idx)
+
+
+@triton.jit
+def _walk_sym(w, diag, up, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_old, r1, W: tl.constexpr,
+              NSLOT: tl.constexpr):
+    """(best, best_idx, l_old, kept mask words, kept count, fp32 steps, float64 steps), symmetric H held in
+    registers (w, diag, up: each lane's block, _fold_h's). full (mode 2): every lane the same block, its window
+    spread over the lanes (module docstring, 'One block per warp'): the fp32 filter, then the kept candidates in
+    float64, W consecutive ones a step; results uniform over the lanes but the mask words (NSLOT x [W], word q bit l
+    = candidate c_lo + l + W q, as search_triton's rescore_stats). Otherwise (mode 1) one block per lane, best_old
+    and r1 in float64, the smaller first (one step if no lane's differ)."""
+    a, rho = _bound_scale(diag, hb, ok, tl.where(full, 1, 0))
     ab = _abs_margin(w)
     rt = rho * TAU32
-    n_win = tl.max(tl.where(ok, c_hi - c_lo + 1, 0))
-    old_in = ok & (best_old >= c_lo) & (best_old <= c_hi)
-    u_min = tl.full(ok.shape, float("inf"), tl.float32)
-    m0 = tl.zeros(ok.shape, tl.int32)
-    m1 = tl.zeros(ok.shape, tl.int32)
-    m2 = tl.zeros(ok.shape, tl.int32)
-    m3 = tl.zeros(ok.shape, tl.int32)
-    cnt = tl.zeros(ok.shape, tl.int32)
-    for t in range(-1, n_win):
-        tt = tl.maximum(t, 0)
-        inwin = ok & (tt <= c_hi - c_lo) & (t >= 0)
-        c = tl.where(t < 0, best_old, tl.minimum(c_lo + tt, c_hi))
-        s = tl.load(s_row + c, mask=ok, other=1.0)
-        r = tl.load(r_row + c, mask=ok, other=1.0)
+    n32 = tl.where(full, tl.max((c_hi - c_lo + W) // W), 0)  # windows are at most 126 long: at most NSLOT steps
+    u_min = tl.full(lane.shape, float("inf"), tl.float32)
+    lows = ()
+    for _ in tl.static_range(NSLOT):
+        lows = lows + (tl.full(lane.shape, float("inf"), tl.float32),)
+    for t in range(n32):
+        c = c_lo + lane + W * t
+        inwin = c <= c_hi
+        cc = tl.minimum(c, c_hi)
+        s = tl.load(s_row + cc)
+        r = tl.load(r_row + cc)
         loss, sw = _quad32_up(_errors(w, s, r), diag, up, a)
         m = tl.fma(rt, sw * sw, ab)
         lower = loss - m
         upper = loss + m
-        u_min = tl.where((inwin | ((t < 0) & old_in)) & (upper < u_min), upper, u_min)  # a NaN never enters
-        # dropped: a finite lower end above some candidate's upper end (NaN and inf keep the candidate)
-        keep = inwin & ((c == best_old) | ~((lower > u_min) & (lower < float("inf"))))
-        bit = tl.where(keep, 1 << (tt & 31), 0)
-        word = tt >> 5
-        m0 = m0 | tl.where(word == 0, bit, 0)
-        m1 = m1 | tl.where(word == 1, bit, 0)
-        m2 = m2 | tl.where(word == 2, bit, 0)
-        m3 = m3 | tl.where(word == 3, bit, 0)
-        cnt += keep.to(tl.int32)
-    return m0, m1, m2, m3, cnt
-
-
-@triton.jit
-def _pop_lowest(m0, m1, m2, m3):
-    """(index of the lowest set bit of the 128-bit mask (m0 bits 0..31, .., m3 bits 96..127), the mask without it);
-    an empty mask gives a negative index. The bit x & -x, its index the exponent of its exact fp32 value (the sign
-    bit, -2^31, has exponent 31 too)."""
-    nz0 = m0 != 0
-    nz1 = m1 != 0
-    nz2 = m2 != 0
-    word = tl.where(nz0, m0, tl.where(nz1, m1, tl.where(nz2, m2, m3)))
-    off = tl.where(nz0, 0, tl.where(nz1, 32, tl.where(nz2, 64, 96)))
-    low = word & (0 - word)
-    idx = off + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
-    m0 = tl.where(nz0, m0 ^ low, m0)
-    m1 = tl.where(~nz0 & nz1, m1 ^ low, m1)
-    m2 = tl.where(~nz0 & ~nz1 & nz2, m2 ^ low, m2)
-    m3 = tl.where(~nz0 & ~nz1 & ~nz2, m3 ^ low, m3)
-    return idx, m0, m1, m2, m3
-
-
-@triton.jit
-def _walk_sym(w, diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1, STATS: tl.constexpr,
-              stats_ptr, blk):
-    """(float64 best loss, its candidate, best_old's float64 loss) per lane, symmetric H held in registers: the
-    candidates of a mask (mode 2: _filter32's over the window; mode 1: best_old and r1) in increasing order, '<',
-    so ties keep the smaller candidate; each lane's k-th candidate at step k, as many steps as the warp's largest
-    count. STATS: mode 2's counts into stats_ptr[0:6] and each block's window and mask at stats_ptr[8 + 5 blk ..]
-    (search_triton's rescore_stats)."""
-    if full:
-        base = c_lo
-        m0, m1, m2, m3, cnt = _filter32(w, diag, up, hb, ok, s_row, r_row, c_lo, c_hi, best_old)
-    else:
-        base = tl.minimum(best_old, r1)
-        gap = tl.abs(r1 - best_old)  # bits 0 and gap (one bit if r1 == best_old)
-        bit = 1 << (gap & 31)
-        m0 = tl.where(gap >> 5 == 0, bit | 1, 1)
-        m1 = tl.where(gap >> 5 == 1, bit, 0)
-        m2 = tl.where(gap >> 5 == 2, bit, 0)
-        m3 = tl.where(gap >> 5 == 3, bit, 0)
-        cnt = tl.where(gap == 0, 1, 2)
-    n64 = tl.max(tl.where(ok, cnt, 0))
-    if STATS:
-        if full:
-            lanes = tl.sum(ok.to(tl.int32))
-            win = tl.sum(tl.where(ok, c_hi - c_lo + 1, 0))
-            tl.atomic_add(stats_ptr, lanes)
-            tl.atomic_add(stats_ptr + 1, win)
-            tl.atomic_add(stats_ptr + 2, tl.sum(tl.where(ok, cnt, 0)))
-            tl.atomic_add(stats_ptr + 3, n64)
-            tl.atomic_add(stats_ptr + 4, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)) + 1)
-            tl.atomic_add(stats_ptr + 5, 1)
-            rec = stats_ptr + 8 + 5 * blk
-            tl.store(rec, c_lo | (c_hi << 8), mask=ok)
-            tl.store(rec + 1, m0, mask=ok)
-            tl.store(rec + 2, m1, mask=ok)
-            tl.store(rec + 3, m2, mask=ok)
-            tl.store(rec + 4, m3, mask=ok)
-    best = tl.full(ok.shape, float("inf"), tl.float64)
-    best_idx = best_old
-    l_old = tl.zeros(ok.shape, tl.float64)
-    for k in range(n64):
-        has = ok & (cnt > k)
-        idx, m0, m1, m2, m3 = _pop_lowest(m0, m1, m2, m3)
-        c = tl.where(has, base + idx, best_old)
+        # the smallest finite upper end of the window so far (non-finite ends drop nothing)
+        u_min = tl.minimum(u_min, tl.min(tl.where(inwin & (tl.abs(upper) < float("inf")), upper, float("inf"))))
+        new = ()
+        for q in tl.static_range(NSLOT):
+            new = new + (tl.where(t == q, lower, lows[q]),)
+        lows = new
+    # kept: in the window and not (a finite lower end above the window's smallest upper end); best_old always
+    kept = ()
+    words = ()
+    n_kept = tl.zeros(lane.shape, tl.int32)
+    first = tl.full(lane.shape, NSLOT * W, tl.int32)
+    for q in tl.static_range(NSLOT):
+        c = c_lo + lane + W * q
+        k = full & (c <= c_hi) & ((c == best_old) | ~((lows[q] > u_min) & (lows[q] < float("inf"))))
+        kept = kept + (k,)
+        words = words + (tl.xor_sum(tl.where(k, 1 << lane, 0)),)  # distinct bits: their xor is their or
+        n_kept += tl.sum(k.to(tl.int32))
+        first = tl.minimum(first, tl.min(tl.where(k, lane + W * q, NSLOT * W)))
+    # float64: mode 2 the kept offsets t0 .. t0 + W - 1 at a step (t0 the lowest kept one not done, each lane the
+    # one of its own), mode 1 the smaller of best_old and r1, then the larger
+    c_a = tl.minimum(best_old, r1)
+    c_b = tl.maximum(best_old, r1)
+    n_pair = tl.max(tl.where(ok & (c_b != c_a), 2, 1))
+    best = tl.full(lane.shape, float("inf"), tl.float64)
+    best_idx = tl.zeros(lane.shape, tl.int32) + best_old
+    l_old = tl.zeros(lane.shape, tl.float64)
+    n64 = 0
+    t0 = tl.min(first)
+    while tl.where(full, t0 < NSLOT * W, n64 < n_pair):
+        slot = _slot_of(t0, lane, W)
+        has2 = tl.zeros(lane.shape, tl.int1)
+        for q in tl.static_range(NSLOT):
+            has2 = has2 | ((slot == q) & kept[q])
+        has = (full & has2) | (~full & ok & ((n64 == 0) | (c_b != c_a)))
+        c = tl.where(has, tl.where(full, c_lo + lane + W * slot, tl.where(n64 == 0, c_a, c_b)), best_old)
         s = tl.load(s_row + c, mask=has, other=1.0)
         r = tl.load(r_row + c, mask=has, other=1.0)
         d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
@@ -337,76 +347,79 @@ def _walk_sym(w, diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1,
         # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
         one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
         loss = _quad64_up(d, diag, up, one)
-        better = has & (loss < best)
-        best = tl.where(better, loss, best)
-        best_idx = tl.where(better, c, best_idx)
-        l_old = tl.where(has & (c == best_old), loss, l_old)
-    return best, best_idx, l_old
+        best, best_idx = _pick(loss, has, c, best, best_idx, full)
+        mine = tl.where(has & (c == best_old), loss, 0.0)  # best_old: in one step, in one lane (mode 2)
+        l_old += tl.where(full, tl.sum(mine), mine)
+        n64 += 1
+        nxt = tl.full(lane.shape, NSLOT * W, tl.int32)
+        for q in tl.static_range(NSLOT):
+            tq = lane + W * q
+            nxt = tl.minimum(nxt, tl.where(kept[q] & (tq >= t0 + W), tq, NSLOT * W))
+        t0 = tl.min(nxt)
+    return best, best_idx, l_old, words, n_kept, n32, n64
 
 
 @triton.jit
-def _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi, best_old, r1):
-    """_walk_sym's result for a step with a block whose H is not symmetric: every candidate of the window (mode 2)
-    or the pair (best_old, r1) in increasing order, _quad64_any's losses from memory, no fp32 filter (a lane whose
-    window is shorter than its step's longest re-tries c_hi: no change)."""
-    n_try = tl.where(full, tl.max(tl.where(ok, c_hi - c_lo + 1, 0)), 2)
-    best = tl.full(ok.shape, float("inf"), tl.float64)
-    best_idx = best_old
-    l_old = tl.zeros(ok.shape, tl.float64)
+def _walk_any(w2, wrow, stride_wc, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_old, r1, W: tl.constexpr):
+    """_walk_sym's (best, best_idx, l_old) where some lane's block has an H that is not symmetric: _quad64_any's
+    float64 losses from memory, no fp32 filter; mode 2 every candidate of the window, W a step, mode 1 best_old
+    and r1, the smaller first."""
+    n_try = tl.where(full, tl.max((c_hi - c_lo + W) // W), 2)
+    best = tl.full(lane.shape, float("inf"), tl.float64)
+    best_idx = tl.zeros(lane.shape, tl.int32) + best_old
+    l_old = tl.zeros(lane.shape, tl.float64)
     for t in range(n_try):
-        c = tl.where(full, tl.minimum(c_lo + t, c_hi), tl.where(t == 0, tl.minimum(best_old, r1),
-                                                                 tl.maximum(best_old, r1)))
+        c = tl.where(full, tl.minimum(c_lo + lane + W * t, c_hi),
+                     tl.where(t == 0, tl.minimum(best_old, r1), tl.maximum(best_old, r1)))
+        has = ok & (~full | (c_lo + lane + W * t <= c_hi))
         s = tl.load(s_row + c, mask=ok, other=1.0)
         r = tl.load(r_row + c, mask=ok, other=1.0)
         loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
-        better = ok & (loss < best)
-        best = tl.where(better, loss, best)
-        best_idx = tl.where(better, c, best_idx)
-        l_old = tl.where(ok & (c == best_old), loss, l_old)
+        best, best_idx = _pick(loss, has, c, best, best_idx, full)
+        mine = tl.where(has & (c == best_old), loss, 0.0)
+        l_old += tl.where(full, tl.sum(mine), mine)
     return best, best_idx, l_old
 
 
 @triton.jit
 def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
-                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, BR: tl.constexpr,
-                    LOSSES: tl.constexpr, STATS: tl.constexpr):
+                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, LOSSES: tl.constexpr,
+                    STATS: tl.constexpr):
     """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
-    picks'), BR of them per step (one per lane), the programs striding over each list (whose lengths only the
-    device knows): mode 1 (list entries 0, 1, ...), the float64 losses of best and r1, the smaller index first;
-    mode 2 (entries cap - 1, cap - 2, ...), the candidates of the window [lo, hi] the block walked that the fp32
-    filter keeps (module docstring; those outside the window have true losses above the best's: the bounds that
-    skipped them). Strict '<' in increasing candidate order, so exact ties keep the smaller candidate as the
-    reference does. A changed pick rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by
-    the float64 difference. STATS: counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
+    picks'), the programs (one warp each) striding over each list (whose lengths only the device knows). Mode 1
+    (list entries 0, 1, ...): W2 blocks a step, one per lane, the float64 losses of best and r1, the smaller index
+    first. Mode 2 (entries cap - 1, cap - 2, ...): one block a step, its window [lo, hi] spread over the lanes
+    (module docstring, 'One block per warp'): the fp32 filter, then the float64 losses of the candidates it keeps
+    (those outside the window have true losses above the best's: the bounds that skipped them). Strict '<' in
+    increasing candidate order, so exact ties keep the smaller candidate as the reference does. A changed pick
+    rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64 difference. STATS:
+    counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
 
-    One block per lane, as in the sweep: its weights and its H are loaded once and held in registers, H as the 136
-    fp32 values of its upper triangle (_fold_h), for all its candidates; each float64 candidate then costs 16
-    roundings, 152 conversions to float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16
-    roundings and 152 fp32 FMAs, on registers. A step with a block whose H is not symmetric reads H from memory per
-    candidate instead (_quad64_any, exact for any H; no filter). The two modes share one copy of the code (a
-    runtime loop over the lists): compile time grows with the code's size (Triton's coalescing pass: about the
-    memory operations x the kernel's size squared; 300 memory operations in a first version of this kernel took
+    A lane's block H is held in registers as the 136 fp32 values of its upper triangle (_fold_h; in mode 2 the
+    same in every lane), for all its candidates; each float64 candidate then costs 16 roundings, 152 conversions to
+    float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16 roundings and 152 fp32 FMAs, on
+    registers. A step with a block whose H is not symmetric reads H from memory per candidate instead (_quad64_any,
+    exact for any H; no filter). The two modes share one copy of the code (a runtime loop over the lists, the
+    layouts chosen by runtime selects): compile time grows with the code's size (Triton's coalescing pass: about
+    the memory operations x the kernel's size squared; 300 memory operations in a first version of this kernel took
     minutes)."""
     n1 = tl.load(cnt_ptr)
     n2 = tl.load(cnt_ptr + 1)
+    lane = tl.arange(0, W2)
+    chain = tl.zeros(lane.shape, tl.int32)  # this program's mode-2 warp steps (STATS)
     for mode in range(1, 3):
         full = mode == 2
         n = tl.where(full, n2, n1)
         first = tl.where(full, cap - 1, 0)
         step = tl.where(full, -1, 1)
-        for base in range(tl.program_id(0) * BR, n, tl.num_programs(0) * BR):
-            i = base + tl.arange(0, BR)
+        per = tl.where(full, 1, W2)  # blocks a step
+        for base in range(tl.program_id(0) * per, n, tl.num_programs(0) * per):
+            i = base + tl.where(full, 0, lane)
             ok = i < n
-            at = first + step * i
-            blk = tl.load(list_ptr + 2 * at, mask=ok, other=0).to(tl.int64)
-            rec = tl.load(list_ptr + 2 * at + 1, mask=ok, other=0)
-            j = blk % nb
-            row = (blk // nb) % cout
-            e = blk // nb // cout
-            wrow = w_ptr + e * stride_we + row * stride_wr + j * 16 * stride_wc
+            blk, rec, e, row, j, wrow, hb = _block_at(list_ptr, first + step * i, nb, cout, w_ptr, stride_we,
+                                                      stride_wr, stride_wc, h_ptr, stride_fe, ok)
             w2 = tl.load(wrow[:, None] + tl.arange(0, 16)[None, :] * stride_wc, mask=ok[:, None],
                          other=0.0).to(tl.float32)
-            hb = h_ptr + e * stride_fe + j * 256
             diag, up, asym = _fold_h(hb, ok)
             best_old = rec & 127
             r1 = (rec >> 7) & 127
@@ -415,14 +428,29 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
             s_row = s_tab_ptr + e * N_CAND
             r_row = r_tab_ptr + e * N_CAND
             if tl.sum((asym & ok).to(tl.int32)) == 0:
-                best, best_idx, l_old = _walk_sym(_cols16(w2), diag, up, hb, ok, s_row, r_row, full, c_lo, c_hi,
-                                                  best_old, r1, STATS, stats_ptr, blk)
+                best, best_idx, l_old, words, n_kept, n32, n64 = _walk_sym(
+                    _cols16(w2), diag, up, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_old, r1, W2, N_SLOT)
+                if STATS:
+                    one = full & (lane == 0)  # the lane that counts a mode-2 block
+                    tl.atomic_add(stats_ptr + 0 * lane, 1, mask=one)
+                    tl.atomic_add(stats_ptr + 1 + 0 * lane, c_hi - c_lo + 1, mask=one)
+                    tl.atomic_add(stats_ptr + 2 + 0 * lane, n_kept, mask=one)
+                    tl.atomic_add(stats_ptr + 3 + 0 * lane, n64, mask=one)
+                    tl.atomic_add(stats_ptr + 4 + 0 * lane, n32, mask=one)
+                    chain += tl.where(full, n32 + n64, 0)
+                    at_rec = stats_ptr + 8 + 5 * blk
+                    tl.store(at_rec, c_lo | (c_hi << 8), mask=one)
+                    for q in tl.static_range(N_SLOT):
+                        tl.store(at_rec + 1 + q, words[q], mask=one)
             else:
-                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, s_row, r_row, full, c_lo, c_hi,
-                                                  best_old, r1)
-            changed = ok & (best_idx != best_old)
+                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, lane, s_row, r_row, full, c_lo, c_hi,
+                                                  best_old, r1, W2)
+            # mode 2: lane 0 writes the block's result
+            changed = ok & (best_idx != best_old) & (~full | (lane == 0))
             g = tl.load(g_ptr + e, mask=ok, other=0.0)
             amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
             tl.store(out_ptr + e * stride_oe + row * nb + j, amax, mask=changed)
             if LOSSES:
                 tl.atomic_add(loss_ptr + e * 2 + 1, best - l_old, mask=changed)
+    if STATS:
+        tl.atomic_max(stats_ptr + 5 + 0 * lane, chain, mask=lane == 0)
