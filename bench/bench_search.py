@@ -359,6 +359,8 @@ def main():
     ap.add_argument("--families-only", action="store_true", help="only the Hessian-family rows")
     ap.add_argument("--moe-experts", type=int, default=128,
                     help="experts in the family rows' expert stack (0: no stack rows; fewer for a quicker run)")
+    ap.add_argument("--host", action="store_true",
+                    help="only the host-overhead rows (public call vs GPU work alone vs CPU time per phase)")
     ap.add_argument("--dump-ir", help="write the compiled kernels' ttgir/ptx to this folder")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, TRITON_INTERPRET=1: family rows on tiny shapes (checks the script; times meaningless)")
@@ -373,6 +375,10 @@ def main():
         return
     dev_name = torch.cuda.get_device_name()
     print(dev_name, "torch", torch.__version__, "triton", triton.__version__)
+    if args.host:
+        for label, row in host_overhead("1024x4096", 1024, 4096) + host_overhead("4096x4096", 4096, 4096):
+            print(f"host overhead {label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
+        return
     mo = load_modelopt()
     if mo is not None:  # warm up (first use may compile)
         w, h = make_case(256, 256)

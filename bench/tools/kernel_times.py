@@ -41,6 +41,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--src", default="src")
+    ap.add_argument("--families", default="well,rank1,rank2", help="comma list of bench_search's Hessian families")
     ap.add_argument("--fp32-only", action="store_true",
                     help="exact=False only (search2's exact=True inlines float64 in the walk: minutes to compile)")
     args = ap.parse_args()
@@ -49,7 +50,7 @@ def main():
     print(f"{'shape':6s} {'hessian':8s} {'exact':5s} {'prep us':>8s} {'sweep us':>9s} {'f64 pass us':>11s}")
     for name, cout, cin in SHAPES:
         w, g = family_weight(cout, cin)
-        for fam in ("well", "rank1", "rank2"):
+        for fam in args.families.split(","):
             h = family_hessian(fam, cout, cin)
             for exact in ((False,) if args.fp32_only else (True, False)) if has_exact else (None,):
                 kw = {} if exact is None else {"exact": exact}
