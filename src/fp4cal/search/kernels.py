@@ -68,7 +68,10 @@ Blocks whose fp32 order may be wrong are decided in float64 by a second launch o
 A tile layout with the product on tensor cores (3xTF32) was measured slower on H100 and removed (BENCHMARKS.md,
 third session).
 
-Hessian blocks with zero trace are replaced by the identity before factoring (MSE objective; hessian_blocks.py).
+Hessian blocks with zero trace are replaced by the identity before factoring (MSE objective; hessian_blocks.py), by
+the factor kernel itself, which writes the fp32 Hessian the sweep and the float64 pass read (no host-side tensor
+operations per call): its test is an all-zero diagonal, which is zero trace on every block with a non-negative
+diagonal (every block check_psd accepts); a block with a negative diagonal entry fails the factor and is refused.
 The factor kernel also refuses blocks that are not positive semi-definite: a failed factor sets status 2, and
 the host raises hessian_blocks.check_psd's message.
 This module: the prep and factor kernels and the host entry point (search_triton, hessian_factor).
@@ -84,7 +87,7 @@ import triton
 import triton.language as tl
 
 from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
-from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd, with_fallback
+from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd
 from fp4cal.search.kernel_common import GDIV, N_CAND, RANK_MAX_COLS, SG_MAX, SG_MIN
 from fp4cal.search.rescore import _rescore_kernel
 from fp4cal.search.sweep_rows import _sweep_rows_kernel
@@ -163,8 +166,8 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 
 
 @triton.jit
-def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr,
-                 w_ptr, n_e, n_hb,
+def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr,
+                 status_ptr, w_ptr, n_e, n_hb,
                  n_rows, cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
                  SR: tl.constexpr, SC: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
@@ -176,7 +179,7 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
         _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64))
     elif pid < n_e + n_hb:
         if FACTOR:
-            _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, flag_ptr + 3,
+            _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, flag_ptr + 3,
                           (pid - n_e).to(tl.int64), True)
     else:
         if SCAN:
@@ -185,9 +188,9 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, h_ptr, f_ptr, mu_ptr, nu_
 
 
 @triton.jit
-def _factor_kernel(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr):
+def _factor_kernel(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr):
     """One 16x16 block per program (_factor_block)."""
-    _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, status_ptr,
+    _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, status_ptr,
                   tl.program_id(0).to(tl.int64), False)
 
 
@@ -242,21 +245,30 @@ def _low_rank(a, diag0, i):
 
 
 @triton.jit
-def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, flag_ptr, pid, FLAG: tl.constexpr):
-    """Block pid: float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 / (H_AA^-1)_ii on the live
-    channels A (non-zero diagonal; a dead channel's zero row and column do not enter the loss, so it neither
-    makes the block singular nor gets a bound: mu_i = 0) and nu_i = lambda H_ii with lambda the Gershgorin bound
-    of the module docstring.
+def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, flag_ptr, pid,
+                  FLAG: tl.constexpr):
+    """Block pid of the Hessian at hin_ptr (contiguous [.., 16, 16], any float dtype): its fp32 values, the identity
+    instead where the diagonal is all zero (the MSE fallback: module docstring), stored at h_ptr (fp32: what the
+    sweep and the float64 pass read); then the float64 Cholesky H = L L^T of the symmetrised block, mu_i = 1 /
+    (H_AA^-1)_ii on the live channels A (non-zero diagonal; a dead channel's zero row and column do not enter the
+    loss, so it neither makes the block singular nor gets a bound: mu_i = 0) and nu_i = lambda H_ii with lambda the
+    Gershgorin bound of the module docstring.
 
     Singular blocks (a live pivot at or below 1e-12 of its diagonal: rank-deficient, or within fp32 rounding of
     it) are factored here too, without an eigendecomposition: L L^T = H + diag(rd), rd = REG_DELTA * diag(H)
     (module docstring, 'Singular blocks'), and mu = nu = 0 (no bound from a singular H). status: 0 plain; 1
     regularised; 2 the regularised factor failed too (H has an eigenvalue below -REG_DELTA x its largest
     diagonal, or a pivot below -PSD_TOL x the largest |entry|: the host runs check_psd, which raises unless the
-    block is within its tolerance, then factors it by eigendecomposition); 3 non-finite input. FLAG: also max
-    the status into flag_ptr."""
+    block is within its tolerance, then factors it by eigendecomposition); 3 non-finite input (before the
+    fallback: a zero block's NaN is found too). FLAG: also max the status into flag_ptr."""
     i = tl.arange(0, 16)
-    h = tl.load(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float64)
+    eye = i[:, None] == i[None, :]
+    h_in = tl.load(hin_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float32)
+    n_bad = tl.sum(tl.sum(((h_in != h_in) | (tl.abs(h_in) == float("inf"))).to(tl.int32), axis=1), axis=0)
+    dead = tl.max(tl.abs(tl.sum(tl.where(eye, h_in, 0.0), axis=1))) == 0.0
+    h32 = tl.where(dead, tl.where(eye, 1.0, 0.0), h_in)
+    tl.store(h_ptr + pid * 256 + i[:, None] * 16 + i[None, :], h32)
+    h = h32.to(tl.float64)
     a0 = (h + tl.trans(h)) * 0.5
     diag0 = tl.sum(tl.where(i[:, None] == i[None, :], a0, 0.0), axis=1)
     scale = tl.max(tl.max(tl.abs(a0), axis=1), axis=0)
@@ -302,7 +314,6 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, fl
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
     tl.store(rd_ptr + pid * 16 + i, rd.to(tl.float32))
-    n_bad = tl.sum(tl.sum(((h != h) | (tl.abs(h) == float("inf"))).to(tl.int32), axis=1), axis=0)
     status = tl.where(n_bad > 0, 3, tl.where(failed, 2, tl.where(singular, 1, 0)))
     tl.store(status_ptr + pid, status)
     if FLAG:  # the worst status, for the host's single read of the prep flags
@@ -310,16 +321,17 @@ def _factor_block(h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, status_ptr, fl
 
 
 def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(h as contiguous fp32 with the zero-trace fallback applied, F, mu, nu, rd, rank, status) buffers for
-    _factor_block."""
-    hc = with_fallback(h.float()).contiguous()
+    """(h contiguous, the buffers of _factor_block: hc (fp32 h with the zero-trace fallback, written by the kernel),
+    F, mu, nu, rd, rank, status)."""
+    hin = h.contiguous()
+    hc = torch.empty(h.shape, dtype=torch.float32, device=h.device)
     f = torch.empty_like(hc)
     mu = torch.empty(*hc.shape[:-1], dtype=torch.float32, device=h.device)
     nu = torch.empty_like(mu)
     rd = torch.empty_like(mu)
     status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
     rank = torch.empty(hc.shape[:-2], dtype=torch.int32, device=h.device)
-    return hc, f, mu, nu, rd, rank, status
+    return hin, hc, f, mu, nu, rd, rank, status
 
 
 def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, rd: torch.Tensor,
@@ -401,17 +413,22 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (triton.cdiv is a constexpr function: microseconds of host time a call)."""
+    return -(-a // b)
+
+
 def chunk_rows(cout: int, columns: int, resident: int, max_rows: int, fill_waves: bool = True) -> int:
     """Rows per sweep program (a multiple of 32, one warp's lanes): at most max_rows of one block column. columns:
     block columns over all tensors (n_e x cin / 16); resident: programs the GPU runs at once. fill_waves: the grid
     of max_rows chunks needs W = ceil(programs / resident) waves; the chunks shrink (evenly over the column) until
     the grid fills those W waves, never past them: a grid of 1.2 waves runs its last 0.2 on a few SMs after the
     rest are done (k/v 1024 x 4096 on 132 SMs: 1280 programs of 7 rows per lane, now 1024 of 8)."""
-    n = triton.cdiv(cout, max_rows)  # chunks per block column at the most rows
+    n = _cdiv(cout, max_rows)  # chunks per block column at the most rows
     if fill_waves:
-        waves = triton.cdiv(n * columns, resident)
-        n = max(n, min((waves * resident) // columns, triton.cdiv(cout, 32)))
-    return 32 * triton.cdiv(triton.cdiv(cout, n), 32)
+        waves = _cdiv(n * columns, resident)
+        n = max(n, min((waves * resident) // columns, _cdiv(cout, 32)))
+    return 32 * _cdiv(_cdiv(cout, n), 32)
 
 
 def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
@@ -426,7 +443,7 @@ def _chunk_rows(n_e: int, cout: int, nb: int, device: torch.device) -> int:
 def _sweep_grid(n_e: int, cout: int, nb: int, device: torch.device) -> tuple[tuple[int, int, int], int]:
     """The sweep's launch grid (row chunks, block columns, tensors) and its rows per chunk."""
     chunk = _chunk_rows(n_e, cout, nb, device)
-    return (triton.cdiv(cout, chunk), nb, n_e), chunk
+    return (_cdiv(cout, chunk), nb, n_e), chunk
 
 
 def sweep_programs(w: torch.Tensor) -> int:
@@ -514,7 +531,7 @@ def search_triton(
     n_hb = 0
     if hess:
         if factor is None:
-            hc, f, mu, nu, rd, rank, status = _factor_buffers(hessian)
+            hin, hc, f, mu, nu, rd, rank, status = _factor_buffers(hessian)
             n_hb = status.numel()
         else:
             hc, f, mu, nu, rd, rank, status = factor
@@ -524,9 +541,9 @@ def search_triton(
         rank = nohalf
         status = None
         stride_fe = 0
-    n_scan = 0 if checked else triton.cdiv(n_e * cout, _SCAN_ROWS)
+    n_scan = 0 if checked else _cdiv(n_e * cout, _SCAN_ROWS)
     # placeholders when nothing is factored here
-    factor_bufs = (hc, f, mu, nu, rd, rank, status) if n_hb else (flags,) * 7
+    factor_bufs = (hin, hc, f, mu, nu, rd, rank, status) if n_hb else (flags,) * 8
     # Everything the sweep needs is built before the prep kernel is queued: host time between the two launches is
     # time the GPU may wait for the sweep once the prep kernel is done (a few 10 us of GPU work, estimated from its
     # sm_90 SASS: bench/tools/compile_sm90.py --prep), which only a small call's public time shows
@@ -627,7 +644,7 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, ra
 def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
     nu, rd, rank, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
-    hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
-    _factor_kernel[(status.numel(),)](hc, f, mu, nu, rd, rank, status)
+    hin, hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
+    _factor_kernel[(status.numel(),)](hin, hc, f, mu, nu, rd, rank, status)
     _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, rank, status)
     return hc, f, mu, nu, rd, rank, status
