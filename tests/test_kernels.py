@@ -491,3 +491,34 @@ def test_chunk_rows_fills_whole_waves():
         waves = -(-(-(-cout // 512) * cols) // r)
         assert c % 32 == 0 and 32 <= c <= 512
         assert progs <= max(waves * r, -(-cout // 512) * cols), (cout, cols, c, progs)
+
+
+def test_factor_kernel_fallback_and_refusals(device_for_kernels):
+    """The factor kernel applies the zero-trace fallback itself (kernels.py's docstring): an all-zero block becomes
+    the identity (MSE objective) in the fp32 Hessian it writes, from a bf16 input too; a zero-diagonal block with a
+    NaN is refused as non-finite (found before the fallback); a trace-zero block with a negative diagonal entry is
+    not replaced but refused as not PSD."""
+    from fp4cal.search.kernels import prepare_factor
+
+    dev = device_for_kernels
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, 256, generator=gen).to(dev)
+    h = x @ x.transpose(-1, -2) / 256  # full rank: stays PSD in bf16
+    h[1] = 0.0
+    for hin in (h, h.to(torch.bfloat16)):
+        hc = prepare_factor(hin)[0]
+        assert hc.dtype == torch.float32
+        assert torch.equal(hc[1], torch.eye(16, device=dev))
+        assert torch.equal(hc[[0, 2]], hin[[0, 2]].float())
+    bad = h.clone()
+    bad[1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match="hessian has 1 non-finite"):
+        prepare_factor(bad)
+    neg = h.clone()
+    neg[1, 0, 0], neg[1, 1, 1] = 1.0, -1.0  # trace 0, not PSD
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        prepare_factor(neg)
+    w, g = make_weight("normal", 8, 48, torch.float32, dev, seed=6)
+    gg = check_global_amax(g, w)
+    got = _kernel_search(w, "local_hessian", gg, h)
+    assert compare_picks(w, gg, got, search_reference(w, "local_hessian", gg, h), h).bad == 0
