@@ -129,6 +129,9 @@ _PROGRAMS_PER_SM = 8
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
 # launch costs 0.05-0.09 ms of host time, more than such a sweep runs on the GPU (0.05 ms for 1024 x 4096).
 _FUSED_MAX_WEIGHTS = 1 << 23
+# The float64 pass gives mode-2 blocks groups of 8 lanes instead of whole warps once there are this many blocks per
+# program (rescore.py, 'One block per warp, or per group of lanes'): a program then has 4 or more blocks a step.
+_RESCORE_GROUPS_PER_PROGRAM = 4
 
 
 @triton.jit
@@ -500,8 +503,9 @@ def search_triton(
         (benchmarks measure the pass's cost with it).
     rescore_stats: optional int32 [8 + 5 x blocks], zeros (diagnostics of the float64 pass's mode 2, whose fp32
         filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
-        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (warp steps, one block a step: both
-        summed over the blocks), [5] the longest chain: the most warp steps ([3] + [4]) one program took; then per
+        filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (steps of the block's lanes, summed
+        over the blocks), [5] the longest chain: the most warp steps one program took, [6] the lanes a mode-2 block
+        took (32, or 8 from _RESCORE_GROUPS_PER_PROGRAM blocks per program on); then per
         block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
         the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.
@@ -573,7 +577,7 @@ def search_triton(
     rescore_grid = (_rescore_programs(dev),)
     rescore_args = (w3, g1, v_tab, s_tab, r_tab, hc, near, near_list, cap, out, flags if losses is None else losses,
                     cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-                    flags if rescore_stats is None else rescore_stats)
+                    flags if rescore_stats is None else rescore_stats, _RESCORE_GROUPS_PER_PROGRAM * rescore_grid[0])
 
     def launch():
         _sweep_rows_kernel[grid](*args, **opts)

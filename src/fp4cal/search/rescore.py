@@ -10,15 +10,19 @@ float64 at 16 a clock and SM), and a mode-2 block's window holds ~80 candidates,
 the window is first evaluated in fp32, and only the candidates that a rigorous error bound cannot exclude get
 float64 losses.
 
-One block per warp (mode 2). A mode-2 block takes a whole warp: its weights and H are the same in every lane
-(broadcast loads of one address), and its window [lo, hi] is spread over the W2 = 32 lanes, lane l taking the
-candidates lo + l, lo + l + 32, ..: ceil(window / 32) fp32 steps (at most 4), a warp minimum of the upper ends,
-then the kept candidates in float64 32 at a time (each step the 32 consecutive candidates from the lowest kept
-one not yet done: lane l takes the one that is l mod 32, its own; mostly one step), a warp argmin per step with
+One block per warp, or per group of lanes (mode 2). A mode-2 block takes a group of gw lanes: its weights and H
+are the same in every lane of the group (broadcast loads of one address), and its window [lo, hi] is spread over
+the group, member m taking the candidates lo + m, lo + m + gw, ..: ceil(window / gw) fp32 steps, a group minimum
+of the upper ends, then the kept candidates in float64 gw at a time (each step the gw consecutive candidates from
+the lowest kept one not yet done: member m takes the one that is m mod gw, its own), a group argmin per step with
 ties to the smaller candidate, and strict '<' between steps, which come in increasing candidate order: the
-reference's pick. Each lane's chain is then ~4-6 steps per block; with one block per lane (the sweep's layout,
-which mode 1 keeps: two candidates a block) a warp lasted as long as the longest of its 32 blocks' windows (~118
-fp32 steps) plus its largest kept count, and a pass with few mode-2 blocks was that one chain.
+reference's pick. gw = W2 = 32 (a whole warp: ~4-6 steps per block) when few blocks are in mode 2; gw = G2 = 8
+(four blocks a warp: ~11 fp32 and ~1-2 float64 steps per block) from search_triton's threshold on (GPU: 4 blocks
+per program), where a warp per block paid its set-up (the block's H loaded and folded, rho) once per block
+(H200, rank-1 Hessians, q/o 4096 x 4096: 44,023 blocks in mode 2, 546 us with a warp per block against 309 us
+one block per lane). With one block per lane (the sweep's layout, which mode 1 keeps: two candidates a block) a
+warp lasted as long as the longest of its 32 blocks' windows (~118 fp32 steps) plus its largest kept count, and a
+pass with few mode-2 blocks was that one chain.
 
 The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and the
 block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary terms d_i
@@ -62,16 +66,41 @@ TAU32: tl.constexpr = tl.constexpr(2.0**-20)
 A_MIN2: tl.constexpr = tl.constexpr(2.0**-120)
 S0: tl.constexpr = tl.constexpr(2.0**-60)
 ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
-# Mode 2 (module docstring, 'One block per warp'): the lanes a block's window is spread over, and the slots of
-# each lane (lane + W2 slot, slot < N_SLOT, covers the 126 candidates; the kept mask is N_SLOT words of W2 bits)
+# Mode 2 (module docstring, 'One block per warp, or per group of lanes'): a warp's lanes, the lanes of a group
+# (the layout when many blocks are recorded), the slots of each lane (member m of a group of gw lanes holds the
+# window offsets m + gw slot, slot < N_SLOT: with gw >= G2 they cover the 126 candidates) and the end of the offsets
 W2: tl.constexpr = tl.constexpr(32)
-N_SLOT: tl.constexpr = tl.constexpr(4)
+G2: tl.constexpr = tl.constexpr(8)
+N_SLOT: tl.constexpr = tl.constexpr(16)
+OFF_END: tl.constexpr = tl.constexpr(128)
 
 
 @triton.jit
 def _halves(x):
     """[BR, 2n] -> (even columns, odd columns), each [BR, n]."""
     return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _grp(x, gw, OP: tl.constexpr):
+    """x [W2] reduced over each lane's group of gw consecutive lanes (gw at run time: 1, G2 or W2) and broadcast to
+    the group's lanes; OP 0 min, 1 max, 2 sum, 3 xor sum. Both reductions are computed (a few shuffles each) and
+    the group size selects one: the layouts share one copy of the code."""
+    xs = tl.reshape(x, [W2 // G2, G2])
+    if OP == 0:
+        r8 = tl.min(xs, axis=1)
+        r32 = tl.min(x)
+    elif OP == 1:
+        r8 = tl.max(xs, axis=1)
+        r32 = tl.max(x)
+    elif OP == 2:
+        r8 = tl.sum(xs, axis=1)
+        r32 = tl.sum(x)
+    else:
+        r8 = tl.xor_sum(xs, axis=1)
+        r32 = tl.xor_sum(x)
+    r8 = tl.reshape(tl.broadcast_to(r8[:, None], [W2 // G2, G2]), [W2])
+    return tl.where(gw == W2, r32, tl.where(gw == G2, r8, x))
 
 
 @triton.jit
@@ -160,15 +189,16 @@ def _quad64_any(w2, wrow, stride_wc, s, r, hb, ok):
 
 
 @triton.jit
-def _bound_scale(diag, hb, ok, n_rows):
+def _bound_scale(diag, hb, ok, m, gw, n_rows):
     """Per lane, the fp32 filter's scale (module docstring, 'The bound'): (a, rho). a: 16-tuple of [BR] fp32, a_i =
     h_i q_i with h_i = max(H_ii, 2^-120) and q_i = rsqrt(h_i) (any a_i > 0 serves: its accuracy does not matter,
     only that q_i is 1 / a_i to a few 2^-22; a_i >= 2^-60, q_i <= 2^60); rho [BR]: max_i q_i max_k |H_ik| q_k, the
     largest |H_ik| / (a_i a_k) to a few 2^-22 (finite or inf, never NaN; over both triangles, equal where the filter
-    runs; n_rows: 16, or 0 where the filter does not run and rho is not used). rho from H reloaded a row per step of
-    a runtime loop (small code; hb: each lane's block, row-major): the
-    registers' diag and up would put 2 operations per entry into what depends on every row load of _fold_h, which
-    Triton's coalescing pass walks once per memory operation (compile time)."""
+    runs). Member m of a group of gw lanes (one block) takes the rows m + gw t, t < n_rows (16 / gw rows, at least
+    one; 0 where the filter does not run and rho is not used), and the group's maximum is rho. Rows reloaded from
+    H in a runtime loop (small code; hb: each lane's block, row-major): the registers' diag and up would put 2
+    operations per entry into what depends on every row load of _fold_h, which Triton's coalescing pass walks once
+    per memory operation (compile time)."""
     a = ()
     for i in tl.static_range(16):
         hi = tl.maximum(diag[i], A_MIN2)
@@ -176,12 +206,12 @@ def _bound_scale(diag, hb, ok, n_rows):
     kk = tl.arange(0, 16)
     qv = tl.rsqrt(tl.maximum(tl.load(hb[:, None] + 17 * kk[None, :], mask=ok[:, None], other=1.0), A_MIN2))
     rho = tl.zeros(ok.shape, tl.float32)
-    ri = tl.arange(0, ok.shape[0]) % 16
-    for _ in range(n_rows):
+    for t in range(n_rows):
+        ri = (m + gw * t) % 16
         row = tl.load(hb[:, None] + 16 * ri[:, None] + kk[None, :], mask=ok[:, None], other=0.0)
         qi = tl.rsqrt(tl.maximum(tl.load(hb + 17 * ri, mask=ok, other=1.0), A_MIN2))  # bit for bit qv's entry ri
-        rho = tl.maximum(rho, tl.max(tl.max(tl.abs(row) * qv, axis=1) * qi))
-    return a, rho
+        rho = tl.maximum(rho, tl.max(tl.abs(row) * qv, axis=1) * qi)
+    return a, _grp(rho, gw, 1)
 
 
 @triton.jit
@@ -256,88 +286,100 @@ def _block_at(list_ptr, at, nb, cout, w_ptr, stride_we, stride_wr, stride_wc, h_
 
 
 @triton.jit
-def _slot_of(t, lane, W: tl.constexpr):
-    """The slot of lane's candidates (offsets lane + W slot) that lies in [t, t + W): each lane holds one offset of
-    any W consecutive ones. t: scalar >= 0; lane: [W]."""
-    return (t - lane + (W - 1)) // W
+def _slot_of(t, m, gw):
+    """The slot of member m's window offsets (m + gw slot) that lies in [t, t + gw): each member of a group of gw
+    lanes holds one offset of any gw consecutive ones. t >= 0, m < gw."""
+    return (t - m + (gw - 1)) // gw
 
 
 @triton.jit
-def _pick(loss, has, c, best, best_idx, full):
-    """One step of the candidate walk: the candidates c [W] with float64 losses loss, all above those of earlier
-    steps of their block, update (best, best_idx) [W] with strict '<' (+inf and NaN never win, as '<' against an
-    initial +inf). full (mode 2): the lanes are one block's candidates: the step's smallest loss among has, ties to
-    the smaller candidate, then '<' against the earlier steps (uniform over the lanes); otherwise each lane its own
-    block. Either way the reference's strict '<' in increasing candidate order."""
+def _pick(loss, has, c, best, best_idx, gw):
+    """One step of the candidate walk: the candidates c [W2] with float64 losses loss, all above those of earlier
+    steps of their block, update (best, best_idx) [W2] with strict '<' (+inf and NaN never win, as '<' against an
+    initial +inf). A group of gw lanes is one block (mode 2: gw > 1, its candidates; mode 1: gw = 1, each lane its
+    own block): the step's smallest loss among has in the group, ties to the smaller candidate, then '<' against
+    the earlier steps (uniform over the group): the reference's strict '<' in increasing candidate order."""
     eff = tl.where(has & (loss < float("inf")), loss, float("inf"))
-    low = tl.where(full, tl.min(eff), eff)
-    at = tl.where(full, tl.min(tl.where(eff == low, c, 1 << 30)), c)
+    low = _grp(eff, gw, 0)
+    at = _grp(tl.where(eff == low, c, 1 << 30), gw, 0)
     better = low < best
     return tl.where(better, low, best), tl.where(better, at, best_idx)
 
 
 @triton.jit
-def _walk_sym(w, diag, up, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_old, r1, W: tl.constexpr,
-              NSLOT: tl.constexpr):
-    """(best, best_idx, l_old, kept mask words, kept count, fp32 steps, float64 steps), symmetric H held in
-    registers (w, diag, up: each lane's block, _fold_h's). full (mode 2): every lane the same block, its window
-    spread over the lanes (module docstring, 'One block per warp'): the fp32 filter, then the kept candidates in
-    float64, W consecutive ones a step; results uniform over the lanes but the mask words (NSLOT x [W], word q bit l
-    = candidate c_lo + l + W q, as search_triton's rescore_stats). Otherwise (mode 1) one block per lane, best_old
-    and r1 in float64, the smaller first (one step if no lane's differ)."""
-    a, rho = _bound_scale(diag, hb, ok, tl.where(full, 1, 0))
+def _walk_sym(w, diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1, NSLOT: tl.constexpr):
+    """(best, best_idx, l_old, kept mask words, kept count, warp fp32 steps, warp float64 steps, the block's fp32
+    steps, the block's float64 steps), symmetric H held in registers (w, diag, up: each lane's block, _fold_h's).
+    full (mode 2): each group of gw lanes one block (gw = W2 or G2), its window spread over the group's members m
+    (module docstring, 'One block per warp, or per group of lanes'): the fp32 filter, then the kept candidates in
+    float64, gw consecutive ones a step; results uniform over the group but the mask words (4 x [W2]: word q bit b
+    = candidate c_lo + 32 q + b, as search_triton's rescore_stats). Otherwise (mode 1, gw = 1) one block per lane,
+    best_old and r1 in float64, the smaller first (one step if no lane's differ)."""
+    a, rho = _bound_scale(diag, hb, ok, m, gw, tl.where(full, tl.maximum(16 // gw, 1), 0))
     ab = _abs_margin(w)
     rt = rho * TAU32
-    n32 = tl.where(full, tl.max((c_hi - c_lo + W) // W), 0)  # windows are at most 126 long: at most NSLOT steps
-    u_min = tl.full(lane.shape, float("inf"), tl.float32)
+    n32_blk = tl.where(full, (c_hi - c_lo + gw) // gw, 0)  # windows are at most 126 long: at most 128 / gw steps
+    n32 = tl.max(n32_blk)
+    u_min = tl.full(m.shape, float("inf"), tl.float32)
     lows = ()
     for _ in tl.static_range(NSLOT):
-        lows = lows + (tl.full(lane.shape, float("inf"), tl.float32),)
+        lows = lows + (tl.full(m.shape, float("inf"), tl.float32),)
     for t in range(n32):
-        c = c_lo + lane + W * t
+        c = c_lo + m + gw * t
         inwin = c <= c_hi
         cc = tl.minimum(c, c_hi)
         s = tl.load(s_row + cc)
         r = tl.load(r_row + cc)
         loss, sw = _quad32_up(_errors(w, s, r), diag, up, a)
-        m = tl.fma(rt, sw * sw, ab)
-        lower = loss - m
-        upper = loss + m
+        mg = tl.fma(rt, sw * sw, ab)
+        lower = loss - mg
+        upper = loss + mg
         # the smallest finite upper end of the window so far (non-finite ends drop nothing)
-        u_min = tl.minimum(u_min, tl.min(tl.where(inwin & (tl.abs(upper) < float("inf")), upper, float("inf"))))
+        u_min = tl.minimum(u_min, _grp(tl.where(inwin & (tl.abs(upper) < float("inf")), upper, float("inf")), gw, 0))
         new = ()
         for q in tl.static_range(NSLOT):
             new = new + (tl.where(t == q, lower, lows[q]),)
         lows = new
     # kept: in the window and not (a finite lower end above the window's smallest upper end); best_old always
     kept = ()
-    words = ()
-    n_kept = tl.zeros(lane.shape, tl.int32)
-    first = tl.full(lane.shape, NSLOT * W, tl.int32)
+    wbits = ()
+    for _ in tl.static_range(4):
+        wbits = wbits + (tl.zeros(m.shape, tl.int32),)
+    n_kept = tl.zeros(m.shape, tl.int32)
+    first = tl.full(m.shape, OFF_END, tl.int32)
     for q in tl.static_range(NSLOT):
-        c = c_lo + lane + W * q
+        off = m + gw * q
+        c = c_lo + off
         k = full & (c <= c_hi) & ((c == best_old) | ~((lows[q] > u_min) & (lows[q] < float("inf"))))
         kept = kept + (k,)
-        words = words + (tl.xor_sum(tl.where(k, 1 << lane, 0)),)  # distinct bits: their xor is their or
-        n_kept += tl.sum(k.to(tl.int32))
-        first = tl.minimum(first, tl.min(tl.where(k, lane + W * q, NSLOT * W)))
-    # float64: mode 2 the kept offsets t0 .. t0 + W - 1 at a step (t0 the lowest kept one not done, each lane the
-    # one of its own), mode 1 the smaller of best_old and r1, then the larger
+        new = ()
+        for v in tl.static_range(4):
+            new = new + (wbits[v] | tl.where(k & ((off >> 5) == v), 1 << (off & 31), 0),)
+        wbits = new
+        n_kept += k.to(tl.int32)
+        first = tl.minimum(first, tl.where(k, off, OFF_END))
+    words = ()
+    for v in tl.static_range(4):
+        words = words + (_grp(wbits[v], gw, 3),)  # distinct bits: their xor is their or
+    n_kept = _grp(n_kept, gw, 2)
+    # float64: mode 2 the kept offsets t0 .. t0 + gw - 1 at a step (t0 the group's lowest kept one not done, each
+    # member the one of its own), mode 1 the smaller of best_old and r1, then the larger
     c_a = tl.minimum(best_old, r1)
     c_b = tl.maximum(best_old, r1)
     n_pair = tl.max(tl.where(ok & (c_b != c_a), 2, 1))
-    best = tl.full(lane.shape, float("inf"), tl.float64)
-    best_idx = tl.zeros(lane.shape, tl.int32) + best_old
-    l_old = tl.zeros(lane.shape, tl.float64)
+    best = tl.full(m.shape, float("inf"), tl.float64)
+    best_idx = tl.zeros(m.shape, tl.int32) + best_old
+    l_old = tl.zeros(m.shape, tl.float64)
     n64 = 0
-    t0 = tl.min(first)
-    while tl.where(full, t0 < NSLOT * W, n64 < n_pair):
-        slot = _slot_of(t0, lane, W)
-        has2 = tl.zeros(lane.shape, tl.int1)
+    n64_blk = tl.zeros(m.shape, tl.int32)
+    t0 = _grp(first, gw, 0)
+    while tl.where(full, tl.min(t0) < OFF_END, n64 < n_pair):
+        slot = _slot_of(t0, m, gw)
+        has2 = tl.zeros(m.shape, tl.int1)
         for q in tl.static_range(NSLOT):
             has2 = has2 | ((slot == q) & kept[q])
         has = (full & has2) | (~full & ok & ((n64 == 0) | (c_b != c_a)))
-        c = tl.where(has, tl.where(full, c_lo + lane + W * slot, tl.where(n64 == 0, c_a, c_b)), best_old)
+        c = tl.where(has, tl.where(full, c_lo + m + gw * slot, tl.where(n64 == 0, c_a, c_b)), best_old)
         s = tl.load(s_row + c, mask=has, other=1.0)
         r = tl.load(r_row + c, mask=has, other=1.0)
         d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
@@ -347,62 +389,62 @@ def _walk_sym(w, diag, up, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_ol
         # s >= 0, so its sign bit is 0: a 1.0 the compiler cannot hoist (_quad64_up)
         one = ((s.to(tl.int32, bitcast=True) >> 31) | 0x3F800000).to(tl.float32, bitcast=True)
         loss = _quad64_up(d, diag, up, one)
-        best, best_idx = _pick(loss, has, c, best, best_idx, full)
-        mine = tl.where(has & (c == best_old), loss, 0.0)  # best_old: in one step, in one lane (mode 2)
-        l_old += tl.where(full, tl.sum(mine), mine)
+        best, best_idx = _pick(loss, has, c, best, best_idx, gw)
+        l_old += _grp(tl.where(has & (c == best_old), loss, 0.0), gw, 2)  # best_old: in one step, one member
         n64 += 1
-        nxt = tl.full(lane.shape, NSLOT * W, tl.int32)
+        n64_blk += (t0 < OFF_END).to(tl.int32)
+        nxt = tl.full(m.shape, OFF_END, tl.int32)
         for q in tl.static_range(NSLOT):
-            tq = lane + W * q
-            nxt = tl.minimum(nxt, tl.where(kept[q] & (tq >= t0 + W), tq, NSLOT * W))
-        t0 = tl.min(nxt)
-    return best, best_idx, l_old, words, n_kept, n32, n64
+            off = m + gw * q
+            nxt = tl.minimum(nxt, tl.where(kept[q] & (off >= t0 + gw), off, OFF_END))
+        t0 = _grp(nxt, gw, 0)
+    return best, best_idx, l_old, words, n_kept, n32, n64, n32_blk, n64_blk
 
 
 @triton.jit
-def _walk_any(w2, wrow, stride_wc, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_old, r1, W: tl.constexpr):
+def _walk_any(w2, wrow, stride_wc, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1):
     """_walk_sym's (best, best_idx, l_old) where some lane's block has an H that is not symmetric: _quad64_any's
-    float64 losses from memory, no fp32 filter; mode 2 every candidate of the window, W a step, mode 1 best_old
+    float64 losses from memory, no fp32 filter; mode 2 every candidate of the window, gw a step, mode 1 best_old
     and r1, the smaller first."""
-    n_try = tl.where(full, tl.max((c_hi - c_lo + W) // W), 2)
-    best = tl.full(lane.shape, float("inf"), tl.float64)
-    best_idx = tl.zeros(lane.shape, tl.int32) + best_old
-    l_old = tl.zeros(lane.shape, tl.float64)
+    n_try = tl.where(full, tl.max((c_hi - c_lo + gw) // gw), 2)
+    best = tl.full(m.shape, float("inf"), tl.float64)
+    best_idx = tl.zeros(m.shape, tl.int32) + best_old
+    l_old = tl.zeros(m.shape, tl.float64)
     for t in range(n_try):
-        c = tl.where(full, tl.minimum(c_lo + lane + W * t, c_hi),
+        c = tl.where(full, tl.minimum(c_lo + m + gw * t, c_hi),
                      tl.where(t == 0, tl.minimum(best_old, r1), tl.maximum(best_old, r1)))
-        has = ok & (~full | (c_lo + lane + W * t <= c_hi))
+        has = ok & (~full | (c_lo + m + gw * t <= c_hi))
         s = tl.load(s_row + c, mask=ok, other=1.0)
         r = tl.load(r_row + c, mask=ok, other=1.0)
         loss = _quad64_any(w2, wrow, stride_wc, s, r, hb, ok)
-        best, best_idx = _pick(loss, has, c, best, best_idx, full)
-        mine = tl.where(has & (c == best_old), loss, 0.0)
-        l_old += tl.where(full, tl.sum(mine), mine)
+        best, best_idx = _pick(loss, has, c, best, best_idx, gw)
+        l_old += _grp(tl.where(has & (c == best_old), loss, 0.0), gw, 2)
     return best, best_idx, l_old
 
 
 @triton.jit
 def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
-                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, LOSSES: tl.constexpr,
-                    STATS: tl.constexpr):
-    """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact
-    picks'), the programs (one warp each) striding over each list (whose lengths only the device knows). Mode 1
-    (list entries 0, 1, ...): W2 blocks a step, one per lane, the float64 losses of best and r1, the smaller index
-    first. Mode 2 (entries cap - 1, cap - 2, ...): one block a step, its window [lo, hi] spread over the lanes
-    (module docstring, 'One block per warp'): the fp32 filter, then the float64 losses of the candidates it keeps
-    (those outside the window have true losses above the best's: the bounds that skipped them). Strict '<' in
-    increasing candidate order, so exact ties keep the smaller candidate as the reference does. A changed pick
-    rewrites the block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64 difference. STATS:
-    counts and masks of mode 2 into stats_ptr (search_triton's rescore_stats).
+                    nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, group_from,
+                    LOSSES: tl.constexpr, STATS: tl.constexpr):
+    """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact picks'),
+    the programs (one warp each) striding over each list (whose lengths only the device knows). Mode 1 (list entries
+    0, 1, ...): W2 blocks a step, one per lane, the float64 losses of best and r1, the smaller index first. Mode 2
+    (entries cap - 1, cap - 2, ...): one block a step, its window [lo, hi] spread over the lanes, or W2 / G2 blocks
+    a step, one per group of G2 lanes, when group_from or more blocks are in mode 2 (module docstring, 'One block
+    per warp, or per group of lanes'): the fp32 filter, then the float64 losses of the candidates it keeps (those
+    outside the window have true losses above the best's: the bounds that skipped them). Strict '<' in increasing
+    candidate order, so exact ties keep the smaller candidate as the reference does. A changed pick rewrites the
+    block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64 difference. STATS: counts and
+    masks of mode 2 into stats_ptr (search_triton's rescore_stats).
 
-    A lane's block H is held in registers as the 136 fp32 values of its upper triangle (_fold_h; in mode 2 the
-    same in every lane), for all its candidates; each float64 candidate then costs 16 roundings, 152 conversions to
-    float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16 roundings and 152 fp32 FMAs, on
-    registers. A step with a block whose H is not symmetric reads H from memory per candidate instead (_quad64_any,
-    exact for any H; no filter). The two modes share one copy of the code (a runtime loop over the lists, the
-    layouts chosen by runtime selects): compile time grows with the code's size (Triton's coalescing pass: about
-    the memory operations x the kernel's size squared; 300 memory operations in a first version of this kernel took
-    minutes)."""
+    A lane's block H is held in registers as the 136 fp32 values of its upper triangle (_fold_h; in mode 2 the same
+    in every lane of a group), for all its candidates; each float64 candidate then costs 16 roundings, 152
+    conversions to float64 and 152 float64 FMAs (_quad64_up), each fp32 one of the filter 16 roundings and 152 fp32
+    FMAs, on registers. A step with a block whose H is not symmetric reads H from memory per candidate instead
+    (_quad64_any, exact for any H; no filter). The two modes share one copy of the code (a runtime loop over the
+    lists, the layouts chosen by runtime selects): compile time grows with the code's size (Triton's coalescing
+    pass: about the memory operations x the kernel's size squared; 300 memory operations in a first version of this
+    kernel took minutes)."""
     n1 = tl.load(cnt_ptr)
     n2 = tl.load(cnt_ptr + 1)
     lane = tl.arange(0, W2)
@@ -412,9 +454,11 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
         n = tl.where(full, n2, n1)
         first = tl.where(full, cap - 1, 0)
         step = tl.where(full, -1, 1)
-        per = tl.where(full, 1, W2)  # blocks a step
+        gw = tl.where(full, tl.where(n2 >= group_from, G2, W2), 1)  # lanes a block
+        m = lane % gw
+        per = W2 // gw  # blocks a step
         for base in range(tl.program_id(0) * per, n, tl.num_programs(0) * per):
-            i = base + tl.where(full, 0, lane)
+            i = base + lane // gw
             ok = i < n
             blk, rec, e, row, j, wrow, hb = _block_at(list_ptr, first + step * i, nb, cout, w_ptr, stride_we,
                                                       stride_wr, stride_wc, h_ptr, stride_fe, ok)
@@ -428,25 +472,26 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
             s_row = s_tab_ptr + e * N_CAND
             r_row = r_tab_ptr + e * N_CAND
             if tl.sum((asym & ok).to(tl.int32)) == 0:
-                best, best_idx, l_old, words, n_kept, n32, n64 = _walk_sym(
-                    _cols16(w2), diag, up, hb, ok, lane, s_row, r_row, full, c_lo, c_hi, best_old, r1, W2, N_SLOT)
+                best, best_idx, l_old, words, n_kept, n32, n64, n32_blk, n64_blk = _walk_sym(
+                    _cols16(w2), diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1, N_SLOT)
                 if STATS:
-                    one = full & (lane == 0)  # the lane that counts a mode-2 block
+                    one = full & ok & (m == 0)  # the lane that counts a mode-2 block
                     tl.atomic_add(stats_ptr + 0 * lane, 1, mask=one)
                     tl.atomic_add(stats_ptr + 1 + 0 * lane, c_hi - c_lo + 1, mask=one)
                     tl.atomic_add(stats_ptr + 2 + 0 * lane, n_kept, mask=one)
-                    tl.atomic_add(stats_ptr + 3 + 0 * lane, n64, mask=one)
-                    tl.atomic_add(stats_ptr + 4 + 0 * lane, n32, mask=one)
+                    tl.atomic_add(stats_ptr + 3 + 0 * lane, n64_blk, mask=one)
+                    tl.atomic_add(stats_ptr + 4 + 0 * lane, n32_blk, mask=one)
+                    tl.atomic_max(stats_ptr + 6 + 0 * lane, gw, mask=one)
                     chain += tl.where(full, n32 + n64, 0)
                     at_rec = stats_ptr + 8 + 5 * blk
                     tl.store(at_rec, c_lo | (c_hi << 8), mask=one)
-                    for q in tl.static_range(N_SLOT):
+                    for q in tl.static_range(4):
                         tl.store(at_rec + 1 + q, words[q], mask=one)
             else:
-                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, lane, s_row, r_row, full, c_lo, c_hi,
-                                                  best_old, r1, W2)
-            # mode 2: lane 0 writes the block's result
-            changed = ok & (best_idx != best_old) & (~full | (lane == 0))
+                best, best_idx, l_old = _walk_any(w2, wrow, stride_wc, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi,
+                                                  best_old, r1)
+            # mode 2: a group's member 0 writes the block's result
+            changed = ok & (best_idx != best_old) & (~full | (m == 0))
             g = tl.load(g_ptr + e, mask=ok, other=0.0)
             amax = ((g.to(tl.float64) * tl.load(v_ptr + best_idx).to(tl.float64)) / FP8_TOP).to(tl.float32)
             tl.store(out_ptr + e * stride_oe + row * nb + j, amax, mask=changed)
