@@ -82,8 +82,8 @@ def test_hessian_parity_ill_conditioned(hkind, device_for_kernels):
     _assert_parity(w, g, "local_hessian", h, f"hessian {hkind}")
 
 
-@pytest.mark.parametrize("groups", [False, True])
-def test_near_ties_decided_in_float64_by_default(groups, device_for_kernels, monkeypatch):
+@pytest.mark.parametrize("lanes", [32, 8, 1])
+def test_near_ties_decided_in_float64_by_default(lanes, device_for_kernels, monkeypatch):
     """Issue 13.2: rank-1 blocks on which two or more candidates have float64 losses below the rounding error of
     any fp32 evaluation (kernel_cases.near_tie_blocks). The default call records them (the sweep's runner-up
     record: a float64 choice between two candidates, or among all when three or more are close) and the second
@@ -93,12 +93,13 @@ def test_near_ties_decided_in_float64_by_default(groups, device_for_kernels, mon
     The fp32 filter of mode 2 (rescore.py, 'The filter'; every block here is in mode 2, with several candidates
     within fp32's rounding of the minimum): every candidate at the window's float64 minimum was kept and every
     dropped one has a larger float64 loss (kernel_cases.check_mode2_filter, from the kernel's own masks), and the
-    filter dropped most of each window. groups: mode 2 with a group of 8 lanes per block (the layout for many
-    recorded blocks, forced here) instead of a warp per block."""
+    filter dropped most of each window. lanes: mode 2's layout (forced here; rescore.py, 'One block per lane, per
+    group of lanes or per warp'): a warp per block, a group of 8 lanes per block, a lane per block."""
     from fp4cal.search import kernels
     from fp4cal.search.kernels import search_triton
 
-    monkeypatch.setattr(kernels, "_RESCORE_GROUPS_PER_PROGRAM", 0 if groups else 1 << 20)
+    monkeypatch.setattr(kernels, "_RESCORE_GROUPS_PER_PROGRAM", 0 if lanes < 32 else 1 << 20)
+    monkeypatch.setattr(kernels, "_RESCORE_LANES_PER_PROGRAM", 0 if lanes == 1 else 1 << 20)
     w, h, g = near_tie_blocks(32, seed=5)
     w, h, g = w.to(device_for_kernels), h.to(device_for_kernels), g.to(device_for_kernels)
     stats = torch.zeros(1, 4, dtype=torch.int32, device=device_for_kernels) if device_for_kernels == "cpu" else None
@@ -111,19 +112,18 @@ def test_near_ties_decided_in_float64_by_default(groups, device_for_kernels, mon
           f"{rstats[:5].tolist()})")
     assert n2 > 0 and (n2, window, kept) == tuple(rstats[:3].tolist())
     assert kept < window / 2, f"the filter kept {kept} of {window} candidates"
-    # a warp or a group of 8 lanes per block (rescore.py): the counted steps are the layout's; one program's chain
-    # is their sum with a warp per block, and at least their sum / 4 (its blocks four a step) with groups
-    lanes = int(rstats[6])
-    assert lanes == (8 if groups else 32)
+    # the counted steps are the layout's; one program's chain is their sum with a warp per block, and at least
+    # their sum / (blocks a step) otherwise
+    assert int(rstats[6]) == lanes
     n32, n64 = mode2_steps(rstats)
     print(f"near ties: {lanes} lanes a block, mode 2 steps per block: fp32 {n32 / n2:.2f}, float64 {n64 / n2:.2f}; "
           f"longest chain {int(rstats[5])}")
     assert (n32, n64) == (int(rstats[4]), int(rstats[3]))
     assert n2 <= n64 <= kept and n64 < n32  # at least one float64 step a block, fewer than the fp32 ones
-    if device_for_kernels == "cpu" and not groups:  # the interpreter runs one program
+    if device_for_kernels == "cpu" and lanes == 32:  # the interpreter runs one program
         assert int(rstats[5]) == n32 + n64
     elif device_for_kernels == "cpu":
-        assert (n32 + n64) / 4 <= int(rstats[5]) <= n32 + n64
+        assert (n32 + n64) * lanes / 32 <= int(rstats[5]) <= n32 + n64
     plain = search_triton(w, "local_hessian", g, h, exact=False)
     rep32 = compare_picks(w, g, plain, ref, h)
     print(f"near ties: float64 pass {rep.differing} differing of {rep.blocks}, {rep.ties} ties; fp32 picks alone "

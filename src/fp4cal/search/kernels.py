@@ -129,9 +129,13 @@ _PROGRAMS_PER_SM = 8
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
 # launch costs 0.05-0.09 ms of host time, more than such a sweep runs on the GPU (0.05 ms for 1024 x 4096).
 _FUSED_MAX_WEIGHTS = 1 << 23
-# The float64 pass gives mode-2 blocks groups of 8 lanes instead of whole warps once there are this many blocks per
-# program (rescore.py, 'One block per warp, or per group of lanes'): a program then has 4 or more blocks a step.
+# The float64 pass's layout of mode 2 (rescore.py, 'One block per lane, per group of lanes or per warp'): a warp
+# per block below _RESCORE_GROUPS_PER_PROGRAM blocks per program, groups of 8 lanes from there, a lane per block
+# from _RESCORE_LANES_PER_PROGRAM on (every lane of every program has a block). H200, rank-1 Hessians (BENCHMARKS.md,
+# ninth session): q/o 4096 x 4096 (44,023 blocks in mode 2) 309 us a lane per block, 476 groups of 8, 546 a warp;
+# k/v 1024 x 4096 (11,133) 134 / 121 / 143 us; rank-2 (334-1,356 blocks) a warp per block 16-27 us, a lane 105-110.
 _RESCORE_GROUPS_PER_PROGRAM = 4
+_RESCORE_LANES_PER_PROGRAM = 32
 
 
 @triton.jit
@@ -505,7 +509,7 @@ def search_triton(
         filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
         filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (steps of the block's lanes, summed
         over the blocks), [5] the longest chain: the most warp steps one program took, [6] the lanes a mode-2 block
-        took (32, or 8 from _RESCORE_GROUPS_PER_PROGRAM blocks per program on); then per
+        took (32, 8 or 1: _RESCORE_GROUPS_PER_PROGRAM); then per
         block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
         the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.
@@ -577,7 +581,8 @@ def search_triton(
     rescore_grid = (_rescore_programs(dev),)
     rescore_args = (w3, g1, v_tab, s_tab, r_tab, hc, near, near_list, cap, out, flags if losses is None else losses,
                     cout, nb, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb,
-                    flags if rescore_stats is None else rescore_stats, _RESCORE_GROUPS_PER_PROGRAM * rescore_grid[0])
+                    flags if rescore_stats is None else rescore_stats, _RESCORE_GROUPS_PER_PROGRAM * rescore_grid[0],
+                    _RESCORE_LANES_PER_PROGRAM * rescore_grid[0])
 
     def launch():
         _sweep_rows_kernel[grid](*args, **opts)

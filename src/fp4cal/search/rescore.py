@@ -10,19 +10,18 @@ float64 at 16 a clock and SM), and a mode-2 block's window holds ~80 candidates,
 the window is first evaluated in fp32, and only the candidates that a rigorous error bound cannot exclude get
 float64 losses.
 
-One block per warp, or per group of lanes (mode 2). A mode-2 block takes a group of gw lanes: its weights and H
-are the same in every lane of the group (broadcast loads of one address), and its window [lo, hi] is spread over
-the group, member m taking the candidates lo + m, lo + m + gw, ..: ceil(window / gw) fp32 steps, a group minimum
-of the upper ends, then the kept candidates in float64 gw at a time (each step the gw consecutive candidates from
-the lowest kept one not yet done: member m takes the one that is m mod gw, its own), a group argmin per step with
-ties to the smaller candidate, and strict '<' between steps, which come in increasing candidate order: the
-reference's pick. gw = W2 = 32 (a whole warp: ~4-6 steps per block) when few blocks are in mode 2; gw = G2 = 8
-(four blocks a warp: ~11 fp32 and ~1-2 float64 steps per block) from search_triton's threshold on (GPU: 4 blocks
-per program), where a warp per block paid its set-up (the block's H loaded and folded, rho) once per block
-(H200, rank-1 Hessians, q/o 4096 x 4096: 44,023 blocks in mode 2, 546 us with a warp per block against 309 us
-one block per lane). With one block per lane (the sweep's layout, which mode 1 keeps: two candidates a block) a
-warp lasted as long as the longest of its 32 blocks' windows (~118 fp32 steps) plus its largest kept count, and a
-pass with few mode-2 blocks was that one chain.
+One block per lane, per group of lanes or per warp (mode 2). A mode-2 block takes a group of gw lanes: its
+weights and H are the same in every lane of the group (broadcast loads of one address), and its window [lo, hi]
+is spread over the group, member m taking the candidates lo + m, lo + m + gw, ..: ceil(window / gw) fp32 steps, a
+group minimum of the upper ends, then the kept candidates in float64 gw at a time (each step the gw consecutive
+candidates from the lowest kept one not yet done: member m takes the one that is m mod gw, its own), a group
+argmin per step with ties to the smaller candidate, and strict '<' between steps, which come in increasing
+candidate order: the reference's pick. The group size is chosen at run time from the count of mode-2 blocks
+(search_triton's thresholds, per program): gw = W2 = 32 (a whole warp: ~4-6 steps per block) when few blocks are
+in mode 2, where one lane per block would make the pass one lane's chain (~118 fp32 steps and the largest kept
+count); gw = 1 (the sweep's layout, which mode 1 keeps) when every lane of every program has a block: the GPU is
+then busy whatever the layout, and a lane per block does the least work (a warp per block loads, folds and bounds
+the block's H in every lane, and runs its float64 steps with most lanes idle); gw = G2 = 8 between.
 
 The bound. Take a candidate's fp32 errors d (16 values: exact inputs, the same bits as the float64 pass uses) and the
 block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) is a sum of elementary terms d_i
@@ -45,7 +44,8 @@ term ab = 2^-116 (1 + sum_i |w_i|)^2 covers; S starts at S0 = 2^-60, above the a
 lose (2^-126 each).
 
 The filter. A candidate is dropped only when its lower end is finite and above the smallest finite upper end of
-the window's candidates: then its float64 loss exceeds that candidate's, so it is neither the window's float64
+the window's candidates evaluated so far (its group's steps up to its own, and the sweep's best first when the
+group is smaller than a warp): then its float64 loss exceeds that candidate's, so it is neither the window's float64
 minimum nor tied with it. Every candidate whose float64 loss equals the window's minimum is kept, and the kept
 ones are re-scored in increasing order with strict '<': the pick is the one the unfiltered window gives, ties to
 the smaller candidate. Non-finite fp32 values (overflow, a bound of inf or NaN) drop nothing: such an upper end
@@ -66,12 +66,10 @@ TAU32: tl.constexpr = tl.constexpr(2.0**-20)
 A_MIN2: tl.constexpr = tl.constexpr(2.0**-120)
 S0: tl.constexpr = tl.constexpr(2.0**-60)
 ABS_MARGIN: tl.constexpr = tl.constexpr(2.0**-116)
-# Mode 2 (module docstring, 'One block per warp, or per group of lanes'): a warp's lanes, the lanes of a group
-# (the layout when many blocks are recorded), the slots of each lane (member m of a group of gw lanes holds the
-# window offsets m + gw slot, slot < N_SLOT: with gw >= G2 they cover the 126 candidates) and the end of the offsets
+# Mode 2 (module docstring, 'One block per lane, per group of lanes or per warp'): a warp's lanes, the lanes of a
+# group (the middle layout), and the end of the window offsets (a kept mask has 128 bits)
 W2: tl.constexpr = tl.constexpr(32)
 G2: tl.constexpr = tl.constexpr(8)
-N_SLOT: tl.constexpr = tl.constexpr(16)
 OFF_END: tl.constexpr = tl.constexpr(128)
 
 
@@ -307,26 +305,56 @@ def _pick(loss, has, c, best, best_idx, gw):
 
 
 @triton.jit
-def _walk_sym(w, diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1, NSLOT: tl.constexpr):
+def _bit_at(k0, k1, k2, k3, off):
+    """Whether bit off (0..127; beyond: False) of the 128-bit mask (k0 bits 0..31, .., k3 bits 96..127) is set."""
+    word = off >> 5
+    v = tl.where(word == 0, k0, tl.where(word == 1, k1, tl.where(word == 2, k2, k3)))
+    return (word < 4) & (((v >> (off & 31)) & 1) != 0)
+
+
+@triton.jit
+def _lowest_from(k0, k1, k2, k3, p):
+    """The lowest set bit at or above p (>= 0) of the 128-bit mask (k0 bits 0..31, .., k3 bits 96..127), OFF_END if
+    none. A word's lowest bit x & -x is exact in fp32, its index the exponent (the sign bit, -2^31: 31 too)."""
+    res = tl.full(p.shape, OFF_END, tl.int32)
+    ks = (k0, k1, k2, k3)
+    for v in tl.static_range(3, -1, -1):  # the top word first: the lowest word that has a bit wins
+        sh = p - 32 * v
+        x = ks[v] & tl.where(sh <= 0, -1, tl.where(sh >= 32, 0, -1 << tl.minimum(tl.maximum(sh, 0), 31)))
+        low = x & (0 - x)
+        idx = 32 * v + ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
+        res = tl.where(x != 0, idx, res)
+    return res
+
+
+@triton.jit
+def _walk_sym(w, diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1):
     """(best, best_idx, l_old, kept mask words, kept count, warp fp32 steps, warp float64 steps, the block's fp32
     steps, the block's float64 steps), symmetric H held in registers (w, diag, up: each lane's block, _fold_h's).
-    full (mode 2): each group of gw lanes one block (gw = W2 or G2), its window spread over the group's members m
-    (module docstring, 'One block per warp, or per group of lanes'): the fp32 filter, then the kept candidates in
-    float64, gw consecutive ones a step; results uniform over the group but the mask words (4 x [W2]: word q bit b
-    = candidate c_lo + 32 q + b, as search_triton's rescore_stats). Otherwise (mode 1, gw = 1) one block per lane,
-    best_old and r1 in float64, the smaller first (one step if no lane's differ)."""
+    full (mode 2): each group of gw lanes one block (gw = 1, G2 or W2), its window spread over the group's members m
+    (module docstring, 'One block per lane, per group of lanes or per warp'): the fp32 filter, then the kept
+    candidates in float64, gw consecutive ones a step; results uniform over the group but the mask words (4 x
+    [W2]: word q bit b = candidate c_lo + 32 q + b, as search_triton's rescore_stats). Otherwise (mode 1, gw = 1)
+    one block per lane, best_old and r1 in float64, the smaller first (one step if no lane's differ)."""
     a, rho = _bound_scale(diag, hb, ok, m, gw, tl.where(full, tl.maximum(16 // gw, 1), 0))
     ab = _abs_margin(w)
     rt = rho * TAU32
     n32_blk = tl.where(full, (c_hi - c_lo + gw) // gw, 0)  # windows are at most 126 long: at most 128 / gw steps
     n32 = tl.max(n32_blk)
+    # The filter keeps a candidate unless its finite lower end is above the running minimum U of the finite upper
+    # ends (U only falls, so a dropped candidate's is above the final one too). U starts at the sweep's best when
+    # the group is smaller than a warp (one step more, U small from the start: fewer candidates kept).
+    old_in = full & (best_old >= c_lo) & (best_old <= c_hi)
     u_min = tl.full(m.shape, float("inf"), tl.float32)
-    lows = ()
-    for _ in tl.static_range(NSLOT):
-        lows = lows + (tl.full(m.shape, float("inf"), tl.float32),)
-    for t in range(n32):
-        c = c_lo + m + gw * t
-        inwin = c <= c_hi
+    k0 = tl.zeros(m.shape, tl.int32)
+    k1 = tl.zeros(m.shape, tl.int32)
+    k2 = tl.zeros(m.shape, tl.int32)
+    k3 = tl.zeros(m.shape, tl.int32)
+    n_kept = tl.zeros(m.shape, tl.int32)
+    for t in range(tl.where(full & (gw < W2), -1, 0), n32):
+        off = m + gw * tl.maximum(t, 0)
+        c = tl.where(t < 0, best_old, c_lo + off)
+        inwin = (t >= 0) & (c <= c_hi)
         cc = tl.minimum(c, c_hi)
         s = tl.load(s_row + cc)
         r = tl.load(r_row + cc)
@@ -334,33 +362,16 @@ def _walk_sym(w, diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_o
         mg = tl.fma(rt, sw * sw, ab)
         lower = loss - mg
         upper = loss + mg
-        # the smallest finite upper end of the window so far (non-finite ends drop nothing)
-        u_min = tl.minimum(u_min, _grp(tl.where(inwin & (tl.abs(upper) < float("inf")), upper, float("inf")), gw, 0))
-        new = ()
-        for q in tl.static_range(NSLOT):
-            new = new + (tl.where(t == q, lower, lows[q]),)
-        lows = new
-    # kept: in the window and not (a finite lower end above the window's smallest upper end); best_old always
-    kept = ()
-    wbits = ()
-    for _ in tl.static_range(4):
-        wbits = wbits + (tl.zeros(m.shape, tl.int32),)
-    n_kept = tl.zeros(m.shape, tl.int32)
-    first = tl.full(m.shape, OFF_END, tl.int32)
-    for q in tl.static_range(NSLOT):
-        off = m + gw * q
-        c = c_lo + off
-        k = full & (c <= c_hi) & ((c == best_old) | ~((lows[q] > u_min) & (lows[q] < float("inf"))))
-        kept = kept + (k,)
-        new = ()
-        for v in tl.static_range(4):
-            new = new + (wbits[v] | tl.where(k & ((off >> 5) == v), 1 << (off & 31), 0),)
-        wbits = new
-        n_kept += k.to(tl.int32)
-        first = tl.minimum(first, tl.where(k, off, OFF_END))
-    words = ()
-    for v in tl.static_range(4):
-        words = words + (_grp(wbits[v], gw, 3),)  # distinct bits: their xor is their or
+        fin = (inwin | ((t < 0) & old_in)) & (tl.abs(upper) < float("inf"))
+        u_min = tl.minimum(u_min, _grp(tl.where(fin, upper, float("inf")), gw, 0))
+        keep = full & inwin & ((c == best_old) | ~((lower > u_min) & (lower < float("inf"))))
+        bit = tl.where(keep, 1 << (off & 31), 0)
+        k0 = k0 | tl.where((off >> 5) == 0, bit, 0)
+        k1 = k1 | tl.where((off >> 5) == 1, bit, 0)
+        k2 = k2 | tl.where((off >> 5) == 2, bit, 0)
+        k3 = k3 | tl.where((off >> 5) == 3, bit, 0)
+        n_kept += keep.to(tl.int32)
+    words = (_grp(k0, gw, 3), _grp(k1, gw, 3), _grp(k2, gw, 3), _grp(k3, gw, 3))  # disjoint bits: xor is or
     n_kept = _grp(n_kept, gw, 2)
     # float64: mode 2 the kept offsets t0 .. t0 + gw - 1 at a step (t0 the group's lowest kept one not done, each
     # member the one of its own), mode 1 the smaller of best_old and r1, then the larger
@@ -372,14 +383,11 @@ def _walk_sym(w, diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_o
     l_old = tl.zeros(m.shape, tl.float64)
     n64 = 0
     n64_blk = tl.zeros(m.shape, tl.int32)
-    t0 = _grp(first, gw, 0)
+    t0 = _grp(_lowest_from(k0, k1, k2, k3, m * 0), gw, 0)
     while tl.where(full, tl.min(t0) < OFF_END, n64 < n_pair):
-        slot = _slot_of(t0, m, gw)
-        has2 = tl.zeros(m.shape, tl.int1)
-        for q in tl.static_range(NSLOT):
-            has2 = has2 | ((slot == q) & kept[q])
-        has = (full & has2) | (~full & ok & ((n64 == 0) | (c_b != c_a)))
-        c = tl.where(has, tl.where(full, c_lo + m + gw * slot, tl.where(n64 == 0, c_a, c_b)), best_old)
+        off = m + gw * _slot_of(t0, m, gw)
+        has = (full & (t0 < OFF_END) & _bit_at(k0, k1, k2, k3, off)) | (~full & ok & ((n64 == 0) | (c_b != c_a)))
+        c = tl.where(has, tl.where(full, c_lo + off, tl.where(n64 == 0, c_a, c_b)), best_old)
         s = tl.load(s_row + c, mask=has, other=1.0)
         r = tl.load(r_row + c, mask=has, other=1.0)
         d32 = _errors(w, s, r)  # the sweep's fp32 errors, bit for bit (contraction is off at launch)
@@ -393,11 +401,7 @@ def _walk_sym(w, diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_o
         l_old += _grp(tl.where(has & (c == best_old), loss, 0.0), gw, 2)  # best_old: in one step, one member
         n64 += 1
         n64_blk += (t0 < OFF_END).to(tl.int32)
-        nxt = tl.full(m.shape, OFF_END, tl.int32)
-        for q in tl.static_range(NSLOT):
-            off = m + gw * q
-            nxt = tl.minimum(nxt, tl.where(kept[q] & (off >= t0 + gw), off, OFF_END))
-        t0 = _grp(nxt, gw, 0)
+        t0 = _grp(_lowest_from(k0, k1, k2, k3, t0 + gw), gw, 0)
     return best, best_idx, l_old, words, n_kept, n32, n64, n32_blk, n64_blk
 
 
@@ -425,13 +429,13 @@ def _walk_any(w2, wrow, stride_wc, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi
 @triton.jit
 def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, list_ptr, cap, out_ptr, loss_ptr, cout,
                     nb, stride_we, stride_wr, stride_wc, stride_fe, stride_oe, stats_ptr, group_from,
-                    LOSSES: tl.constexpr, STATS: tl.constexpr):
+                    lanes_from, LOSSES: tl.constexpr, STATS: tl.constexpr):
     """The float64 decision of the blocks the local-Hessian sweep recorded (EXACT; module docstring, 'Exact picks'),
     the programs (one warp each) striding over each list (whose lengths only the device knows). Mode 1 (list entries
     0, 1, ...): W2 blocks a step, one per lane, the float64 losses of best and r1, the smaller index first. Mode 2
-    (entries cap - 1, cap - 2, ...): one block a step, its window [lo, hi] spread over the lanes, or W2 / G2 blocks
-    a step, one per group of G2 lanes, when group_from or more blocks are in mode 2 (module docstring, 'One block
-    per warp, or per group of lanes'): the fp32 filter, then the float64 losses of the candidates it keeps (those
+    (entries cap - 1, cap - 2, ...): a block per warp, per group of G2 lanes (from group_from blocks in mode 2) or
+    per lane (from lanes_from), its window [lo, hi] spread over the block's lanes (module docstring, 'One block per
+    lane, per group of lanes or per warp'): the fp32 filter, then the float64 losses of the candidates it keeps (those
     outside the window have true losses above the best's: the bounds that skipped them). Strict '<' in increasing
     candidate order, so exact ties keep the smaller candidate as the reference does. A changed pick rewrites the
     block's amax, and (LOSSES) moves the tensor's chosen-scale loss by the float64 difference. STATS: counts and
@@ -454,7 +458,7 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
         n = tl.where(full, n2, n1)
         first = tl.where(full, cap - 1, 0)
         step = tl.where(full, -1, 1)
-        gw = tl.where(full, tl.where(n2 >= group_from, G2, W2), 1)  # lanes a block
+        gw = tl.where(full, tl.where(n2 >= lanes_from, 1, tl.where(n2 >= group_from, G2, W2)), 1)  # lanes a block
         m = lane % gw
         per = W2 // gw  # blocks a step
         for base in range(tl.program_id(0) * per, n, tl.num_programs(0) * per):
@@ -473,7 +477,7 @@ def _rescore_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, h_ptr, cnt_ptr, l
             r_row = r_tab_ptr + e * N_CAND
             if tl.sum((asym & ok).to(tl.int32)) == 0:
                 best, best_idx, l_old, words, n_kept, n32, n64, n32_blk, n64_blk = _walk_sym(
-                    _cols16(w2), diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1, N_SLOT)
+                    _cols16(w2), diag, up, hb, ok, m, gw, s_row, r_row, full, c_lo, c_hi, best_old, r1)
                 if STATS:
                     one = full & ok & (m == 0)  # the lane that counts a mode-2 block
                     tl.atomic_add(stats_ptr + 0 * lane, 1, mask=one)
