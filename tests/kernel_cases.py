@@ -183,9 +183,9 @@ def check_mode2_filter(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, stats:
 def mode2_steps(stats: torch.Tensor, lanes: int | None = None) -> tuple[int, int]:
     """(fp32 steps, float64 steps) of the float64 pass's mode 2 (rescore.py, 'One block per lane, per group of
     lanes or per warp'), recomputed from search_triton's rescore_stats records (windows and kept masks) to check
-    the kernel's own counters [4] and [3]: per block ceil(window / lanes) fp32 steps, and float64 steps that cover its kept
-    candidates `lanes` consecutive ones at a time, each from the lowest kept one not yet done. lanes: the lanes a
-    block took (default: the kernel's record of it, stats[6])."""
+    the kernel's own counters [4] and [3]: per block ceil(window / lanes) fp32 steps, and float64 steps that cover
+    its kept candidates `lanes` consecutive ones at a time, each from the lowest kept one not yet done. lanes: the
+    lanes a block took (default: the kernel's record of it, stats[6])."""
     lanes = int(stats[6]) if lanes is None else lanes
     recs = stats[8:].view(-1, 5).cpu().long()
     recs = recs[(recs[:, 1:] != 0).any(1)]
