@@ -82,23 +82,27 @@ def _halves(x):
 @triton.jit
 def _grp(x, gw, OP: tl.constexpr):
     """x [W2] reduced over each lane's group of gw consecutive lanes (gw at run time: 1, G2 or W2) and broadcast to
-    the group's lanes; OP 0 min, 1 max, 2 sum, 3 xor sum. Both reductions are computed (a few shuffles each) and
-    the group size selects one: the layouts share one copy of the code."""
-    xs = tl.reshape(x, [W2 // G2, G2])
-    if OP == 0:
-        r8 = tl.min(xs, axis=1)
-        r32 = tl.min(x)
-    elif OP == 1:
-        r8 = tl.max(xs, axis=1)
-        r32 = tl.max(x)
-    elif OP == 2:
-        r8 = tl.sum(xs, axis=1)
-        r32 = tl.sum(x)
-    else:
-        r8 = tl.xor_sum(xs, axis=1)
-        r32 = tl.xor_sum(x)
-    r8 = tl.reshape(tl.broadcast_to(r8[:, None], [W2 // G2, G2]), [W2])
-    return tl.where(gw == W2, r32, tl.where(gw == G2, r8, x))
+    the group's lanes; OP 0 min, 1 max, 2 sum, 3 xor sum. A branch uniform over the warp: no shuffles for one lane
+    a block; both reductions (a few shuffles each) for groups, the size selecting one: the layouts share one copy
+    of the code."""
+    out = x
+    if gw > 1:
+        xs = tl.reshape(x, [W2 // G2, G2])
+        if OP == 0:
+            r8 = tl.min(xs, axis=1)
+            r32 = tl.min(x)
+        elif OP == 1:
+            r8 = tl.max(xs, axis=1)
+            r32 = tl.max(x)
+        elif OP == 2:
+            r8 = tl.sum(xs, axis=1)
+            r32 = tl.sum(x)
+        else:
+            r8 = tl.xor_sum(xs, axis=1)
+            r32 = tl.xor_sum(x)
+        r8 = tl.reshape(tl.broadcast_to(r8[:, None], [W2 // G2, G2]), [W2])
+        out = tl.where(gw == W2, r32, r8)
+    return out
 
 
 @triton.jit
