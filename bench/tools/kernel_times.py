@@ -42,10 +42,15 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--src", default="src")
     ap.add_argument("--families", default="well,rank1,rank2", help="comma list of bench_search's Hessian families")
+    ap.add_argument("--set", default="", help="comma list of NAME=INT: kernels.py settings to change (variants)")
     ap.add_argument("--fp32-only", action="store_true",
                     help="exact=False only (search2's exact=True inlines float64 in the walk: minutes to compile)")
     args = ap.parse_args()
     has_exact = "exact" in inspect.signature(search_triton).parameters
+    for kv in filter(None, args.set.split(",")):
+        name, val = kv.split("=")
+        setattr(sys.modules[search_triton.__module__], name, int(val))
+        print("set", name, "=", val)
     print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(search_triton)))))
     print(f"{'shape':6s} {'hessian':8s} {'exact':5s} {'prep us':>8s} {'sweep us':>9s} {'f64 pass us':>11s}")
     for name, cout, cin in SHAPES:
