@@ -6,9 +6,9 @@ candidates' losses dw^T H dw in float64 from the block's fp32 Hessian, with the 
 and the reference (reference.block_loss), and keeps the smallest, ties to the smaller candidate.
 
 fp32 filter (mode 2, symmetric H). A float64 candidate costs several fp32 ones on Hopper (152 conversions to
-float64 at 16 a clock and SM), and a mode-2 block's close window (sweep_rows.py) holds ~50 candidates on rank-1
-blocks, of which a handful can win. So the window is first evaluated in fp32, and only the candidates that a
-rigorous error bound cannot exclude get float64 losses.
+float64 at 16 a clock and SM), and a mode-2 block's window holds ~80 candidates, of which a handful can win. So
+the window is first evaluated in fp32, and only the candidates that a rigorous error bound cannot exclude get
+float64 losses.
 
 One block per lane, per group of lanes or per warp (mode 2). A mode-2 block takes a group of gw lanes: its
 weights and H are the same in every lane of the group (broadcast loads of one address), and its window [lo, hi]

@@ -18,13 +18,8 @@ ill-conditioned Hessians (issue 13):
   comparison enters it, the old best when a new one wins). At the end a block whose smallest is within the
   best's upper end is recorded (mode 1: only best and the runner-up can win; mode 2: three or more can), and
   rescore._rescore_kernel, a second launch over the recorded blocks only, decides in float64 from the fp32 Hessian
-  itself, as the reference does (mode 1: two losses; mode 2: the candidates of the block's close window that an
-  fp32 filter with its own error bound keeps, rescore.py). The close window [lo, hi]: the smallest and largest
-  candidate whose lower end was at or below U, the smallest upper end L + m found so far when it was tried (with
-  the fp32 rounding of these sums). U only falls, so a walked candidate outside the window has a lower end above
-  the final U, that is a true loss above some candidate's: it is not the float64 minimum, nor tied with it. The
-  walk goes down from its first candidate, then up from the one above, so the window costs two selects a
-  candidate (rank-1 blocks, CPU, bench weights: 51 candidates of the 81 walked).
+  itself, as the reference does (mode 1: two losses; mode 2: the candidates of the window the block walked that
+  an fp32 filter with its own error bound keeps, rescore.py).
   Candidates the bounds skipped have true losses above the best's (the bounds bound the true loss and are
   compared with best + m_best), so the float64 choice is the brute force's. CPU simulation of the walk (bench
   weights, 512 x 2048): recorded blocks about 1 in 100 on well-conditioned Hessians, 1 in 10 on rank-1 blocks
@@ -170,17 +165,15 @@ def _weighted_l1(d, sd):
 
 
 @triton.jit
-def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, ub, gx, fv, sd, rd, reg, lr, tau,
+def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, gx, fv, sd, rd, reg, lr, tau,
               HESSIAN: tl.constexpr):
-    """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1, ub)
-    and whether cc is close.
+    """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
     best: fp32 loss of the best so far; bmar: its error margin (TAU S^2). down [BR]: the lane's walk goes down,
     so '<=' keeps the smaller candidate on ties; up: strict '<'. HESSIAN: the runner-up record (module docstring, 'Exact
     picks'): low1 <= low2 the two smallest lower ends loss - margin of the candidates tried that are not the
     best, r1 the index of the first; the candidate that loses this comparison (the old best when cc wins) enters
-    it. ub: the smallest upper end loss + margin so far; cc is close when its lower end is at or below it (with
-    the fp32 rounding of these sums; module docstring, 'Exact picks')."""
+    it."""
     d = _errors(w, s, r)
     if HESSIAN:
         if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
@@ -196,10 +189,7 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, u
         for k in tl.static_range(16):
             loss = tl.fma(d[k], d[k], loss)
     better = active & ((loss < best) | (down & (loss == best)))
-    close = active
     if HESSIAN:
-        ub = tl.where(active, tl.minimum(ub, loss + mar), ub)
-        close = active & (loss - mar <= ub + tl.abs(ub) * 2.0**-20)
         lo_in = tl.where(better, best - bmar, loss - mar)
         ix_in = tl.where(better, best_idx, cc)
         first = active & (lo_in < low1)
@@ -210,7 +200,7 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, u
         bmar = tl.where(better, mar, bmar)
     best = tl.where(better, loss, best)
     best_idx = tl.where(better, cc, best_idx)
-    return best, bmar, best_idx, low1, low2, r1, ub, close
+    return best, bmar, best_idx, low1, low2, r1
 
 
 @triton.jit
@@ -337,7 +327,7 @@ def _load_block(wrow, ok, stride_wc):
 @triton.jit
 def _emit(p, fin, best, bmar, best_idx, low1, low2, r1, c_lo, c_hi, EXACT: tl.constexpr):
     """Store the record of each finished lane's block at p [BR] (where fin): its pick, and (EXACT) the runner-up,
-    its close window and the float64 pass's mode: best | r1 << 7 | lo << 14 | hi << 21 | mode << 28."""
+    the window it walked and the float64 pass's mode: best | r1 << 7 | lo << 14 | hi << 21 | mode << 28."""
     rec = best_idx
     if EXACT:
         # candidates whose true loss may be at or below the best's: lower end at or below best + bmar (with the fp32
@@ -379,7 +369,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     the blocks whose fp32 order may be wrong for rescore._rescore_kernel (module docstring, 'Exact picks'):
     cnt_ptr[0] and cnt_ptr[1] count those of mode 1 (only best and r1 can win) and mode 2 (three or more can),
     zero on entry; list_ptr (int32 [2 cap], cap >= the blocks) holds them as (linear block index (e * cout + row) *
-    nb + j, best | r1 << 7 | lo << 14 | hi << 21), [lo, hi] the block's close window, mode 1 from entry 0 up,
+    nb + j, best | r1 << 7 | lo << 14 | hi << 21), [lo, hi] the window the block walked, mode 1 from entry 0 up,
     mode 2 from entry cap - 1 down. No float64 in the walk: inlined there (commit 8aa09ea) it made the kernel take
     minutes to compile."""
     pid_r = tl.program_id(0)
@@ -485,9 +475,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     low1 = tl.full([BR], float("inf"), tl.float32)
     low2 = tl.full([BR], float("inf"), tl.float32)
     r1 = tl.zeros([BR], tl.int32)
-    c_lo = tl.zeros([BR], tl.int32)  # the window of each block's close candidates (for the float64 pass)
+    c_lo = tl.zeros([BR], tl.int32)  # the window each block walked (for the float64 pass)
     c_hi = tl.zeros([BR], tl.int32)
-    ub = tl.full([BR], float("inf"), tl.float32)
     best_idx = tl.zeros([BR], tl.int32)
     next_row = r0
     n_live = 0
@@ -521,19 +510,17 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             low2 = tl.where(got, float("inf"), low2)
             c_lo = tl.where(got, top, c_lo)
             c_hi = tl.where(got, top, c_hi)
-            ub = tl.where(got, float("inf"), ub)
         steps += UNROLL
         if STATS:
             work += tl.sum(live.to(tl.int32)) * UNROLL
         for u in tl.static_range(UNROLL):
             cc = tl.minimum(tl.maximum(c, 0), N_CAND - 1)
+            if HESSIAN and EXACT:
+                c_lo = tl.where(live & down, cc, c_lo)
+                c_hi = tl.where(live & ~down, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
-            best, bmar, best_idx, low1, low2, r1, ub, close = _consider(
-                w, cc, s, r, live, down, best, bmar, best_idx, low1, low2, r1, ub, gx, fv, sd, rd, reg, lr, tau,
-                HESSIAN)
-            if HESSIAN and EXACT:  # the walk goes down from top, then up from top + 1: the extremes need no min/max
-                c_lo = tl.where(close & down, cc, c_lo)
-                c_hi = tl.where(close & ~down, cc, c_hi)
+            best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, live, down, best, bmar, best_idx, low1,
+                                                             low2, r1, gx, fv, sd, rd, reg, lr, tau, HESSIAN)
             c = tl.where(down, c - 1, c + 1)
             if u == UNROLL - 1:
                 # the bounds, tested at the next candidate each lane would try (covering it and all beyond)
