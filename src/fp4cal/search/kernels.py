@@ -131,9 +131,10 @@ _PROGRAMS_PER_SM = 8
 _FUSED_MAX_WEIGHTS = 1 << 23
 # The float64 pass's layout of mode 2 (rescore.py, 'One block per lane, per group of lanes or per warp'): a warp
 # per block below _RESCORE_GROUPS_PER_PROGRAM blocks per program, groups of 8 lanes from there, a lane per block
-# from _RESCORE_LANES_PER_PROGRAM on (every lane of every program has a block). H200, rank-1 Hessians (BENCHMARKS.md,
-# ninth session): q/o 4096 x 4096 (44,023 blocks in mode 2) 309 us a lane per block, 476 groups of 8, 546 a warp;
-# k/v 1024 x 4096 (11,133) 134 / 121 / 143 us; rank-2 (334-1,356 blocks) a warp per block 16-27 us, a lane 105-110.
+# from _RESCORE_LANES_PER_PROGRAM on (every lane of every program has a block). H200 (BENCHMARKS.md, ninth session),
+# rank-1 Hessians: q/o 4096 x 4096 (44,023 blocks in mode 2) a lane per block 348 us, groups of 8 476, a warp per
+# block 546; k/v 1024 x 4096 (11,133 blocks: groups) 107 us, a warp per block 143; rank-2 (334-1,356 blocks: a
+# warp per block) 19-31 us, 105-110 with a lane per block (the eighth session's pass).
 _RESCORE_GROUPS_PER_PROGRAM = 4
 _RESCORE_LANES_PER_PROGRAM = 32
 
