@@ -1,10 +1,11 @@
 # Helper "rescore5" (2026-11-30): what the float64 pass's fp32 filter (rescore.py) keeps of mode 2, per Hessian
 # family and shape, on the bench's weights: mode-2 blocks, window candidates and kept ones per block, with the
 # filter's soundness checked from the kernel's masks (kernel_cases.check_mode2_filter). Times: kernel_times.py.
-# Helper "rescore6": mode 2 is one block per warp since; the warp steps per block (fp32 and float64, the kernel's
-# counters, checked against kernel_cases.mode2_steps) and the longest program's chain, beside what one block per
-# lane (the layout before) would pay, modelled from the same records: batches of 32 blocks in index order, each
-# batch (longest window + 1) fp32 steps and (largest kept count) float64 steps, all in one lane's chain.
+# Helper "rescore6", ninth session: mode 2 takes a warp, a group of 8 lanes or a lane per block, by the count of
+# mode-2 blocks (rescore.py); the steps per block of the layout the kernel chose (fp32 and float64, its counters,
+# checked against kernel_cases.mode2_steps) and the longest program's chain, beside what a lane per block would pay,
+# modelled from the same records: batches of 32 blocks in index order, each batch (longest window + 1) fp32 steps
+# and (largest kept count) float64 steps, all in one lane's chain.
 #   python bench/tools/rescore_filter.py [--families rank1,rank2,well] [--shapes q/o,k/v,gate/up]
 import argparse
 import os
