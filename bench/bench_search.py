@@ -346,6 +346,12 @@ def print_families(families):
               f"{r['f64_pair_pct']:5.2f}+{r['f64_full_pct']:4.2f}  {r.get('parity_ref', '-')}")
 
 
+def print_overhead(rows):
+    """host_overhead's rows, one line each."""
+    for label, row in rows:
+        print(f"host overhead {label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
+
+
 def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
 
@@ -376,8 +382,7 @@ def main():
     dev_name = torch.cuda.get_device_name()
     print(dev_name, "torch", torch.__version__, "triton", triton.__version__)
     if args.host:
-        for label, row in host_overhead("1024x4096", 1024, 4096) + host_overhead("4096x4096", 4096, 4096):
-            print(f"host overhead {label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
+        print_overhead(host_overhead("1024x4096", 1024, 4096) + host_overhead("4096x4096", 4096, 4096))
         return
     mo = load_modelopt()
     if mo is not None:  # warm up (first use may compile)
@@ -411,8 +416,7 @@ def main():
         print("\nvariants (kernel + host prep, 4096x4096):")
         for name, br, nw, t in variants:
             print(f"  {name:40s} BR={br:4d} warps={nw}  {t:7.3f} ms")
-    for label, row in overhead:
-        print(f"host overhead {label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row.items()))
+    print_overhead(overhead)
     print(f"\n{'shape':22s} {'method':6s} {'ref ms':>8s} {'fp4cal':>8s} {'ModelOpt':>9s} {'MO/ours':>8s} "
           f"{'ref/ours':>8s} {'Gw/s':>6s} {'floor':>7s}  parity(ref)              parity(ModelOpt)")
     for r in rows:

@@ -510,7 +510,7 @@ def search_triton(
         filter is in rescore.py's docstring): [0] blocks, [1] candidates in their windows, [2] candidates the
         filter kept (re-scored in float64), [3] float64 steps, [4] fp32 steps (steps of the block's lanes, summed
         over the blocks), [5] the longest chain: the most warp steps one program took, [6] the lanes a mode-2 block
-        took (32, 8 or 1: _RESCORE_GROUPS_PER_PROGRAM); then per
+        took (32, 8 or 1: _RESCORE_GROUPS_PER_PROGRAM, _RESCORE_LANES_PER_PROGRAM); then per
         block (linear index (e * cout + row) * nb + j) its window [lo, hi] as lo | hi << 8 and the 128-bit mask of
         the kept candidates (4 int32, bit t = lo + t), zeros for blocks not in mode 2.
     Global amax outside the exact range (module docstring) goes to the reference.
