@@ -163,3 +163,34 @@ def test_picks_against_modelopt(method):
     worse = int((lo > lt * (1 + 1e-6)).sum())
     print(f"PARITY vs ModelOpt {method}: {rep.differing} differ, {rep.ties} ties, fp4cal worse on {worse}")
     assert worse == 0
+
+
+def test_fast_launch_matches_jit_and_skips_it(monkeypatch):
+    """fp4cal.search.launch: picks bit for bit as through the JIT's launch, for an aligned and an unaligned weight
+    (two specializations of the sweep), and once a specialization has run, its launches bypass the JIT's run."""
+    from fp4cal.search import launch
+    from fp4cal.search.sweep_rows import _sweep_rows_kernel
+
+    if not launch.ENABLED:
+        pytest.skip(f"fast launch off for Triton {launch.triton.__version__} (or FP4CAL_FAST_LAUNCH=0)")
+    w, g = make_weight("outliers", 1024, 4096, torch.bfloat16, "cuda", seed=11)
+    buf = torch.empty(w.numel() + 4, dtype=w.dtype, device="cuda")
+    wu = buf[4:].view_as(w)  # 8 bytes past a 16-byte boundary
+    wu.copy_(w)
+    assert wu.data_ptr() % 16 == 8
+    h = make_ill_hessian("rank1", 4096, "cuda", seed=2)
+    gg = check_global_amax(g, w)
+    for method, hh in (("mse", None), ("local_hessian", h)):
+        monkeypatch.setattr(launch, "ENABLED", False)
+        want = [search_triton(x, method, gg, hh) for x in (w, wu)]
+        monkeypatch.setattr(launch, "ENABLED", True)
+        for _ in range(2):  # the first call may fill the cache through the JIT; the second launches directly
+            got = [search_triton(x, method, gg, hh) for x in (w, wu)]
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b), f"{method}: fast launch picks differ from the JIT's"
+    runs = []
+    jit_run = _sweep_rows_kernel.run
+    monkeypatch.setattr(_sweep_rows_kernel, "run", lambda *a, **k: runs.append(1) or jit_run(*a, **k))
+    got = search_triton(wu, "local_hessian", gg, h)
+    assert torch.equal(got, want[1]) and not runs, f"the sweep went through the JIT's run {len(runs)} time(s)"
+    assert len(launch._CACHE[id(_sweep_rows_kernel)]) >= 2  # aligned and unaligned weight: two specializations

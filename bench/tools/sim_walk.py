@@ -8,8 +8,8 @@ import sys
 import torch
 
 os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, "/work/wt-search3/tests")
-sys.path.insert(0, "/work/wt-search3/src")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 from fp4cal.numerics import fp8_e4m3_values, global_scale
 from fp4cal.search.reference import block_error
 from fp4cal.search.windowed import _first_at_or_below, nohalf_table
@@ -89,6 +89,8 @@ def simulate(w, g, h, rank_eps=None):
         S = (d.abs() * sd).sum(-1)
         MAR[c] = TAU * S * S
     weak = nu.sum(-1) == 0  # [nb]
+    # the kernel's rule for the clipping and upward bounds (sweep_rows.MU_USEFUL): nu > 0 or some mu_k >= 2^-10 H_kk
+    no_mu = weak & ~(mu >= 2.0**-10 * sd * sd).any(-1)
 
     def clipb(sn):
         six = (sn * 6.0).unsqueeze(-1)
@@ -165,7 +167,7 @@ def simulate(w, g, h, rank_eps=None):
     torch.arange(cout)[:, None].expand(cout, nb)
     torch.arange(nb)[None, :].expand(cout, nb)
 
-    def run(upbox_on=False, box_every=2, two=False):
+    def run(upbox_on=False, box_every=2, two=False, mu_rule=False):
         best = torch.full((cout, nb), math.inf, dtype=torch.float64)
         bmar = torch.zeros_like(best)
         bidx = torch.zeros(cout, nb, dtype=torch.long)
@@ -204,6 +206,8 @@ def simulate(w, g, h, rank_eps=None):
                 if u == 1:
                     sn = s[c.clamp_min(0)]
                     bd = clipb(sn)
+                    if mu_rule:
+                        bd = torch.where(no_mu[None, :], 0.0, bd)
                     if (it // 2) % box_every == 0:
                         bx = boxb(sn)
                         if two:
@@ -227,6 +231,8 @@ def simulate(w, g, h, rank_eps=None):
                 if u == 1:
                     sn = s[c.clamp_max(N - 1)]
                     bd = upb(0.5 * sn)
+                    if mu_rule:
+                        bd = torch.where(no_mu[None, :], 0.0, bd)
                     if upbox_on and (it // 2) % box_every == 0:
                         bd = torch.where(weak[None, :], torch.maximum(bd, upbox(sn)), bd)
                         boxes[1] += int(act.reshape(cout // 32, 32, nb).any(1)[:, weak].sum())
@@ -273,6 +279,8 @@ if __name__ == "__main__":
         print(fam, flush=True)
         h = make_case_h(cin) if fam == "well" else make_ill_hessian(fam, cin, seed=0)
         run, _ = simulate(w, g, h)
-        for name, kw in [("base", {}), ("upbox", dict(upbox_on=True))]:
+        variants = [("base", {}), ("mu_rule", dict(mu_rule=True)), ("box3", dict(box_every=3)),
+                    ("box1", dict(box_every=1))]
+        for name, kw in variants:
             r = run(**kw)
             print(fam, name, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)

@@ -89,6 +89,7 @@ import triton.language as tl
 from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
 from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd
 from fp4cal.search.kernel_common import GDIV, N_CAND, RANK_MAX_COLS, SG_MAX, SG_MIN
+from fp4cal.search.launch import fast_launch
 from fp4cal.search.rescore import _rescore_kernel
 from fp4cal.search.sweep_rows import _sweep_rows_kernel
 from fp4cal.search.windowed import nohalf_table
@@ -586,20 +587,20 @@ def search_triton(
                     _RESCORE_LANES_PER_PROGRAM * rescore_grid[0])
 
     def launch():
-        _sweep_rows_kernel[grid](*args, **opts)
+        fast_launch(_sweep_rows_kernel, grid, args, **opts)
         if rescore:  # queued behind the sweep; reads the count the sweep left on the device
             # one warp a program: mode 2 spreads a block's window over its 32 lanes (rescore.py)
-            _rescore_kernel[rescore_grid](*rescore_args, LOSSES=losses is not None, STATS=rescore_stats is not None,
-                                          num_warps=1, enable_fp_fusion=False)
+            fast_launch(_rescore_kernel, rescore_grid, rescore_args, LOSSES=losses is not None,
+                        STATS=rescore_stats is not None, num_warps=1, enable_fp_fusion=False)
 
     flags_head = flags[:4]  # the value flags the host reads
     host_flags = None
     if sync and dev.type == "cuda" and not fused:
         host_flags, ready = _pinned_flags(dev)
     if not fused:
-        _prep_kernel[(n_e + n_hb + n_scan,)](
+        fast_launch(_prep_kernel, (n_e + n_hb + n_scan,), (
             g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
-            w3.stride(0), w3.stride(1), w3.stride(2),
+            w3.stride(0), w3.stride(1), w3.stride(2)),
             FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=128,
         )  # fmt: skip
     if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
@@ -655,6 +656,6 @@ def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
     nu, rd, rank, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
     hin, hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
-    _factor_kernel[(status.numel(),)](hin, hc, f, mu, nu, rd, rank, status)
+    fast_launch(_factor_kernel, (status.numel(),), (hin, hc, f, mu, nu, rd, rank, status))
     _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, rank, status)
     return hc, f, mu, nu, rd, rank, status
