@@ -332,26 +332,45 @@ def test_value_scan_finds_one_bad_weight(where, device_for_kernels):
 
 
 @pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag", "deadchan", "rank1", "rank2",
-                                   "collinear"])
+                                   "rank8", "collinear"])
 def test_hessian_factor(hkind, device_for_kernels):
     from fp4cal.search.hessian_blocks import with_fallback
-    from fp4cal.search.kernels import RANK_EPS_REL, RANK_MAX_COLS, REG_DELTA, hessian_factor
+    from fp4cal.search.kernels import (
+        RANK_EPS_REL,
+        RANK_MAX_COLS,
+        REG_DELTA,
+        factor_order,
+        hessian_factor,
+        prepare_factor,
+    )
 
-    if hkind in ("deadchan", "rank1", "rank2", "collinear"):
+    if hkind in ("deadchan", "rank1", "rank2", "rank8", "collinear"):
         h = make_ill_hessian(hkind, 64, device_for_kernels, seed=12)
     else:
         h = make_hessian(hkind, 64, device_for_kernels, seed=12)
     f, mu, nu, rd, rank = hessian_factor(h)
     rank = rank.cpu()
-    # low-rank singular blocks: F holds G (rank columns, G G^T = H to RANK_EPS_REL), the rest lower triangular
-    if hkind in ("rank1", "rank2"):
-        assert rank.tolist() == [int(hkind[4:])] * rank.numel()
+    # the stored factor: lower triangular (trapezoidal for a low-rank G) in the row order of its rank record,
+    # the identity order unless the block is low-rank
+    _, f_raw, _, _, _, record, _ = prepare_factor(h)
+    f_raw, order = f_raw.double().cpu(), factor_order(record).cpu()
+    assert torch.equal(record[..., 0].cpu(), rank)
+    assert torch.equal(f_raw, torch.tril(f_raw))
+    assert torch.equal(order.sort(-1).values, torch.arange(16).expand(order.shape))  # a permutation
+    assert torch.equal(order[rank == 0], torch.arange(16).expand(int((rank == 0).sum()), 16))
+    assert torch.equal(f_raw.gather(-2, torch.argsort(order, -1).unsqueeze(-1).expand(f_raw.shape)), f.double().cpu())
+    # low-rank singular blocks (every block of rank <= RANK_MAX_COLS): F holds G (rank columns, G G^T = H to
+    # RANK_EPS_REL); the others are lower triangular in channel order
+    if hkind in ("rank1", "rank2", "rank8", "lowrank"):
+        assert rank.tolist() == [5 if hkind == "lowrank" else int(hkind[4:])] * rank.numel()
     else:
-        assert bool((rank == 0).all())  # rank 5 ('lowrank') and above: the regularised triangular factor
+        assert bool((rank == 0).all())  # definite, or near-collinear beyond RANK_EPS_REL: triangular (regularised)
+        assert torch.equal(f_raw, f.double().cpu())
     low = rank > 0
     if bool(low.any()):
         g64, h64l = f.double().cpu()[low], with_fallback(h).double().cpu()[low]
         assert bool((rd.cpu()[low] == 0).all()) and int(rank.max()) <= RANK_MAX_COLS
+        assert bool((mu.cpu()[low] == 0).all()) and bool((nu.cpu()[low] == 0).all())  # singular: no bound
         cols = torch.arange(16)[None, None, :] >= rank[low][:, None, None]
         assert bool((g64.masked_fill(~cols, 0) == 0).all())  # columns rank.. are zero
         dl = torch.diagonal(h64l, dim1=-2, dim2=-1).rsqrt()
@@ -364,8 +383,6 @@ def test_hessian_factor(hkind, device_for_kernels):
     d64 = torch.diagonal(h64, dim1=-2, dim2=-1)
     reg = (r64 > 0).any(-1)
     assert torch.allclose(r64[reg], REG_DELTA * d64[reg], rtol=1e-6, atol=0) and bool((r64[~reg] == 0).all())
-    if hkind in ("lowrank", "rank1"):
-        assert bool(reg.all())  # every block singular
     if hkind in ("psd", "range", "diag", "deadchan", "zero"):
         assert not bool(reg.any())
     isd = torch.where(d64 > 0, d64.clamp_min(1e-300).rsqrt(), 0.0)
@@ -378,7 +395,7 @@ def test_hessian_factor(hkind, device_for_kernels):
     m = mu.double().cpu()
     if hkind == "zero":  # the mse fallback: identity blocks, mu = 1 - 1e-6
         assert torch.allclose(m, torch.full_like(m, 1 - 1e-6))
-    if hkind in ("rank1", "collinear"):  # mu = nu = 0 on the singular (regularised) blocks
+    if hkind == "collinear":  # mu = nu = 0 on the singular (regularised) blocks
         assert bool((m[reg] == 0).all()) and bool((nu.double().cpu()[reg] == 0).all())
         return
     if hkind == "deadchan":  # dead channels get mu = 0, the live ones keep a bound (no longer all singular)

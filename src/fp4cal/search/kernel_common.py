@@ -18,10 +18,9 @@ GDIV: tl.constexpr = tl.constexpr(GLOBAL_DIVISOR)
 # s_g range where the division-free rounding is provably exact (no subnormal intermediates): [2^-60, 2^60]
 SG_MIN: tl.constexpr = tl.constexpr(2.0**-60)
 SG_MAX: tl.constexpr = tl.constexpr(2.0**60)
-# Singular blocks of rank r <= RANK_MAX_COLS are factored as r columns G (kernels.py, 'Singular blocks'); the sweep
-# holds those columns in registers
-RANK_MAX_COLS = 4
-RANK_COLS: tl.constexpr = tl.constexpr(RANK_MAX_COLS)
+# Singular blocks of rank r <= RANK_MAX_COLS are factored as r lower-trapezoidal columns G in their pivot order
+# (kernels.py, 'Singular blocks'; the sweep loads the weights in that order, sweep_rows.py, 'Low-rank blocks')
+RANK_MAX_COLS = 15
 
 
 @triton.jit

@@ -58,10 +58,13 @@ even H + diag(rd) fails (a pivot at or below 0: an eigenvalue of H below -REG_DE
 status 2: the host runs check_psd, which raises for a block that is not PSD, and otherwise (a block within its
 tolerance) factors it by float64 eigendecomposition with rd = 0 and sweeps again (rare).
 
-Singular blocks of rank r <= RANK_MAX_COLS (4) get a cheaper factor instead: a pivoted float64 Cholesky
+Singular blocks of rank r <= RANK_MAX_COLS (15) get a cheaper factor instead: a pivoted float64 Cholesky
 stopped when the residual's entries are within RANK_EPS_REL (2^-19) of sqrt(H_ii H_kk), whose r columns G
-(G G^T = H up to that residual) make the sweep's product 16 r FMAs instead of 136 (sweep_rows.py, 'Low-rank
-blocks'); rd = 0 there.
+(G G^T = H up to that residual) are lower trapezoidal with the channels in pivot order (the pivots first, then
+the other channels in channel order): F stores G's rows in that order, and the rank record [rank, order] tells
+the sweep in which order to load a block's weights. Its product is then 16 r - r (r - 1) / 2 FMAs (16 for rank
+1, 100 for rank 8) and no regularisation term, instead of 136 + 32 (sweep_rows.py, 'Low-rank blocks'); rd = 0
+there. Every other block's order is the identity.
 
 Blocks whose fp32 order may be wrong are decided in float64 by a second launch over those blocks only
 (search_triton(exact=True), the default), and a box bound prunes singular blocks (sweep_rows.py's docstring).
@@ -229,28 +232,32 @@ def _cholesky(a, d0, scale, i):
 @triton.jit
 def _low_rank(a, diag0, i):
     """Pivoted float64 Cholesky of the symmetric 16x16 block a, stopped when the residual E = a - G G^T has every
-    |E_ik| <= RANK_EPS sqrt(a_ii a_kk) (original diagonal diag0): (G [16, 16] with columns r.. zero, r, ok), ok
-    when that happened within RANK_MAX columns. Each step takes the largest remaining diagonal as pivot; G stays in
-    the channel order (no permutation: the sweep only needs G G^T)."""
+    |E_ik| <= RANK_EPS sqrt(a_ii a_kk) (original diagonal diag0): (G [16, 16] with columns r.. zero, rows in channel
+    order; pos: each channel's step as pivot, 16 for the others; r; ok), ok when that happened within RANK_MAX
+    columns. Each step takes the largest remaining diagonal as pivot p and sets the residual's row and column p to
+    exactly 0 (they are 0 up to float64 rounding, far below RANK_EPS): G[p, t'] = 0 for every later step t', so G
+    is lower trapezoidal once its rows are taken in pivot order (_factor_block stores them so)."""
     live = diag0 > 0
     isd = tl.where(live, 1.0 / tl.sqrt(tl.where(live, diag0, 1.0)), 0.0)
     g = tl.zeros([16, 16], tl.float64)
-    r = 0
+    pos = tl.full([16], 16, tl.int32)
+    r = tl.sum(pos * 0)  # int32 (a loop-carried value)
     done = tl.max(diag0) < 0.0  # False on a PSD block (whose diagonal is >= 0)
     rel = tl.max(diag0) * 0.0
-    for t in tl.static_range(RANK_MAX + 1):
+    for t in range(RANK_MAX + 1):
         rel = tl.max(tl.max(tl.abs(a) * isd[:, None] * isd[None, :], axis=1), axis=0)
         dg = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
         piv = tl.max(dg)
         p = tl.min(tl.where(dg == piv, i, 16))
-        done = done | (rel <= RANK_EPS) | (piv <= 0.0)
-        if t < RANK_MAX:
-            col = tl.sum(tl.where(i[None, :] == p, a, 0.0), axis=1) / tl.sqrt(tl.where(piv > 0, piv, 1.0))
-            col = tl.where(done, 0.0, col)
-            g = tl.where(i[None, :] == t, col[:, None], g)
-            a = a - col[:, None] * col[None, :]
-            r = r + tl.where(done, 0, 1)
-    return g, r, done & (rel <= RANK_EPS)
+        done = done | (rel <= RANK_EPS) | (piv <= 0.0) | (t >= RANK_MAX)
+        col = tl.sum(tl.where(i[None, :] == p, a, 0.0), axis=1) / tl.sqrt(tl.where(piv > 0, piv, 1.0))
+        col = tl.where(done, 0.0, col)
+        g = tl.where(i[None, :] == t, col[:, None], g)
+        a = a - col[:, None] * col[None, :]
+        a = tl.where(done, a, tl.where((i[:, None] == p) | (i[None, :] == p), 0.0, a))
+        pos = tl.where(done, pos, tl.where(i == p, t, pos))
+        r = r + tl.where(done, 0, 1)
+    return g, pos, r, done & (rel <= RANK_EPS)
 
 
 @triton.jit
@@ -286,6 +293,7 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     rd = tl.zeros([16], tl.float64)
     rank = tl.where(singular, 0, 0)
     f_out = lower
+    pos = tl.full([16], 16, tl.int32)  # pivot steps (16: none): the identity row order
     # Only a singular block needs the regularised factor and the low-rank one: a branch uniform over the program
     # (one block), so a definite block (every block of a well-conditioned Hessian) runs one Cholesky, not two
     # Choleskys and the pivoted one (sm_90: the prep kernel's per-block instruction path about halves).
@@ -294,12 +302,14 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
         lower, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
                                                     diag0, scale, i)
         failed = singular_r | indefinite_r
-        # rank <= RANK_MAX: the sweep's product with its r columns costs 16 r FMAs instead of 136
-        g_low, r_low, low_ok = _low_rank(a0, diag0, i)
+        # rank <= RANK_MAX: the sweep's product with G's r trapezoidal columns costs 16 r - r (r - 1) / 2 FMAs and
+        # no regularisation term, instead of 136 + 32
+        g_low, pos_low, r_low, low_ok = _low_rank(a0, diag0, i)
         use_low = low_ok & ~failed
         rank = tl.where(use_low, r_low, 0)
         rd = tl.where(use_low, 0.0, rd)
         f_out = tl.where(use_low, g_low, lower)
+        pos = tl.where(use_low, pos_low, pos)
     # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
     # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
     x = tl.zeros([16, 16], tl.float64)
@@ -318,8 +328,18 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
     lam = tl.where(singular, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
     nu = tl.where(live, lam * diag0, 0.0)
-    tl.store(f_ptr + pid * 256 + i[:, None] * 16 + i[None, :], f_out.to(tl.float32))
-    tl.store(rank_ptr + pid, rank)
+    # F's row order: the pivots in pivot order, then the other channels in channel order (the identity unless
+    # the block is low-rank). Channel c's row: the number of channels ordered before it.
+    key = tl.where(pos < 16, pos, 16 + i)
+    row = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
+    tl.store(f_ptr + pid * 256 + row[:, None] * 16 + i[None, :], f_out.to(tl.float32))
+    # the rank record [rank, row order packed 4 bits per position: positions 0-7, 8-15]; channel c at position
+    # row[c] (the nibbles are disjoint, so the sums are ors; int32 wraps the top nibble into the sign bit)
+    lo = tl.sum(tl.where(row < 8, i << (4 * (row % 8)), 0))
+    hi = tl.sum(tl.where(row >= 8, i << (4 * (row % 8)), 0))
+    tl.store(rank_ptr + pid * 3, rank)
+    tl.store(rank_ptr + pid * 3 + 1, lo)
+    tl.store(rank_ptr + pid * 3 + 2, hi)
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
     tl.store(rd_ptr + pid * 16 + i, rd.to(tl.float32))
@@ -339,7 +359,7 @@ def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     nu = torch.empty_like(mu)
     rd = torch.empty_like(mu)
     status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
-    rank = torch.empty(hc.shape[:-2], dtype=torch.int32, device=h.device)
+    rank = torch.empty(*hc.shape[:-2], 3, dtype=torch.int32, device=h.device)
     return hin, hc, f, mu, nu, rd, rank, status
 
 
@@ -358,24 +378,38 @@ def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: t
     mu[sel] = 0.0
     nu[sel] = 0.0
     rd[sel] = 0.0
-    rank[sel] = 0
+    rank[sel] = torch.tensor([0, *_IDENTITY_ORDER], dtype=torch.int32, device=rank.device)
+
+
+# the rank record's row order of a block that is not low-rank: position k holds channel k (4 bits each; the second
+# word as int32)
+_IDENTITY_ORDER = (0x76543210, 0xFEDCBA98 - (1 << 32))
+
+
+def factor_order(rank: torch.Tensor) -> torch.Tensor:
+    """The channel at each of F's rows, int64 [..., 16], from prepare_factor's rank record int32 [..., 3]."""
+    words = rank[..., 1:3].long() & 0xFFFFFFFF
+    shifts = 4 * torch.arange(8, device=rank.device)
+    return torch.cat([(words[..., :1] >> shifts) & 15, (words[..., 1:] >> shifts) & 15], dim=-1)
 
 
 def hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Factor each 16x16 block of h [..., 16, 16] (PSD): returns (F fp32 [..., 16, 16], mu, nu, rd fp32 [..., 16],
-    rank int32 [...]).
+    rank int32 [...]), F's rows in channel order.
 
     rank 0: F is lower triangular and F F^T = H + diag(rd), so dw^T H dw = ||F^T dw||^2 - sum_i rd_i dw_i^2
     (float64 Cholesky in a Triton kernel; rd = 0 except on singular blocks, which are factored regularised:
     module docstring). rank r > 0 (a singular block of rank r <= RANK_MAX_COLS): F's first r columns are G with
-    G G^T = H up to entries of RANK_EPS_REL sqrt(H_ii H_kk), the other columns and rd are 0. A zero-trace block is
-    factored as the identity (the MSE fallback).
+    G G^T = H up to entries of RANK_EPS_REL sqrt(H_ii H_kk), the other columns and rd are 0; G is lower
+    trapezoidal in the order of its pivots (prepare_factor keeps it so, with the order in its rank record). A
+    zero-trace block is factored as the identity (the MSE fallback).
     mu_i = min{dw^T H dw : dw_i = 1} = 1 / (H^-1)_ii, a lower bound used to end sweeps early (0 for singular
     blocks and dead channels), and nu_i = lambda H_ii with H >= diag(nu) (module docstring). Raises on
     non-finite h and on a block that is not PSD.
     """
     _, f, mu, nu, rd, rank, _ = prepare_factor(h)
-    return f, mu, nu, rd, rank
+    rows = torch.argsort(factor_order(rank), dim=-1)  # channel c's row of the stored F
+    return f.gather(-2, rows.unsqueeze(-1).expand(f.shape)), mu, nu, rd, rank[..., 0]
 
 
 def _check_factor_status(worst: int, h, hc, f, mu, nu, rd, rank, status) -> None:
@@ -654,7 +688,8 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, ra
 
 def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
-    nu, rd, rank, status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
+    nu, rd, the rank record int32 [..., nb, 3] (rank, F's row order: factor_order), status), one launch; values
+    checked (raises like search_scales). For weights sharing one Hessian."""
     hin, hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
     fast_launch(_factor_kernel, (status.numel(),), (hin, hc, f, mu, nu, rd, rank, status))
     _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, rank, status)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 try:
     import triton
     from triton import knobs

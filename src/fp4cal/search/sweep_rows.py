@@ -32,11 +32,14 @@ ill-conditioned Hessians (issue 13):
   the subtracted term is at most REG_DELTA S^2 and computed to fp32 rounding, so TAU still bounds the error. sd
   (row norms of F) grows by a factor sqrt(1 + REG_DELTA), which keeps it an upper bound. The box bound bounds
   ||F^T dw|| and then subtracts sum rd_k w_k^2 >= sum rd_k dw_k^2 (every |dw_k| <= |w_k| at or below s).
-- Low-rank blocks (rank r <= kernel_common.RANK_MAX_COLS): F holds G with G G^T = H - E, |E_ik| <= RANK_EPS
-  sqrt(H_ii H_kk) (RANK_EPS = 2^-19), so the loss is ||G^T dw||^2 (16 r FMAs instead of 136, a runtime loop
-  over r: uniform per program) and |dw^T E dw| <= RANK_EPS S_H^2, S_H with sqrt(H_kk); the row norms sd of G are
-  at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the margin and the box bound's error term use tau = 2 TAU, which
-  covers TAU + RANK_EPS (1 + RANK_EPS) with room.
+- Low-rank blocks (singular, rank r <= kernel_common.RANK_MAX_COLS = 15): F holds G with G G^T = P (H - E) P^T,
+  |E_ik| <= RANK_EPS sqrt(H_ii H_kk) (RANK_EPS = 2^-19), G lower trapezoidal (columns r.. zero) in the order P of
+  the factor's pivots, which the rank record carries (kernels.py, 'Singular blocks'). The walk loads each block's
+  weights in that order (dw in that order too: every per-channel quantity of the walk, sd included, comes from F's
+  rows), so the loss is ||G^T dw||^2: 16 r - r (r - 1) / 2 FMAs (16 for rank 1, 100 for rank 8) instead of 136 and
+  the regularisation's 32, r uniform per program; |dw^T E dw| <= RANK_EPS S_H^2, S_H with sqrt(H_kk); the row norms
+  sd of G are at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the margin and the box bound's error term use tau = 2 TAU,
+  which covers TAU + RANK_EPS (1 + RANK_EPS) with room.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ from fp4cal.search.kernel_common import (
     FP8_TOP,
     GDIV,
     N_CAND,
-    RANK_COLS,
     SG_MAX,
     SG_MIN,
     _candidate,
@@ -97,36 +99,29 @@ def _quad(d, fv):
 
 
 @triton.jit
-def _load_upper_g(fb):
-    """The 6 entries G[k, t], k < t < RANK_COLS, of a low-rank block's columns (row-major 16 x 16 at fb) that are
-    not in _load_tri's lower triangle (entry t (t - 1) / 2 + k): with them the sweep holds G in registers."""
-    gx = ()
-    for t in tl.static_range(1, RANK_COLS):
-        for k in tl.static_range(t):
-            gx = gx + (tl.load(fb + k * 16 + t),)
-    return gx
-
-
-@triton.jit
-def _quad_cols(d, fv, gx, n):
-    """||G^T d||^2 in fp32 for a low-rank block: G's n <= RANK_COLS columns in F's storage (row-major 16 x 16,
-    columns n.. zero), read from registers (fv: _load_tri's lower triangle, gx: _load_upper_g's rest); n is uniform
-    per program, so the product costs 16 n FMAs and no divergence."""
+def _quad_trap(d, fv, n):
+    """||G^T d||^2 in fp32 for a low-rank block: G's n <= 15 columns, lower trapezoidal (F's storage, columns n..
+    zero; fv: _load_tri's lower triangle), d in G's row order; n is uniform per program, so the product costs
+    16 n - n (n - 1) / 2 FMAs and no divergence. Each column's sum runs as up to four chains of four terms (the loss
+    of one candidate is on the walk's critical path); empty chains are left out at compile time."""
     loss = tl.zeros(d[0].shape, tl.float32)
-    for t in tl.static_range(RANK_COLS):
+    for t in tl.static_range(15):
         if t < n:
-            # four partial sums of four terms: a chain of 4 FMAs and 2 adds instead of 16 FMAs (the loss of one
-            # candidate is on the walk's critical path)
             zs = ()
             for q in tl.static_range(4):
                 z = tl.zeros(d[0].shape, tl.float32)
                 for k in tl.static_range(4 * q, 4 * q + 4):
-                    if k >= t:  # G[k, t] = F[k, t]: lower triangle
+                    if k >= t:  # G[k, t], k >= t: the lower triangle
                         z = tl.fma(d[k], fv[16 * t - (t * (t - 1)) // 2 + k - t], z)
-                    else:
-                        z = tl.fma(d[k], gx[(t * (t - 1)) // 2 + k], z)
                 zs = zs + (z,)
-            z = (zs[0] + zs[1]) + (zs[2] + zs[3])
+            if t < 4:
+                z = (zs[0] + zs[1]) + (zs[2] + zs[3])
+            elif t < 8:
+                z = zs[1] + (zs[2] + zs[3])
+            elif t < 12:
+                z = zs[2] + zs[3]
+            else:
+                z = zs[3]
             loss = tl.fma(z, z, loss)
     return loss
 
@@ -168,7 +163,7 @@ def _weighted_l1(d, sd):
 
 
 @triton.jit
-def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, gx, fv, sd, rd, reg, lr, tau,
+def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, fv, sd, rd, reg, lr, tau,
               HESSIAN: tl.constexpr):
     """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
@@ -180,7 +175,7 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, g
     d = _errors(w, s, r)
     if HESSIAN:
         if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
-            loss = _quad_cols(d, fv, gx, lr)
+            loss = _quad_trap(d, fv, lr)
         else:
             loss = _quad(d, fv)
             if reg:  # uniform: the block column's factor is regularised (singular H)
@@ -230,7 +225,7 @@ def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
 
 
 @triton.jit
-def _box_bound(w, s, gx, fv, sd, rd, lr, tau):
+def _box_bound(w, s, fv, sd, rd, lr, tau):
     """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the
     fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, TAU * (sum sd |w|)^2), and
     the regularisation of a singular block's factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
@@ -247,7 +242,7 @@ def _box_bound(w, s, gx, fv, sd, rd, lr, tau):
         rad = tl.fma(rho, sd[k], rad)
         big = tl.fma(a, sd[k], big)
     if lr > 0:
-        q = _quad_cols(m, fv, gx, lr)
+        q = _quad_trap(m, fv, lr)
     else:
         q = _quad(m, fv)
     norm = tl.sqrt(q) * (1.0 - 1e-5) - rad - 1e-5 * big
@@ -325,6 +320,24 @@ def _load_block(wrow, ok, stride_wc):
         w = w + (wk,)
         m = tl.maximum(m, tl.abs(wk))
     return w, m
+
+
+@triton.jit
+def _load_perm(wrow, ok, stride_wc, plo, phi, PERM: tl.constexpr):
+    """_load_block's weights (without the maximum), in the row order of the block column's factor (PERM): channel
+    indices packed 4 bits each, position k < 8 in plo's bits 4k.., k >= 8 in phi's (the identity on every block
+    but a low-rank one: kernels._factor_block). Not PERM (mse): channel order."""
+    w = ()
+    for k in tl.static_range(16):
+        if PERM:
+            if k < 8:
+                c = (plo >> (4 * k)) & 15
+            else:
+                c = (phi >> (4 * (k - 8))) & 15
+        else:
+            c = k
+        w = w + (tl.load(wrow + c * stride_wc, mask=ok, other=0.0).to(tl.float32),)
+    return w
 
 
 @triton.jit
@@ -406,20 +419,24 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     reg = False
     clip = True
     lr = 0
+    plo = 0
+    phi = 0
     tau = TAU
     fv = ()
-    gx = ()
     if HESSIAN:
         fv = _load_tri(fb)
-        gx = _load_upper_g(fb)
-        lr = tl.load(rank_ptr + e * (stride_fe // 256) + j)
+        # the rank record: rank (0: F triangular in channel order), F's row order (kernels._factor_block)
+        rp = rank_ptr + (e * (stride_fe // 256) + j) * 3
+        lr = tl.load(rp)
+        plo = tl.load(rp + 1)
+        phi = tl.load(rp + 2)
         tau = tl.where(lr > 0, 2.0 * TAU, TAU)
-        # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding), shared by the program's blocks (a low-rank G is not
-        # triangular: the whole row)
+        # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding, channel F's row k), shared by the program's blocks; F is
+        # lower triangular (trapezoidal for a low-rank G)
         for k in tl.static_range(16):
             acc = 0.0
-            for i in tl.static_range(16):
-                fki = tl.load(fb + k * 16 + i)
+            for i in tl.static_range(k + 1):
+                fki = fv[16 * i - (i * (i - 1)) // 2 + k - i]
                 acc = acc + fki * fki
             sd = sd + (tl.sqrt(acc) * (1.0 + 1e-6),)
         # the box bound costs a product per test: only where the diagonal bound nu is 0 (Gershgorin fails:
@@ -498,7 +515,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             got = take & (nr < r_end)
             next_row += BR - n_live
             row = tl.where(take, nr, row)
-            wn, _ = _load_block(wcol + row * stride_wr, got, stride_wc)
+            wn = _load_perm(wcol + row * stride_wr, got, stride_wc, plo, phi, HESSIAN)
             nw = ()
             for k in tl.static_range(16):
                 nw = nw + (tl.where(got, wn[k], w[k]),)
@@ -526,7 +543,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                 c_hi = tl.where(live & ~down, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, live, down, best, bmar, best_idx, low1,
-                                                             low2, r1, gx, fv, sd, rd, reg, lr, tau, HESSIAN)
+                                                             low2, r1, fv, sd, rd, reg, lr, tau, HESSIAN)
             c = tl.where(down, c - 1, c + 1)
             if u == UNROLL - 1:
                 # the bounds, tested at the next candidate each lane would try (covering it and all beyond)
@@ -541,7 +558,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                     # simulated on rank-1/2/8 and collinear blocks: ~1 candidate more per block, half the products,
                     # ~10 % less work in the downward walk
                     if weak & ((steps // UNROLL) % 2 == 0):
-                        bound = tl.maximum(bound, _box_bound(w, s_next, gx, fv, sd, rd, lr, tau))
+                        bound = tl.maximum(bound, _box_bound(w, s_next, fv, sd, rd, lr, tau))
                 stop = down & (bound > thr)
                 if HESSIAN:
                     if clip:
