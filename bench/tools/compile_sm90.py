@@ -88,10 +88,15 @@ def main():
         compile_one(kernels._prep_kernel, const, dict(num_warps=4, enable_fp_fusion=True), args.out, "prep_factor")
     if not args.no_sweep:
         for exact in ([args.exact] if args.exact is not None else [0, 1]):
+            from fp4cal.search import kernels
+
+            # the launch settings of search_triton (kernels.py), where the sources have them
+            refill = getattr(kernels, "_REFILL_LANES", 8)
+            maxnreg = getattr(kernels, "_MAXNREG_HESSIAN", 168)
             const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2,
-                         REFILL=8)
-            compile_one(sweep_rows._sweep_rows_kernel, const, dict(num_warps=1, maxnreg=168, enable_fp_fusion=False),
-                        args.out, f"sweep_exact{exact}")
+                         REFILL=refill)
+            compile_one(sweep_rows._sweep_rows_kernel, const,
+                        dict(num_warps=1, maxnreg=maxnreg, enable_fp_fusion=False), args.out, f"sweep_exact{exact}")
     if not hasattr(rescore_mod, "_rescore_kernel"):
         return
     const = dict(BR=args.rescore_br, LOSSES=False, STATS=False)

@@ -242,22 +242,23 @@ def _low_rank(a, diag0, i):
     g = tl.zeros([16, 16], tl.float64)
     pos = tl.full([16], 16, tl.int32)
     r = tl.sum(pos * 0)  # int32 (a loop-carried value)
-    done = tl.max(diag0) < 0.0  # False on a PSD block (whose diagonal is >= 0)
-    rel = tl.max(diag0) * 0.0
-    for t in range(RANK_MAX + 1):
+    rel = tl.max(tl.max(tl.abs(a) * isd[:, None] * isd[None, :], axis=1), axis=0)
+    dg = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
+    piv = tl.max(dg)
+    # as many steps as the rank (a rank-1 block: one), not RANK_MAX; stops at a pivot <= 0 (H not PSD, or its
+    # residual at the rounding level) and at RANK_MAX columns
+    while (rel > RANK_EPS) & (piv > 0.0) & (r < RANK_MAX):
+        p = tl.min(tl.where(dg == piv, i, 16))
+        col = tl.sum(tl.where(i[None, :] == p, a, 0.0), axis=1) / tl.sqrt(piv)
+        g = tl.where(i[None, :] == r, col[:, None], g)
+        a = a - col[:, None] * col[None, :]
+        a = tl.where((i[:, None] == p) | (i[None, :] == p), 0.0, a)
+        pos = tl.where(i == p, r, pos)
+        r = r + 1
         rel = tl.max(tl.max(tl.abs(a) * isd[:, None] * isd[None, :], axis=1), axis=0)
         dg = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
         piv = tl.max(dg)
-        p = tl.min(tl.where(dg == piv, i, 16))
-        done = done | (rel <= RANK_EPS) | (piv <= 0.0) | (t >= RANK_MAX)
-        col = tl.sum(tl.where(i[None, :] == p, a, 0.0), axis=1) / tl.sqrt(tl.where(piv > 0, piv, 1.0))
-        col = tl.where(done, 0.0, col)
-        g = tl.where(i[None, :] == t, col[:, None], g)
-        a = a - col[:, None] * col[None, :]
-        a = tl.where(done, a, tl.where((i[:, None] == p) | (i[None, :] == p), 0.0, a))
-        pos = tl.where(done, pos, tl.where(i == p, t, pos))
-        r = r + tl.where(done, 0, 1)
-    return g, pos, r, done & (rel <= RANK_EPS)
+    return g, pos, r, rel <= RANK_EPS
 
 
 @triton.jit

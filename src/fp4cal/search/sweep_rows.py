@@ -99,30 +99,50 @@ def _quad(d, fv):
 
 
 @triton.jit
+def _trap_col(d, fv, t: tl.constexpr, loss):
+    """loss + (G[:, t] . d)^2 for column t of a lower-trapezoidal G (fv: _load_tri's lower triangle, entries
+    G[k, t], k >= t), the sum as up to four chains of four terms (the loss of one candidate is on the walk's
+    critical path; empty chains are left out at compile time)."""
+    zs = ()
+    for q in tl.static_range(4):
+        z = tl.zeros(d[0].shape, tl.float32)
+        for k in tl.static_range(4 * q, 4 * q + 4):
+            if k >= t:
+                z = tl.fma(d[k], fv[16 * t - (t * (t - 1)) // 2 + k - t], z)
+        zs = zs + (z,)
+    if t < 4:
+        z = (zs[0] + zs[1]) + (zs[2] + zs[3])
+    elif t < 8:
+        z = zs[1] + (zs[2] + zs[3])
+    elif t < 12:
+        z = zs[2] + zs[3]
+    else:
+        z = zs[3]
+    return tl.fma(z, z, loss)
+
+
+@triton.jit
 def _quad_trap(d, fv, n):
     """||G^T d||^2 in fp32 for a low-rank block: G's n <= 15 columns, lower trapezoidal (F's storage, columns n..
     zero; fv: _load_tri's lower triangle), d in G's row order; n is uniform per program, so the product costs
-    16 n - n (n - 1) / 2 FMAs and no divergence. Each column's sum runs as up to four chains of four terms (the loss
-    of one candidate is on the walk's critical path); empty chains are left out at compile time."""
+    16 n - n (n - 1) / 2 FMAs and no divergence; the column tests are nested by fours (a rank-1 block makes 5)."""
     loss = tl.zeros(d[0].shape, tl.float32)
-    for t in tl.static_range(15):
+    loss = _trap_col(d, fv, 0, loss)
+    for t in tl.static_range(1, 4):
         if t < n:
-            zs = ()
-            for q in tl.static_range(4):
-                z = tl.zeros(d[0].shape, tl.float32)
-                for k in tl.static_range(4 * q, 4 * q + 4):
-                    if k >= t:  # G[k, t], k >= t: the lower triangle
-                        z = tl.fma(d[k], fv[16 * t - (t * (t - 1)) // 2 + k - t], z)
-                zs = zs + (z,)
-            if t < 4:
-                z = (zs[0] + zs[1]) + (zs[2] + zs[3])
-            elif t < 8:
-                z = zs[1] + (zs[2] + zs[3])
-            elif t < 12:
-                z = zs[2] + zs[3]
-            else:
-                z = zs[3]
-            loss = tl.fma(z, z, loss)
+            loss = _trap_col(d, fv, t, loss)
+    if n > 4:
+        for t in tl.static_range(4, 8):
+            if t < n:
+                loss = _trap_col(d, fv, t, loss)
+        if n > 8:
+            for t in tl.static_range(8, 12):
+                if t < n:
+                    loss = _trap_col(d, fv, t, loss)
+            if n > 12:
+                for t in tl.static_range(12, 15):
+                    if t < n:
+                        loss = _trap_col(d, fv, t, loss)
     return loss
 
 
