@@ -97,11 +97,14 @@ def simulate(w, g, h, rank_eps=None):
         e = torch.where(a >= six, a - six, 0.0).double() ** 2
         return torch.maximum((e * mu).amax(-1), (e * nu).sum(-1))
 
-    def boxb(sn):
+    def boxb(sn, tight=False):
         six = sn * 6.0
         sc = sn.unsqueeze(-1).double()
         ad = a.double()
-        lo = torch.where(a >= six.unsqueeze(-1), ad - six.unsqueeze(-1).double(), -torch.minimum(sc, ad))
+        neg = torch.minimum(sc, ad)
+        if tight:  # rounding up costs at most half an E2M1 step: max(s, |w|) / 4 at every scale at or below s
+            neg = torch.minimum(neg, torch.maximum(sc, ad) / 4)
+        lo = torch.where(a >= six.unsqueeze(-1), ad - six.unsqueeze(-1).double(), -neg)
         cen = (lo + ad) / 2
         rho = (ad - lo) / 2 + 1e-5 * (ad + sc)
         mm = torch.where(wb < 0, -cen, cen)
@@ -167,7 +170,7 @@ def simulate(w, g, h, rank_eps=None):
     torch.arange(cout)[:, None].expand(cout, nb)
     torch.arange(nb)[None, :].expand(cout, nb)
 
-    def run(upbox_on=False, box_every=2, two=False, mu_rule=False):
+    def run(upbox_on=False, box_every=2, two=False, mu_rule=False, tight=False):
         best = torch.full((cout, nb), math.inf, dtype=torch.float64)
         bmar = torch.zeros_like(best)
         bidx = torch.zeros(cout, nb, dtype=torch.long)
@@ -209,7 +212,7 @@ def simulate(w, g, h, rank_eps=None):
                     if mu_rule:
                         bd = torch.where(no_mu[None, :], 0.0, bd)
                     if (it // 2) % box_every == 0:
-                        bx = boxb(sn)
+                        bx = boxb(sn, tight)
                         if two:
                             bx = torch.maximum(bx, boxb2(sn))
                         bd = torch.where(weak[None, :], torch.maximum(bd, bx), bd)
@@ -279,8 +282,8 @@ if __name__ == "__main__":
         print(fam, flush=True)
         h = make_case_h(cin) if fam == "well" else make_ill_hessian(fam, cin, seed=0)
         run, _ = simulate(w, g, h)
-        variants = [("base", {}), ("mu_rule", dict(mu_rule=True)), ("box3", dict(box_every=3)),
-                    ("box1", dict(box_every=1))]
+        variants = [("base", {}), ("tight", dict(tight=True)), ("box3", dict(box_every=3)),
+                    ("tight_box3", dict(tight=True, box_every=3)), ("tight_box1", dict(tight=True, box_every=1))]
         for name, kw in variants:
             r = run(**kw)
             print(fam, name, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
