@@ -25,6 +25,9 @@ def test_zero_trace_blocks_use_mse_per_block(backend):
     w = _small()
     h = make_ill_hessian("deadblock", 64, seed=22)  # blocks 0 and 2 all zero, 1 and 3 informative
     assert fallback_mask(h).tolist() == [True, False, True, False]
+    neg = h.clone()
+    neg[0, 0, 0], neg[0, 1, 1] = 1.0, -1.0  # trace 0, not PSD: no fallback (refused, as the factor kernel does)
+    assert fallback_mask(neg).tolist() == [False, False, True, False]
     got = fp4cal.search_scales(w, "local_hessian", h, backend=backend)
     mse = fp4cal.search_scales(w, "mse", backend="reference")
     hess = fp4cal.search_scales(w, "local_hessian", h, backend="reference")

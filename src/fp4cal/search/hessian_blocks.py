@@ -25,11 +25,13 @@ PSD_RTOL = 1e-4
 
 
 def fallback_mask(h: torch.Tensor) -> torch.Tensor:
-    """bool [...]: True for the blocks of h [..., 16, 16] whose trace is 0 (searched with the MSE objective).
+    """bool [...]: True for the blocks of h [..., 16, 16] whose diagonal is all zero (searched with the MSE
+    objective): on a block with a non-negative diagonal, every block check_psd accepts, that is a zero trace.
 
-    The criterion is exact (trace == 0), so it is the same on every device and needs no tolerance; a block with
-    any active channel keeps its Hessian."""
-    return torch.diagonal(h, dim1=-2, dim2=-1).sum(-1) == 0
+    The criterion is exact, so it is the same on every device and needs no tolerance, and it is the factor
+    kernel's (kernels._factor_block): a trace-zero block with a negative diagonal entry is not replaced but refused
+    as not PSD on every backend; a block with any active channel keeps its Hessian."""
+    return (torch.diagonal(h, dim1=-2, dim2=-1) == 0).all(-1)
 
 
 def fallback_blocks(h: torch.Tensor | None, cout: int) -> int:

@@ -73,8 +73,9 @@ third session).
 
 Hessian blocks with zero trace are replaced by the identity before factoring (MSE objective; hessian_blocks.py), by
 the factor kernel itself, which writes the fp32 Hessian the sweep and the float64 pass read (no host-side tensor
-operations per call): its test is an all-zero diagonal, which is zero trace on every block with a non-negative
-diagonal (every block check_psd accepts); a block with a negative diagonal entry fails the factor and is refused.
+operations per call): its test is an all-zero diagonal (hessian_blocks.fallback_mask's, the reference's and the CPU
+path's too), which is zero trace on every block with a non-negative diagonal (every block check_psd accepts); a
+block with a negative diagonal entry fails the factor and is refused.
 The factor kernel also refuses blocks that are not positive semi-definite: a failed factor sets status 2, and
 the host raises hessian_blocks.check_psd's message.
 This module: the prep and factor kernels and the host entry point (search_triton, hessian_factor).
