@@ -266,7 +266,7 @@ def family_hessian(fam, cout, cin, dev="cuda", seed=0):
     return make_case(cout, cin, seed=seed, dev=dev)[1] if fam == "well" else make_ill_hessian(fam, cin, dev, seed=seed)
 
 
-def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
+def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda", families=None):
     """Local-Hessian time of fp4cal and ModelOpt on the same weights with each Hessian family, per Qwen3-8B shape
     and an expert stack (moe_experts x 1536 x 2048, 0: none); also fp4cal without its float64 pass (exact=False:
     the pass's cost), the sweep's window statistics (candidates tried per block, warp steps per program: what
@@ -280,7 +280,7 @@ def run_families(mo, do_ref, moe_experts=128, shapes=None, dev="cuda"):
         cases.append((f"MoE {moe_experts}x{moe_cout}x{moe_cin}", moe_cout, moe_cin, moe_experts))
     for name, cout, cin, n_e in cases:
         w, g = family_weight(cout, cin, n_e, dev)
-        for fam in ["well"] + ILL_CONDITIONED:
+        for fam in families or ["well"] + ILL_CONDITIONED:
             hs = [family_hessian(fam, cout, cin, dev, seed=e) for e in range(min(n_e, 4))]
             h = hs[0] if n_e == 1 else torch.stack([hs[e % len(hs)] for e in range(n_e)])
             row = {"shape": name, "family": fam}
@@ -365,6 +365,8 @@ def main():
     ap.add_argument("--families-only", action="store_true", help="only the Hessian-family rows")
     ap.add_argument("--moe-experts", type=int, default=128,
                     help="experts in the family rows' expert stack (0: no stack rows; fewer for a quicker run)")
+    ap.add_argument("--families", help="comma list of the family rows' Hessians (default: well and every "
+                    "ill-conditioned family)")
     ap.add_argument("--host", action="store_true",
                     help="only the host-overhead rows (public call vs GPU work alone vs CPU time per phase)")
     ap.add_argument("--dump-ir", help="write the compiled kernels' ttgir/ptx to this folder")
@@ -373,7 +375,8 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         rows = run_families(None, not args.no_reference, min(args.moe_experts, 2),
-                            shapes=[("tiny", 32, 64, 1)], dev="cpu")
+                            shapes=[("tiny", 32, 64, 1)], dev="cpu",
+                            families=args.families.split(",") if args.families else None)
         print_families(rows)
         if args.json:
             with open(args.json, "w") as f:
@@ -390,7 +393,8 @@ def main():
         mo.nvfp4_fp8_scale_sweep_hessian(w.reshape(-1, 16), w.float().abs().amax(), h, block_size=16)
     rows, variants, families = [], [], []
     if not args.no_families:
-        families = run_families(mo, not args.no_reference, args.moe_experts)
+        families = run_families(mo, not args.no_reference, args.moe_experts,
+                                families=args.families.split(",") if args.families else None)
     for i, (name, cout, cin, _) in enumerate(SHAPES if not args.families_only else []):
         w, h, g = run_shape(name, cout, cin, mo, not args.no_reference, rows)
         if args.variants and i == 0:

@@ -129,6 +129,11 @@ _MAXNREG_HESSIAN = 255
 _REFILL_LANES = 4
 _ROWS_PER_LANE = 16
 _UNROLL = 2  # candidates per lane between two tests of the bounds
+# The box bound (weak block columns: nu = 0) at every _BOX_EVERY-th test of the bounds (sweep_rows.py). H200, sweep
+# alone (bench/tools/kernel_times.py --fp32-only, tenth session), every 2nd / 3rd / 4th test: q/o collinear 1675 /
+# 1595 / 1556 us, rank-8 1506 / 1443 / 1419, rank-1 1213 / 1165 / 1146; k/v collinear 456 / 438 / 431 (the walks
+# grow by a candidate or two; a test costs a 16 x 16 product and the box's 16 intervals)
+_BOX_EVERY = 4
 _FILL_WAVES = True
 _PROGRAMS_PER_SM = 8
 # mse calls on weights up to this size run as one launch (search_triton's fused): measured on H100, a second
@@ -612,7 +617,7 @@ def search_triton(
             flags if stats is None else stats, flags if losses is None else losses, near, near_list, cap, cout, nb,
             chunk, w3.stride(0), w3.stride(1), w3.stride(2), stride_fe, cout * nb)
     opts = dict(HESSIAN=hess, STATS=stats is not None, BR=block_rows, FUSED=fused, LOSSES=losses is not None,
-                EXACT=rescore, REFILL=_REFILL_LANES, UNROLL=_UNROLL,
+                EXACT=rescore, REFILL=_REFILL_LANES, UNROLL=_UNROLL, BOX_EVERY=_BOX_EVERY,
                 num_warps=num_warps,
                 enable_fp_fusion=False, **({"maxnreg": _MAXNREG_HESSIAN} if hess and dev.type == "cuda" else {}))
 

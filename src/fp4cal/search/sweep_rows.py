@@ -382,7 +382,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                        stride_fe, stride_oe,
                        HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
                        LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2,
-                       REFILL: tl.constexpr = 8):
+                       REFILL: tl.constexpr = 8, BOX_EVERY: tl.constexpr = 2):
     """Grid (row chunks of `chunk` rows, block columns, tensors); one block per lane, BR lanes.
 
     Lane refill: blocks walk different numbers of candidates (CPU simulation, 512 x 1024: 17 on average but 31 for
@@ -574,10 +574,9 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                 else:
                     bound = tl.zeros([BR], tl.float32)
                 if HESSIAN:
-                    # the box bound costs a product: tested at every other check (every 2 UNROLL candidates);
-                    # simulated on rank-1/2/8 and collinear blocks: ~1 candidate more per block, half the products,
-                    # ~10 % less work in the downward walk
-                    if weak & ((steps // UNROLL) % 2 == 0):
+                    # the box bound costs a product: tested at every BOX_EVERY-th check (kernels._BOX_EVERY, measured:
+                    # 4, every 4 UNROLL candidates); a few candidates more per block, a quarter of the products
+                    if weak & ((steps // UNROLL) % BOX_EVERY == 0):
                         bound = tl.maximum(bound, _box_bound(w, s_next, fv, sd, rd, lr, tau))
                 stop = down & (bound > thr)
                 if HESSIAN:
