@@ -9,11 +9,16 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from fp4cal.search import launch  # noqa: E402
 
 
 def _one_arg(a):  # the kernel's Python source (the binder reads its signature only)
+    pass
+
+
+def _with_constexprs(x_ptr, n, A: tl.constexpr, B: tl.constexpr = 7):  # a signature: never compiled here
     pass
 
 
@@ -65,3 +70,54 @@ def test_fast_launch_falls_back_without_jit_function():
 
     launch.fast_launch(Fake(), (3,), (1, 2), X=4)
     assert calls == [((3,), (1, 2), {"X": 4})]
+
+
+def test_fast_launch_caches_by_key_and_passes_every_parameter(monkeypatch):
+    """The cache logic without a GPU: Triton's JIT run and driver replaced by recorders. The first launch of a key
+    goes through the JIT (which compiles); the next ones call the compiled kernel's launcher with the JIT's
+    argument convention (grid, stream, function, metadata, no hooks, then every parameter in order, constexprs and
+    defaults included); a new int value, tensor alignment or constexpr is a new key."""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    driver_mod = sys.modules["triton.runtime.driver"]  # (triton.runtime.driver the name is the driver object)
+
+    fn = JITFunction(_with_constexprs)
+    direct, jit = [], []
+
+    class Compiled:
+        function = "function handle"
+        packed_metadata = "metadata"
+
+        def run(self, *a):
+            direct.append(a)
+
+    def jit_run(*args, grid, warmup, **options):
+        jit.append((grid, args, options))
+        return Compiled()
+
+    class Active:
+        @staticmethod
+        def get_current_device():
+            return 0
+
+        @staticmethod
+        def get_current_stream(device):
+            return 1234
+
+    monkeypatch.setattr(fn, "run", jit_run)
+    monkeypatch.setattr(driver_mod, "driver", type("Driver", (), {"active": Active()})())
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(launch, "_CACHE", {})
+    monkeypatch.setattr(launch, "_stream_of", None)
+    x = torch.zeros(8)
+    launch.fast_launch(fn, (3,), (x, 16), A=5, num_warps=1)  # JIT: fills the cache
+    launch.fast_launch(fn, (3, 2), (x, 16), A=5, num_warps=1)  # direct
+    assert len(jit) == 1 and len(direct) == 1
+    a = direct[0]
+    assert a[:9] == (3, 2, 1, 1234, "function handle", "metadata", None, None, None)
+    assert a[9] is x and a[10:] == (16, 5, 7)  # x_ptr, n, A, B's default
+    for args, options in (((x, 17), {"A": 5}), ((x[1:], 16), {"A": 5}), ((x, 16), {"A": 6})):
+        launch.fast_launch(fn, (3,), args, num_warps=1, **options)
+    assert len(jit) == 4 and len(direct) == 1  # three new keys: an int's value, an alignment, a constexpr
