@@ -373,10 +373,10 @@ def main():
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, TRITON_INTERPRET=1: family rows on tiny shapes (checks the script; times meaningless)")
     args = ap.parse_args()
+    fams = args.families.split(",") if args.families else None
     if args.smoke:
         rows = run_families(None, not args.no_reference, min(args.moe_experts, 2),
-                            shapes=[("tiny", 32, 64, 1)], dev="cpu",
-                            families=args.families.split(",") if args.families else None)
+                            shapes=[("tiny", 32, 64, 1)], dev="cpu", families=fams)
         print_families(rows)
         if args.json:
             with open(args.json, "w") as f:
@@ -393,8 +393,7 @@ def main():
         mo.nvfp4_fp8_scale_sweep_hessian(w.reshape(-1, 16), w.float().abs().amax(), h, block_size=16)
     rows, variants, families = [], [], []
     if not args.no_families:
-        families = run_families(mo, not args.no_reference, args.moe_experts,
-                                families=args.families.split(",") if args.families else None)
+        families = run_families(mo, not args.no_reference, args.moe_experts, families=fams)
     for i, (name, cout, cin, _) in enumerate(SHAPES if not args.families_only else []):
         w, h, g = run_shape(name, cout, cin, mo, not args.no_reference, rows)
         if args.variants and i == 0:

@@ -370,6 +370,11 @@ def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return hin, hc, f, mu, nu, rd, rank, status
 
 
+# the rank record's row order of a block that is not low-rank: position k holds channel k (4 bits each; the second
+# word as int32)
+_IDENTITY_ORDER = (0x76543210, 0xFEDCBA98 - (1 << 32))
+
+
 def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, rd: torch.Tensor,
                       rank: torch.Tensor, status: torch.Tensor) -> None:
     """Blocks with status 2 (rare: the regularised Cholesky failed on a block within check_psd's tolerance):
@@ -386,11 +391,6 @@ def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: t
     nu[sel] = 0.0
     rd[sel] = 0.0
     rank[sel] = torch.tensor([0, *_IDENTITY_ORDER], dtype=torch.int32, device=rank.device)
-
-
-# the rank record's row order of a block that is not low-rank: position k holds channel k (4 bits each; the second
-# word as int32)
-_IDENTITY_ORDER = (0x76543210, 0xFEDCBA98 - (1 << 32))
 
 
 def factor_order(rank: torch.Tensor) -> torch.Tensor:
