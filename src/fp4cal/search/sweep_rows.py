@@ -122,27 +122,28 @@ def _trap_col(d, fv, t: tl.constexpr, loss):
 
 
 @triton.jit
+def _trap_cols(d, fv, n, t0: tl.constexpr, t1: tl.constexpr, loss):
+    """loss + the squares of columns t0 <= t < min(t1, n) of a lower-trapezoidal G (_trap_col each); n runtime,
+    uniform per program."""
+    for t in tl.static_range(t0, t1):
+        if t < n:
+            loss = _trap_col(d, fv, t, loss)
+    return loss
+
+
+@triton.jit
 def _quad_trap(d, fv, n):
     """||G^T d||^2 in fp32 for a low-rank block: G's n <= 15 columns, lower trapezoidal (F's storage, columns n..
     zero; fv: _load_tri's lower triangle), d in G's row order; n is uniform per program, so the product costs
     16 n - n (n - 1) / 2 FMAs and no divergence; the column tests are nested by fours (a rank-1 block makes 5)."""
-    loss = tl.zeros(d[0].shape, tl.float32)
-    loss = _trap_col(d, fv, 0, loss)
-    for t in tl.static_range(1, 4):
-        if t < n:
-            loss = _trap_col(d, fv, t, loss)
+    loss = _trap_col(d, fv, 0, tl.zeros(d[0].shape, tl.float32))
+    loss = _trap_cols(d, fv, n, 1, 4, loss)
     if n > 4:
-        for t in tl.static_range(4, 8):
-            if t < n:
-                loss = _trap_col(d, fv, t, loss)
+        loss = _trap_cols(d, fv, n, 4, 8, loss)
         if n > 8:
-            for t in tl.static_range(8, 12):
-                if t < n:
-                    loss = _trap_col(d, fv, t, loss)
+            loss = _trap_cols(d, fv, n, 8, 12, loss)
             if n > 12:
-                for t in tl.static_range(12, 15):
-                    if t < n:
-                        loss = _trap_col(d, fv, t, loss)
+                loss = _trap_cols(d, fv, n, 12, 15, loss)
     return loss
 
 
@@ -331,23 +332,13 @@ def _loss64(w, s, r, hb, HESSIAN: tl.constexpr):
 
 
 @triton.jit
-def _load_block(wrow, ok, stride_wc):
-    """The 16 weights of each lane's block at wrow [BR] (fp32, 0 where not ok) and their largest magnitude."""
+def _load_block(wrow, ok, stride_wc, plo=0, phi=0, PERM: tl.constexpr = False):
+    """The 16 weights of each lane's block at wrow [BR] (fp32, 0 where not ok) and their largest magnitude. PERM:
+    in the row order of the block column's factor, channel indices packed 4 bits each, position k < 8 in plo's
+    bits 4k.., k >= 8 in phi's (the identity on every block but a low-rank one: kernels._factor_block). A caller
+    that drops the maximum does not pay for it (dead code)."""
     w = ()
     m = tl.zeros(ok.shape, tl.float32)
-    for k in tl.static_range(16):
-        wk = tl.load(wrow + k * stride_wc, mask=ok, other=0.0).to(tl.float32)
-        w = w + (wk,)
-        m = tl.maximum(m, tl.abs(wk))
-    return w, m
-
-
-@triton.jit
-def _load_perm(wrow, ok, stride_wc, plo, phi, PERM: tl.constexpr):
-    """_load_block's weights (without the maximum), in the row order of the block column's factor (PERM): channel
-    indices packed 4 bits each, position k < 8 in plo's bits 4k.., k >= 8 in phi's (the identity on every block
-    but a low-rank one: kernels._factor_block). Not PERM (mse): channel order."""
-    w = ()
     for k in tl.static_range(16):
         if PERM:
             if k < 8:
@@ -356,8 +347,10 @@ def _load_perm(wrow, ok, stride_wc, plo, phi, PERM: tl.constexpr):
                 c = (phi >> (4 * (k - 8))) & 15
         else:
             c = k
-        w = w + (tl.load(wrow + c * stride_wc, mask=ok, other=0.0).to(tl.float32),)
-    return w
+        wk = tl.load(wrow + c * stride_wc, mask=ok, other=0.0).to(tl.float32)
+        w = w + (wk,)
+        m = tl.maximum(m, tl.abs(wk))
+    return w, m
 
 
 @triton.jit
@@ -535,7 +528,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
             got = take & (nr < r_end)
             next_row += BR - n_live
             row = tl.where(take, nr, row)
-            wn = _load_perm(wcol + row * stride_wr, got, stride_wc, plo, phi, HESSIAN)
+            wn, _ = _load_block(wcol + row * stride_wr, got, stride_wc, plo, phi, HESSIAN)
             nw = ()
             for k in tl.static_range(16):
                 nw = nw + (tl.where(got, wn[k], w[k]),)
