@@ -340,6 +340,20 @@ def test_value_scan_finds_one_bad_weight(where, device_for_kernels):
             fp4cal.search_scales(w, method, hh, torch.tensor(0.1, device=dev), backend="triton")
 
 
+@pytest.mark.parametrize("where", [(1, 5, 1040), (0, 15, 600), (1, 0, 511), (0, 9, 512)])
+def test_value_scan_covers_every_column_tile(where, device_for_kernels):
+    """The value scan's programs tile the columns as well as the rows (kernels._SCAN_LOADS x _SCAN_COLS = 512
+    columns each): a NaN in any tile, the last partial one and the edges between tiles included, is found (the
+    two-launch path, whose prep kernel scans; the flags are acted on before the sweep runs)."""
+    dev = device_for_kernels
+    w = torch.randn(2, 16, 1056, device=dev) * 0.02
+    w[where] = float("nan")
+    from fp4cal.search.kernels import search_triton
+
+    with pytest.raises(ValueError, match="w has 1 non-finite"):
+        search_triton(w, "mse", torch.tensor([0.1, 0.1], device=dev), checked=False, fused=False)
+
+
 @pytest.mark.parametrize("hkind", ["psd", "range", "lowrank", "zero", "diag", "deadchan", "rank1", "rank2",
                                    "rank8", "collinear"])
 def test_hessian_factor(hkind, device_for_kernels):

@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--src", default="src")
     ap.add_argument("--families", default="well,rank1,rank2", help="comma list of bench_search's Hessian families")
     ap.add_argument("--set", default="", help="comma list of NAME=INT: kernels.py settings to change (variants)")
+    ap.add_argument("--shapes", default="q/o,k/v", help="comma list of " + ", ".join(n for n, _, _ in SHAPES))
+    ap.add_argument("--exact-only", action="store_true", help="exact=True only")
     ap.add_argument("--fp32-only", action="store_true",
                     help="exact=False only (search2's exact=True inlines float64 in the walk: minutes to compile)")
     args = ap.parse_args()
@@ -53,11 +55,12 @@ def main():
         print("set", name, "=", val)
     print("sources:", os.path.dirname(os.path.dirname(os.path.abspath(inspect.getfile(search_triton)))))
     print(f"{'shape':6s} {'hessian':8s} {'exact':5s} {'prep us':>8s} {'sweep us':>9s} {'f64 pass us':>11s}")
-    for name, cout, cin in SHAPES:
+    for name, cout, cin in (s for s in SHAPES if s[0] in args.shapes.split(",")):
         w, g = family_weight(cout, cin)
         for fam in args.families.split(","):
             h = family_hessian(fam, cout, cin)
-            for exact in ((False,) if args.fp32_only else (True, False)) if has_exact else (None,):
+            modes = (False,) if args.fp32_only else (True,) if args.exact_only else (True, False)
+            for exact in modes if has_exact else (None,):
                 kw = {} if exact is None else {"exact": exact}
                 t = kernel_us(lambda w=w, h=h, g=g, kw=kw: search_triton(w, "local_hessian", g, h, **kw), args.iters)
                 print(f"{name:6s} {fam:8s} {exact!s:5s} {t['_prep_kernel']:8.1f} {t['_sweep_rows_kernel']:9.1f} "

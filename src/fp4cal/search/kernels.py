@@ -100,6 +100,9 @@ from fp4cal.search.windowed import nohalf_table
 from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 
 _SCAN_ROWS = 16  # weight rows per value-scan program of _prep_kernel
+_SCAN_COLS = 128  # columns per load of a value-scan program
+_SCAN_LOADS = 4  # loads per value-scan program (independent: issued together)
+SCAN_LOADS: tl.constexpr = tl.constexpr(_SCAN_LOADS)
 PSD_TOL: tl.constexpr = tl.constexpr(PSD_RTOL)
 # Regularisation of singular blocks, relative to each channel's diagonal (module docstring, 'Singular blocks'):
 # above the fp32 rounding noise of a computed X^T X / n (a few 1e-7 of sqrt(H_ii H_kk) per entry), so that
@@ -170,13 +173,18 @@ def _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, e):
 @triton.jit
 def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stride_wc, SR: tl.constexpr,
                SC: tl.constexpr):
-    """Flag 0 if any of rows [p * SR, (p + 1) * SR) of w (viewed as [E * cout, cin]) is not finite."""
-    rr = p * SR + tl.arange(0, SR).to(tl.int64)
+    """Flag 0 if any weight of tile p of w (viewed as [E * cout, cin]) is not finite: rows [r * SR, (r + 1) * SR),
+    columns [c * SCAN_LOADS * SC, (c + 1) * SCAN_LOADS * SC), p = r * ceil(cin / (SCAN_LOADS * SC)) + c. A program
+    scanning whole rows ran 32 dependent loads on 4096-column weights, longer than the Hessian factor it runs
+    beside (H200: 31 instead of 21 us for the prep kernel of a 1024 x 4096 weight)."""
+    n_ct = (cin + SCAN_LOADS * SC - 1) // (SCAN_LOADS * SC)
+    rr = (p // n_ct) * SR + tl.arange(0, SR).to(tl.int64)
+    c0 = (p % n_ct) * (SCAN_LOADS * SC)
     e = rr // cout
     base = e * stride_we + (rr - e * cout) * stride_wr
     n_bad = tl.zeros([SR, SC], tl.int32)
-    for k in range(0, cin, SC):
-        cols = k + tl.arange(0, SC)
+    for k in tl.static_range(SCAN_LOADS):
+        cols = c0 + k * SC + tl.arange(0, SC)
         m = (rr < n_rows)[:, None] & (cols < cin)[None, :]
         x = tl.load(w_ptr + base[:, None] + cols[None, :].to(tl.int64) * stride_wc, mask=m, other=0.0)
         n_bad += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
@@ -301,40 +309,47 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     rank = tl.where(singular, 0, 0)
     f_out = lower
     pos = tl.full([16], 16, tl.int32)  # pivot steps (16: none): the identity row order
-    # Only a singular block needs the regularised factor and the low-rank one: a branch uniform over the program
-    # (one block), so a definite block (every block of a well-conditioned Hessian) runs one Cholesky, not two
-    # Choleskys and the pivoted one (sm_90: the prep kernel's per-block instruction path about halves).
+    mu = tl.zeros([16], tl.float64)  # no bound from a singular H
+    nu = tl.zeros([16], tl.float64)
+    # Branches uniform over the program (one block). The kernel's time is its slowest block's chain of reductions
+    # (a collinear Hessian with one singular block of 256 took 41 us instead of 21, H200), so each path runs only
+    # what it needs: a definite block its Cholesky and the inverse's diagonal for mu (32 steps); a singular one the
+    # low-rank factor (r steps), and only where that fails the regularised Cholesky (15 + 16 steps).
     if singular:
-        rd = REG * diag0
-        lower, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
-                                                    diag0, scale, i)
-        failed = singular_r | indefinite_r
         # rank <= RANK_MAX: the sweep's product with G's r trapezoidal columns costs 16 r - r (r - 1) / 2 FMAs and
-        # no regularisation term, instead of 136 + 32
+        # no regularisation term, instead of 136 + 32. Its residual within RANK_EPS of sqrt(H_ii H_kk) makes H +
+        # diag(REG * H_ii) definite (Gershgorin on the scaled block: 2^-14 - 16 x 2^-19 > 0), so the regularised
+        # factor, which it replaces, cannot fail there.
         g_low, pos_low, r_low, low_ok = _low_rank(a0, diag0, i)
-        use_low = low_ok & ~failed
-        rank = tl.where(use_low, r_low, 0)
-        rd = tl.where(use_low, 0.0, rd)
-        f_out = tl.where(use_low, g_low, lower)
-        pos = tl.where(use_low, pos_low, pos)
-    # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
-    # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
-    x = tl.zeros([16, 16], tl.float64)
-    for k in tl.static_range(16):
-        lrow = tl.sum(tl.where(i[:, None] == k, lower, 0.0), axis=0)
-        lkk = tl.sum(tl.where(i == k, lrow, 0.0))
-        acc = tl.sum(lrow[:, None] * x, axis=0)
-        row = (tl.where(i == k, 1.0, 0.0) - acc) / tl.where(lkk > 0, lkk, 1.0)
-        x = tl.where(i[:, None] == k, row[None, :], x)
-    hinv = tl.sum(x * x, axis=0)
-    live = diag0 > 0
-    mu = tl.where(singular | ~live, 0.0, (1.0 - 1e-6) / hinv)
-    # Gershgorin on D^-1/2 H D^-1/2 (unit diagonal): every eigenvalue is >= 1 - (largest off-diagonal row sum)
-    isd = 1.0 / tl.sqrt(tl.where(live, diag0, 1.0))
-    corr = tl.abs(a0) * isd[:, None] * isd[None, :]
-    radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
-    lam = tl.where(singular, 0.0, tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6))
-    nu = tl.where(live, lam * diag0, 0.0)
+        if low_ok:
+            rank = r_low
+            f_out = g_low
+            pos = pos_low
+            failed = ~low_ok
+        else:
+            rd = REG * diag0
+            f_out, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
+                                                        diag0, scale, i)
+            failed = singular_r | indefinite_r
+    else:
+        # X = L'^-1 by forward substitution, row by row (L' = L with 1 on a dead channel's diagonal);
+        # (H_AA^-1)_ii = sum_k X_ki^2 for a live channel i.
+        x = tl.zeros([16, 16], tl.float64)
+        for k in tl.static_range(16):
+            lrow = tl.sum(tl.where(i[:, None] == k, lower, 0.0), axis=0)
+            lkk = tl.sum(tl.where(i == k, lrow, 0.0))
+            acc = tl.sum(lrow[:, None] * x, axis=0)
+            row = (tl.where(i == k, 1.0, 0.0) - acc) / tl.where(lkk > 0, lkk, 1.0)
+            x = tl.where(i[:, None] == k, row[None, :], x)
+        hinv = tl.sum(x * x, axis=0)
+        live = diag0 > 0
+        mu = tl.where(live, (1.0 - 1e-6) / tl.where(live, hinv, 1.0), 0.0)
+        # Gershgorin on D^-1/2 H D^-1/2 (unit diagonal): every eigenvalue is >= 1 - (largest off-diagonal row sum)
+        isd = 1.0 / tl.sqrt(tl.where(live, diag0, 1.0))
+        corr = tl.abs(a0) * isd[:, None] * isd[None, :]
+        radius = tl.max(tl.sum(tl.where(i[:, None] == i[None, :], 0.0, corr), axis=1))
+        lam = tl.maximum(1.0 - radius, 0.0) * (1.0 - 1e-6)
+        nu = tl.where(live, lam * diag0, 0.0)
     # F's row order: the pivots in pivot order, then the other channels in channel order (the identity unless
     # the block is low-rank). Channel c's row: the number of channels ordered before it.
     key = tl.where(pos < 16, pos, 16 + i)
@@ -435,15 +450,17 @@ def _check_factor_status(worst: int, h, hc, f, mu, nu, rd, rank, status) -> None
 _thread_state = threading.local()
 
 
-def _pinned_flags(dev: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
-    """A pinned int32 [4] host buffer and an event, reused by this thread's calls on dev (each call reads its
-    flags before returning, so reuse is safe within a thread; allocating them cost ~20 us of host time)."""
+def _pinned_flags(dev: torch.device) -> tuple[torch.Tensor, torch.cuda.Event, torch.cuda.Stream, torch.cuda.Event]:
+    """A pinned int32 [4] host buffer, the event of its copy, a side stream for the copy and the event it waits
+    for, reused by this thread's calls on dev (each call reads its flags before returning, so reuse is safe within a
+    thread; allocating them cost ~20 us of host time)."""
     cache = getattr(_thread_state, "flags", None)
     if cache is None:
         cache = _thread_state.flags = {}
     key = dev.index
     if key not in cache:
-        cache[key] = (torch.empty(4, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+        cache[key] = (torch.empty(4, dtype=torch.int32, pin_memory=True), torch.cuda.Event(),
+                      torch.cuda.Stream(device=dev), torch.cuda.Event())
     return cache[key]
 
 
@@ -529,8 +546,8 @@ def search_triton(
     """Kernel path of search_scales (see search_scales for shapes).
 
     Two launches: _prep_kernel (candidate tables, Hessian factors, value checks) and the sweep. The host waits
-    once, for the prep kernel's flags only (copied before the sweep is queued), so the call returns while the
-    sweep still runs and the next call's host work overlaps it. Small mse calls are one launch (fused).
+    once, for the prep kernel's flags only (copied on a side stream, so the sweep starts when the prep kernel
+    ends), so the call returns while the sweep still runs and the next call's host work overlaps it. Small mse calls are one launch (fused).
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0,
         PSD) run on the device and raise the messages of fp4cal.validation / hessian_blocks.
     factor: prepare_factor(hessian) (one Hessian shared by several weights: q/k/v, gate/up, a layer's experts).
@@ -592,7 +609,7 @@ def search_triton(
         rank = nohalf
         status = None
         stride_fe = 0
-    n_scan = 0 if checked else _cdiv(n_e * cout, _SCAN_ROWS)
+    n_scan = 0 if checked else _cdiv(n_e * cout, _SCAN_ROWS) * _cdiv(cin, _SCAN_LOADS * _SCAN_COLS)
     # placeholders when nothing is factored here
     factor_bufs = (hin, hc, f, mu, nu, rd, rank, status) if n_hb else (flags,) * 8
     # Everything the sweep needs is built before the prep kernel is queued: host time between the two launches is
@@ -637,16 +654,21 @@ def search_triton(
     flags_head = flags[:4]  # the value flags the host reads
     host_flags = None
     if sync and dev.type == "cuda" and not fused:
-        host_flags, ready = _pinned_flags(dev)
+        host_flags, ready, side, prep_done = _pinned_flags(dev)
     if not fused:
         fast_launch(_prep_kernel, (n_e + n_hb + n_scan,), (
             g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
             w3.stride(0), w3.stride(1), w3.stride(2)),
-            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=128,
+            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=_SCAN_COLS,
         )  # fmt: skip
-    if sync and dev.type == "cuda" and not fused:  # copy the flags before the sweep is queued (ready long before)
-        host_flags.copy_(flags_head, non_blocking=True)
-        ready.record()
+    if sync and dev.type == "cuda" and not fused:
+        # the flags' copy on a side stream, after the prep kernel: in the call's own stream it held the sweep back
+        # by 8-12 us (H200 timeline, bench/tools/timeline.py: the copy's start latency and its 1.5 us)
+        prep_done.record()
+        side.wait_event(prep_done)
+        with torch.cuda.stream(side):
+            host_flags.copy_(flags_head, non_blocking=True)
+            ready.record()
     elif sync and not fused:  # interpreter: the prep kernel has run; act on its flags before sweeping
         early = _act_on_flags(flags_head.tolist(), w, g, hessian, method, hc, f, mu, nu, rd, rank, status, losses)
         if early is not None:
