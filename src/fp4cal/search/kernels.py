@@ -135,7 +135,8 @@ _UNROLL = 2  # candidates per lane between two tests of the bounds
 # The box bound (weak block columns: nu = 0) at every _BOX_EVERY-th test of the bounds (sweep_rows.py). H200, sweep
 # alone (bench/tools/kernel_times.py --fp32-only, tenth session), every 2nd / 3rd / 4th test: q/o collinear 1675 /
 # 1595 / 1556 us, rank-8 1506 / 1443 / 1419, rank-1 1213 / 1165 / 1146; k/v collinear 456 / 438 / 431 (the walks
-# grow by a candidate or two; a test costs a 16 x 16 product and the box's 16 intervals)
+# grow by a candidate or two; a test costs a 16 x 16 product and the box's 16 intervals); every 6th / 8th (eleventh
+# session): q/o collinear 1541 / 1548 us against 1556, rank-8 1429 / 1435 against 1419: no gain left
 _BOX_EVERY = 4
 _FILL_WAVES = True
 _PROGRAMS_PER_SM = 8
@@ -547,7 +548,8 @@ def search_triton(
 
     Two launches: _prep_kernel (candidate tables, Hessian factors, value checks) and the sweep. The host waits
     once, for the prep kernel's flags only (copied on a side stream, so the sweep starts when the prep kernel
-    ends), so the call returns while the sweep still runs and the next call's host work overlaps it. Small mse calls are one launch (fused).
+    ends), so the call returns while the sweep still runs and the next call's host work overlaps it. Small mse
+    calls are one launch (fused).
     checked=False: w, g and hessian were checked for shape and dtype only; the value checks (finite, g >= 0,
         PSD) run on the device and raise the messages of fp4cal.validation / hessian_blocks.
     factor: prepare_factor(hessian) (one Hessian shared by several weights: q/k/v, gate/up, a layer's experts).
