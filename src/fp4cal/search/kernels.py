@@ -287,12 +287,13 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     Gershgorin bound of the module docstring.
 
     Singular blocks (a live pivot at or below 1e-12 of its diagonal: rank-deficient, or within fp32 rounding of
-    it) are factored here too, without an eigendecomposition: L L^T = H + diag(rd), rd = REG_DELTA * diag(H)
-    (module docstring, 'Singular blocks'), and mu = nu = 0 (no bound from a singular H). status: 0 plain; 1
-    regularised; 2 the regularised factor failed too (H has an eigenvalue below -REG_DELTA x its largest
-    diagonal, or a pivot below -PSD_TOL x the largest |entry|: the host runs check_psd, which raises unless the
-    block is within its tolerance, then factors it by eigendecomposition); 3 non-finite input (before the
-    fallback: a zero block's NaN is found too). FLAG: also max the status into flag_ptr."""
+    it) are factored here too, without an eigendecomposition: by the low-rank factor where its pivoted Cholesky
+    reaches the residual within RANK_MAX columns (tried first), otherwise L L^T = H + diag(rd), rd = REG_DELTA *
+    diag(H) (module docstring, 'Singular blocks'); mu = nu = 0 (no bound from a singular H). status: 0 plain; 1
+    singular (low-rank or regularised); 2 the regularised factor failed too (H has an eigenvalue below -REG_DELTA
+    x its largest diagonal, or a pivot below -PSD_TOL x the largest |entry|: the host runs check_psd, which raises
+    unless the block is within its tolerance, then factors it by eigendecomposition); 3 non-finite input (before
+    the fallback: a zero block's NaN is found too). FLAG: also max the status into flag_ptr."""
     i = tl.arange(0, 16)
     eye = i[:, None] == i[None, :]
     h_in = tl.load(hin_ptr + pid * 256 + i[:, None] * 16 + i[None, :]).to(tl.float32)
@@ -326,7 +327,7 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
             rank = r_low
             f_out = g_low
             pos = pos_low
-            failed = ~low_ok
+            failed = ~low_ok  # false: the regularised factor would not have failed (above)
         else:
             rd = REG * diag0
             f_out, singular_r, indefinite_r = _cholesky(a0 + tl.where(i[:, None] == i[None, :], rd[:, None], 0.0),
