@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device
+from fp4cal.calib.capture import CaptureStats, capture_statistics, model_device, sync_device
 from fp4cal.calib.gptq_target import solve_gptq_target
 from fp4cal.calib.objective import block_scales
 from fp4cal.calib.result import CalibrationResult, WeightResult
@@ -34,11 +34,6 @@ DEFAULT_MIN_EXPERT_TOKENS = 16  # below 16 rows a 16x16 block Hessian is singula
 
 class CalibrationWarning(UserWarning):
     """A weight did not get what was asked for (fallback, skipped); the message names it."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def calibration_forward_kwargs(model: nn.Module, targets: list[Target]) -> dict[str, object]:
@@ -323,10 +318,10 @@ def calibrate(
     if stats.forward_calls == 0:
         raise ValueError("batches was empty: calibration needs at least one batch")
     check_hessians(stats)
-    _sync(device)
+    sync_device(device)
     t1 = time.perf_counter()
     result = solve(targets, stats, method, min_expert_tokens, progress, backend, gptq=cfg)
-    _sync(device)
+    sync_device(device)
     return finish(result, model, skipped, {"capture": t1 - t0, "search": time.perf_counter() - t1},
                   fake_quantize, device, t0)
 
@@ -396,7 +391,7 @@ def finish(
     if fake_quantize:
         t = time.perf_counter()
         fake_quantize_model(model, result)
-        _sync(device)
+        sync_device(device)
         result.timings["fake_quantize"] = time.perf_counter() - t
     result.timings["total"] = time.perf_counter() - t0
     return result

@@ -86,7 +86,9 @@ class CaptureStats:
     forward_calls: int = 0
 
 
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input tensor of a forward hook's call: the first positional argument, else the keyword 'input', else
+    the first keyword argument."""
     if args:
         return args[0]
     if "input" in kwargs:
@@ -179,7 +181,7 @@ class ActivationCapture:
 
         def hook(module, args, kwargs):
             # the tensor object itself, not a detach()ed copy: sharing is detected by its identity
-            self._observe_linear(name, t.cin, _first_input(args, kwargs))
+            self._observe_linear(name, t.cin, first_input(args, kwargs))
 
         return hook
 
@@ -324,6 +326,12 @@ def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (cpu for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for device's queued work (a CUDA device; nothing to wait for on the CPU): phase timings."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_batch(model: nn.Module, batch, device: torch.device, extra: Mapping[str, object] | None = None):

@@ -43,14 +43,13 @@ from torch import nn
 
 from fp4cal.calib.calibrate import (
     DEFAULT_MIN_EXPERT_TOKENS,
-    _sync,
     capture_pass,
     finish,
     group_global_amax,
     prepare_targets,
     solve_target,
 )
-from fp4cal.calib.capture import CaptureStats, ExpertStats, InputStats, model_device
+from fp4cal.calib.capture import CaptureStats, ExpertStats, InputStats, model_device, sync_device
 from fp4cal.calib.hessian import HessianAccumulator
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target
@@ -429,7 +428,7 @@ def solve_distributed(
 
     def search_mine() -> dict[str, WeightResult]:
         out = {t.name: solve_target(t, stats, method, amax[t.name], min_expert_tokens, backend, 4) for t in mine_it}
-        _sync(device)
+        sync_device(device)
         return out
 
     own = agree(search_mine, group, what="scale search")
@@ -466,7 +465,7 @@ def solve_distributed(
         if wr.codes is not None:
             wr.codes = wr.codes.to(w.device)
         result.weights[t.name] = wr
-    _sync(device)
+    sync_device(device)
     return result, {"search": t1 - t0, "gather": time.perf_counter() - t1}
 
 
@@ -522,12 +521,12 @@ def calibrate_distributed(
         return capture_pass(model, mine, targets, method, progress and rank == 0)
 
     stats = agree(capture, group, "capture")
-    _sync(device)
+    sync_device(device)
     t1 = time.perf_counter()
     reduce_statistics(stats, device, group)
     if stats.forward_calls == 0:  # the reduced count: the same on every rank
         raise ValueError("batches was empty: calibration needs at least one batch")
-    _sync(device)
+    sync_device(device)
     t2 = time.perf_counter()
     result, phases = solve_distributed(targets, stats, method, min_expert_tokens, backend, group, progress)
     return finish(result, model, skipped, {"capture": t1 - t0, "reduce": t2 - t1, **phases}, fake_quantize,

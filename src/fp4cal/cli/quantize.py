@@ -30,12 +30,13 @@ from pathlib import Path
 
 from fp4cal.cli.clock import process_age, trace, tracing
 from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
+from fp4cal.export import FORMATS as EXPORT_FORMATS
 from fp4cal.gptq import DEFAULT_SCALES as GPTQ_DEFAULT_SCALES
 from fp4cal.gptq import SCALES as GPTQ_SCALES
 from fp4cal.gptq import check_damp
 from fp4cal.search import METHODS
 
-FORMATS = ("compressed-tensors", "modelopt")
+FORMATS = tuple(sorted(EXPORT_FORMATS))  # the export package's plug-ins: one list of formats
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -3,13 +3,13 @@ each method's error relative to max scales (matplotlib, imported only here)."""
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from fp4cal.eval.runner import EvalResult
+from fp4cal.export.io import write_bytes_atomic
 
 STYLE = {
     "max": ("tab:gray", "s"),
@@ -71,12 +71,7 @@ def plot_layers(res: EvalResult, path: str | Path) -> Path:
     bottom.set_xlabel("quantized layer (in model order)")
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_bytes_atomic(path, png.getvalue())
     return path

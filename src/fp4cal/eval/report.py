@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import warnings
 from pathlib import Path
 
 from fp4cal.eval.runner import CAUSAL_LM, FULL_PRECISION, EvalResult
+from fp4cal.export.io import write_bytes_atomic
 
 METRIC_LABEL = {"perplexity": "perplexity (held-out)", "mean_cosine": "embedding cosine vs full precision (mean)"}
 
@@ -283,17 +282,6 @@ def to_markdown(res: EvalResult, s: dict | None = None, plot: str | None = "laye
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(res: EvalResult, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
     """Write report.md, report.json and (when matplotlib imports) layers.png into out_dir; returns their paths."""
     out = Path(out_dir)
@@ -312,7 +300,7 @@ def write_report(res: EvalResult, out_dir: str | Path, plot: bool = True) -> dic
             warnings.warn(f"layers.png not written: matplotlib is not importable ({e})", stacklevel=2)
             png = None
     paths["json"] = out / "report.json"
-    _atomic_write(paths["json"], (json.dumps(to_json(res, s), indent=1) + "\n").encode())
+    write_bytes_atomic(paths["json"], (json.dumps(to_json(res, s), indent=1) + "\n").encode())
     paths["markdown"] = out / "report.md"
-    _atomic_write(paths["markdown"], (to_markdown(res, s, png.name if png else None) + "\n").encode())
+    write_bytes_atomic(paths["markdown"], (to_markdown(res, s, png.name if png else None) + "\n").encode())
     return paths

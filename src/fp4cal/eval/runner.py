@@ -34,7 +34,15 @@ from fp4cal.calib.calibrate import (
     quantized_weight,
     solve,
 )
-from fp4cal.calib.capture import ActivationCapture, CaptureStats, capture_statistics, model_device, run_batch
+from fp4cal.calib.capture import (
+    ActivationCapture,
+    CaptureStats,
+    capture_statistics,
+    first_input,
+    model_device,
+    run_batch,
+    sync_device,
+)
 from fp4cal.calib.result import CalibrationResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target, find_targets
 from fp4cal.eval.metrics import OutputError, Perplexity, cosine, hessian_weighted_error, mean_pool
@@ -139,17 +147,6 @@ def check_methods(methods: Sequence[str] | str) -> list[str]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    return kwargs["input"] if "input" in kwargs else next(iter(kwargs.values()))
-
-
 def _ids_and_mask(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, Mapping):
         return batch["input_ids"], batch.get("attention_mask")
@@ -246,7 +243,7 @@ def _reference_pass(
 
     def make_hook(t: Target):
         def hook(module, args, kwargs):
-            errors[t.name].add(_first_input(args, kwargs), t.weight(), deltas(t))
+            errors[t.name].add(first_input(args, kwargs), t.weight(), deltas(t))
 
         return hook
 
@@ -360,7 +357,7 @@ def evaluate(
         )
         if stats.forward_calls == 0:
             raise ValueError("calib_batches was empty: calibration needs at least one batch")
-        _sync(device)
+        sync_device(device)
         t_capture = time.perf_counter() - t0
         timings["calibration forward (one pass, all methods)"] = t_capture
         results: dict[str, CalibrationResult] = {}
@@ -368,7 +365,7 @@ def evaluate(
             t1 = time.perf_counter()
             cfg = gptq_options(m)
             r = solve(targets, stats, "gptq" if cfg else m, min_expert_tokens, progress, backend, gptq=cfg)
-            _sync(device)
+            sync_device(device)
             r.skipped = dict(skipped)
             r.timings = {"capture (shared)": t_capture, "search": time.perf_counter() - t1}
             results[m] = r
@@ -387,7 +384,7 @@ def evaluate(
         t1 = time.perf_counter()
         cache = _should_cache(targets, len(methods), device, cache_deltas)
         errors, held, ref_metric = _reference_pass(model, targets, results, eval_batches, kind, cache)
-        _sync(device)
+        sync_device(device)
         timings["held-out forward (full precision: layer errors, Hessians)"] = time.perf_counter() - t1
 
         t1 = time.perf_counter()
@@ -403,7 +400,7 @@ def evaluate(
                 le.output_error[m] = errors[t.name].relative()[m] if t.name in errors else float("nan")
                 le.hessian_error[m] = hessian_weighted_error(w, _quantized(t, wr, w), h) if h is not None else math.nan
             layers.append(le)
-        _sync(device)
+        sync_device(device)
         timings["Hessian-weighted errors"] = time.perf_counter() - t1
         del held, errors
 
@@ -415,7 +412,7 @@ def evaluate(
         for m, r in results.items():
             t1 = time.perf_counter()
             metric[m] = _quantized_pass(model, targets, r, eval_batches, kind, reference)
-            _sync(device)
+            sync_device(device)
             timings[f"held-out forward: {m}"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
     finally:

@@ -450,15 +450,25 @@ def write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
         f.write("\n")
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` to a temporary name in ``path``'s directory, flushed to disk, then renamed over ``path``: a reader
+    never sees half a file, and a failed write leaves no temporary behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """write_json to a temporary name, flushed to disk, then renamed over ``path`` (never a half file)."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """write_json's text, written by write_bytes_atomic (never a half file)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:
