@@ -278,7 +278,7 @@ def _layer_type(module_name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", module_name)
 
 
-def format_summary(result, header: str, phases: dict[str, float]) -> str:
+def calibration_summary(result, header: str, phases: dict[str, float]) -> str:
     """The end-of-run table: per layer type (layers with their number replaced by *), weights, parameters,
     summed loss with max scales and with the chosen ones, and the reduction."""
     objective = {"local_hessian": "Hessian-weighted", "gptq": "layer-output tr(dW H dW^T)"}.get(result.method,
@@ -537,7 +537,7 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
         header += f"\nkernel compilation: {args.warmup_seconds:.2f} s in a background thread, started before loading"
     if getattr(args, "path_reason", None):
         header += f"\npath: whole model ({args.path_reason})"
-    print(format_summary(result, header, phases) + "\n" + _memory_line(device))
+    print(calibration_summary(result, header, phases) + "\n" + _memory_line(device))
     return 0
 
 
@@ -636,6 +636,6 @@ def _run_streaming(args: argparse.Namespace, model_path: Path, label: str | None
     if rep.peak_gpu_by_phase:
         by_phase = "\npeak GPU memory by phase: " + ", ".join(
             f"{k} {_gib(v)}" for k, v in rep.peak_gpu_by_phase.items())
-    print(format_summary(rep.result, header, phases) + f"\nbackground threads (overlapped): {bg}\n"
+    print(calibration_summary(rep.result, header, phases) + f"\nbackground threads (overlapped): {bg}\n"
           + _memory_line(device, rep.peak_gpu_bytes, rep.anon_cpu_bytes) + by_phase)
     return 0
