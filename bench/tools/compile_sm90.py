@@ -93,8 +93,10 @@ def main():
             # the launch settings of search_triton (kernels.py), where the sources have them
             refill = getattr(kernels, "_REFILL_LANES", 8)
             maxnreg = getattr(kernels, "_MAXNREG_HESSIAN", 168)
-            const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact), UNROLL=2,
-                         REFILL=refill)
+            const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact),
+                         UNROLL=getattr(kernels, "_UNROLL", 2), REFILL=refill)
+            if hasattr(kernels, "_BOX_EVERY"):  # since the tenth session; the kernel's default is not the launch's
+                const["BOX_EVERY"] = kernels._BOX_EVERY
             compile_one(sweep_rows._sweep_rows_kernel, const,
                         dict(num_warps=1, maxnreg=maxnreg, enable_fp_fusion=False), args.out, f"sweep_exact{exact}")
     if not hasattr(rescore_mod, "_rescore_kernel"):

@@ -33,7 +33,7 @@ def cpu_parts(n=3000):
     args = (w, *t[:12], *(x.view(torch.int32) for x in t[12:17]), 262144, 1024, 256, 256, 4194304, 4096, 1, 0,
             262144)
     opts = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=True, REFILL=4, UNROLL=2,
-                num_warps=1, enable_fp_fusion=False, maxnreg=255, debug=False)
+                BOX_EVERY=4, num_warps=1, enable_fp_fusion=False, maxnreg=255, debug=False)
     _, spec, o = binder(*args, **opts)
     k.cache_key  # noqa: B018 (fills used_global_vals)
     key_cache = {}
