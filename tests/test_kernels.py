@@ -399,6 +399,15 @@ def test_hessian_factor(hkind, device_for_kernels):
         dl = torch.diagonal(h64l, dim1=-2, dim2=-1).rsqrt()
         resid = (g64 @ g64.transpose(-1, -2) - h64l) * dl[..., :, None] * dl[..., None, :]
         assert float(resid.abs().max()) <= RANK_EPS_REL + 1e-6, float(resid.abs().max())
+        # the record's eps bounds each block's residual (the float64 G's; the stored fp32 G adds up to 2 u), at
+        # most RANK_EPS_REL; a rank-1 fl(x x^T) is within a few u (the sweep's margin uses it: sweep_rows.py)
+        eps = record[..., 3].cpu().view(torch.float32).double()
+        assert bool((eps[~low] == 0).all())
+        worst = resid.abs().amax(dim=(-2, -1))
+        assert bool((worst <= eps[low] + 2.0**-22).all()), float((worst - eps[low]).max())
+        assert float(eps.max()) <= RANK_EPS_REL * (1 + 2.0**-15)
+        if hkind == "rank1":
+            assert float(eps.max()) <= 2.0**-21, float(eps.max())
         return
     h64, f64 = with_fallback(h).double().cpu(), f.double().cpu()  # zero-trace blocks are factored as identity
     # F F^T = H + diag(rd): rd = REG_DELTA diag(H) on singular blocks (factored regularised in the kernel), else 0

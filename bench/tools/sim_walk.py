@@ -170,7 +170,7 @@ def simulate(w, g, h, rank_eps=None):
     torch.arange(cout)[:, None].expand(cout, nb)
     torch.arange(nb)[None, :].expand(cout, nb)
 
-    def run(upbox_on=False, box_every=2, two=False, mu_rule=False, tight=False):
+    def run(upbox_on=False, box_every=2, two=False, mu_rule=False, tight=False, per_block=False):
         best = torch.full((cout, nb), math.inf, dtype=torch.float64)
         bmar = torch.zeros_like(best)
         bidx = torch.zeros(cout, nb, dtype=torch.long)
@@ -249,6 +249,8 @@ def simulate(w, g, h, rank_eps=None):
         n1e = torch.ceil(n1 / 2) * 2
         n2e = torch.ceil(n2 / 2) * 2
         merged = (n1e + n2e).reshape(cout // 32, 32, nb).amax(1).mean().item()
+        if per_block:
+            return n1e + n2e
         return dict(
             merged=merged,
             cand1=n1.mean().item(),

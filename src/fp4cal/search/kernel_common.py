@@ -21,6 +21,9 @@ SG_MAX: tl.constexpr = tl.constexpr(2.0**60)
 # Singular blocks of rank r <= RANK_MAX_COLS are factored as r lower-trapezoidal columns G in their pivot order
 # (kernels.py, 'Singular blocks'; the sweep loads the weights in that order, sweep_rows.py, 'Low-rank blocks')
 RANK_MAX_COLS = 15
+# int32 words per block of the factor's rank record (kernels._factor_block): rank, F's row order (two words), eps
+RANK_RECORD_INTS = 4
+RANK_RECORD: tl.constexpr = tl.constexpr(RANK_RECORD_INTS)
 
 
 @triton.jit

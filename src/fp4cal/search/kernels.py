@@ -61,8 +61,10 @@ tolerance) factors it by float64 eigendecomposition with rd = 0 and sweeps again
 Singular blocks of rank r <= RANK_MAX_COLS (15) get a cheaper factor instead: a pivoted float64 Cholesky
 stopped when the residual's entries are within RANK_EPS_REL (2^-19) of sqrt(H_ii H_kk), whose r columns G
 (G G^T = H up to that residual) are lower trapezoidal with the channels in pivot order (the pivots first, then
-the other channels in channel order): F stores G's rows in that order, and the rank record [rank, order] tells
-the sweep in which order to load a block's weights. Its product is then 16 r - r (r - 1) / 2 FMAs (16 for rank
+the other channels in channel order): F stores G's rows in that order, and the rank record [rank, order, eps] tells
+the sweep in which order to load a block's weights, and eps how far G G^T is from H (fp32 bits of an upper bound on
+the residual's max |E_ik| / sqrt(H_ii H_kk), at most RANK_EPS_REL; about 3 u on a rank-1 fl(x x^T): the sweep's
+error margin takes that, not RANK_EPS_REL: sweep_rows.py, 'Low-rank blocks'). Its product is then 16 r - r (r - 1) / 2 FMAs (16 for rank
 1, 100 for rank 8) and no regularisation term, instead of 136 + 32 (sweep_rows.py, 'Low-rank blocks'); rd = 0
 there. Every other block's order is the identity.
 
@@ -92,7 +94,15 @@ import triton.language as tl
 
 from fp4cal.numerics import N_SCALE_CANDIDATES, fp8_e4m3_values
 from fp4cal.search.hessian_blocks import PSD_RTOL, check_psd
-from fp4cal.search.kernel_common import GDIV, N_CAND, RANK_MAX_COLS, SG_MAX, SG_MIN
+from fp4cal.search.kernel_common import (
+    GDIV,
+    N_CAND,
+    RANK_MAX_COLS,
+    RANK_RECORD,
+    RANK_RECORD_INTS,
+    SG_MAX,
+    SG_MIN,
+)
 from fp4cal.search.launch import fast_launch
 from fp4cal.search.rescore import _rescore_kernel
 from fp4cal.search.sweep_rows import _sweep_rows_kernel
@@ -249,8 +259,8 @@ def _low_rank(a, diag0, i):
     """Pivoted float64 Cholesky of the symmetric 16x16 block a, stopped when the residual E = a - G G^T has every
     |E_ik| <= RANK_EPS sqrt(a_ii a_kk) (original diagonal diag0): (G [16, 16] with columns r.. zero, rows in channel
     order; pos: each channel's step as pivot, 16 for the others; r; ok), ok when that happened within RANK_MAX
-    columns. Each step takes the largest remaining diagonal as pivot p and sets the residual's row and column p to
-    exactly 0 (they are 0 up to float64 rounding, far below RANK_EPS): G[p, t'] = 0 for every later step t', so G
+    columns, and rel, the residual's largest |E_ik| / sqrt(a_ii a_kk) at the stop. Each step takes the largest
+    remaining diagonal as pivot p and sets the residual's row and column p to exactly 0 (they are 0 up to float64 rounding, far below RANK_EPS): G[p, t'] = 0 for every later step t', so G
     is lower trapezoidal once its rows are taken in pivot order (_factor_block stores them so)."""
     live = diag0 > 0
     isd = tl.where(live, 1.0 / tl.sqrt(tl.where(live, diag0, 1.0)), 0.0)
@@ -273,7 +283,7 @@ def _low_rank(a, diag0, i):
         rel = tl.max(tl.max(tl.abs(a) * isd[:, None] * isd[None, :], axis=1), axis=0)
         dg = tl.sum(tl.where(i[:, None] == i[None, :], a, 0.0), axis=1)
         piv = tl.max(dg)
-    return g, pos, r, rel <= RANK_EPS
+    return g, pos, r, rel, rel <= RANK_EPS
 
 
 @triton.jit
@@ -309,6 +319,7 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     failed = indefinite
     rd = tl.zeros([16], tl.float64)
     rank = tl.where(singular, 0, 0)
+    eps = tl.where(singular, 0.0, 0.0).to(tl.float32)  # 0: not a low-rank block
     f_out = lower
     pos = tl.full([16], 16, tl.int32)  # pivot steps (16: none): the identity row order
     mu = tl.zeros([16], tl.float64)  # no bound from a singular H
@@ -322,8 +333,12 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
         # no regularisation term, instead of 136 + 32. Its residual within RANK_EPS of sqrt(H_ii H_kk) makes H +
         # diag(REG * H_ii) definite (Gershgorin on the scaled block: 2^-14 - 16 x 2^-19 > 0), so the regularised
         # factor, which it replaces, cannot fail there.
-        g_low, pos_low, r_low, low_ok = _low_rank(a0, diag0, i)
+        g_low, pos_low, r_low, rel_low, low_ok = _low_rank(a0, diag0, i)
         if low_ok:
+            # the residual bound the sweep's margin uses: rel, up by 2^-16 relative for its rounding to fp32 and
+            # for the row norms of G against sqrt(H_ii) (sd_i >= sqrt((1 - rel) H_ii)), and 2^-44 for the float64
+            # rounding left in the pivots' zeroed rows and columns and in the residual's updates
+            eps = (rel_low * (1.0 + 2.0**-16) + 2.0**-44).to(tl.float32)
             rank = r_low
             f_out = g_low
             pos = pos_low
@@ -357,13 +372,14 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     key = tl.where(pos < 16, pos, 16 + i)
     row = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
     tl.store(f_ptr + pid * 256 + row[:, None] * 16 + i[None, :], f_out.to(tl.float32))
-    # the rank record [rank, row order packed 4 bits per position: positions 0-7, 8-15]; channel c at position
+    # the rank record [rank, row order packed 4 bits per position: positions 0-7, 8-15, eps's fp32 bits]; channel c at position
     # row[c] (the nibbles are disjoint, so the sums are ors; int32 wraps the top nibble into the sign bit)
     lo = tl.sum(tl.where(row < 8, i << (4 * (row % 8)), 0))
     hi = tl.sum(tl.where(row >= 8, i << (4 * (row % 8)), 0))
-    tl.store(rank_ptr + pid * 3, rank)
-    tl.store(rank_ptr + pid * 3 + 1, lo)
-    tl.store(rank_ptr + pid * 3 + 2, hi)
+    tl.store(rank_ptr + pid * RANK_RECORD, rank)
+    tl.store(rank_ptr + pid * RANK_RECORD + 1, lo)
+    tl.store(rank_ptr + pid * RANK_RECORD + 2, hi)
+    tl.store(rank_ptr + pid * RANK_RECORD + 3, eps.to(tl.int32, bitcast=True))
     tl.store(mu_ptr + pid * 16 + i, mu.to(tl.float32))
     tl.store(nu_ptr + pid * 16 + i, nu.to(tl.float32))
     tl.store(rd_ptr + pid * 16 + i, rd.to(tl.float32))
@@ -383,7 +399,7 @@ def _factor_buffers(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     nu = torch.empty_like(mu)
     rd = torch.empty_like(mu)
     status = torch.empty(hc.numel() // 256, dtype=torch.int32, device=h.device)
-    rank = torch.empty(*hc.shape[:-2], 3, dtype=torch.int32, device=h.device)
+    rank = torch.empty(*hc.shape[:-2], RANK_RECORD_INTS, dtype=torch.int32, device=h.device)
     return hin, hc, f, mu, nu, rd, rank, status
 
 
@@ -407,11 +423,11 @@ def _refactor_by_eigh(hc: torch.Tensor, f: torch.Tensor, mu: torch.Tensor, nu: t
     mu[sel] = 0.0
     nu[sel] = 0.0
     rd[sel] = 0.0
-    rank[sel] = torch.tensor([0, *_IDENTITY_ORDER], dtype=torch.int32, device=rank.device)
+    rank[sel] = torch.tensor([0, *_IDENTITY_ORDER, 0], dtype=torch.int32, device=rank.device)
 
 
 def factor_order(rank: torch.Tensor) -> torch.Tensor:
-    """The channel at each of F's rows, int64 [..., 16], from prepare_factor's rank record int32 [..., 3]."""
+    """The channel at each of F's rows, int64 [..., 16], from prepare_factor's rank record int32 [..., 4]."""
     words = rank[..., 1:3].long() & 0xFFFFFFFF
     shifts = 4 * torch.arange(8, device=rank.device)
     return torch.cat([(words[..., :1] >> shifts) & 15, (words[..., 1:] >> shifts) & 15], dim=-1)
@@ -720,7 +736,7 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, ra
 
 def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
-    nu, rd, the rank record int32 [..., nb, 3] (rank, F's row order: factor_order), status), one launch; values
+    nu, rd, the rank record int32 [..., nb, 4] (rank, F's row order: factor_order, eps: the module docstring), status), one launch; values
     checked (raises like search_scales). For weights sharing one Hessian."""
     hin, hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
     fast_launch(_factor_kernel, (status.numel(),), (hin, hc, f, mu, nu, rd, rank, status))
