@@ -64,9 +64,9 @@ stopped when the residual's entries are within RANK_EPS_REL (2^-19) of sqrt(H_ii
 the other channels in channel order): F stores G's rows in that order, and the rank record [rank, order, eps] tells
 the sweep in which order to load a block's weights, and eps how far G G^T is from H (fp32 bits of an upper bound on
 the residual's max |E_ik| / sqrt(H_ii H_kk), at most RANK_EPS_REL; about 3 u on a rank-1 fl(x x^T): the sweep's
-error margin takes that, not RANK_EPS_REL: sweep_rows.py, 'Low-rank blocks'). Its product is then 16 r - r (r - 1) / 2 FMAs (16 for rank
-1, 100 for rank 8) and no regularisation term, instead of 136 + 32 (sweep_rows.py, 'Low-rank blocks'); rd = 0
-there. Every other block's order is the identity.
+error margin takes that, not RANK_EPS_REL: sweep_rows.py, 'Low-rank blocks'). Its product is then 16 r - r (r - 1)
+/ 2 FMAs (16 for rank 1, 100 for rank 8) and no regularisation term, instead of 136 + 32 (sweep_rows.py, 'Low-rank
+blocks'); rd = 0 there. Every other block's order is the identity.
 
 Blocks whose fp32 order may be wrong are decided in float64 by a second launch over those blocks only
 (search_triton(exact=True), the default), and a box bound prunes singular blocks (sweep_rows.py's docstring).
@@ -260,8 +260,9 @@ def _low_rank(a, diag0, i):
     |E_ik| <= RANK_EPS sqrt(a_ii a_kk) (original diagonal diag0): (G [16, 16] with columns r.. zero, rows in channel
     order; pos: each channel's step as pivot, 16 for the others; r; ok), ok when that happened within RANK_MAX
     columns, and rel, the residual's largest |E_ik| / sqrt(a_ii a_kk) at the stop. Each step takes the largest
-    remaining diagonal as pivot p and sets the residual's row and column p to exactly 0 (they are 0 up to float64 rounding, far below RANK_EPS): G[p, t'] = 0 for every later step t', so G
-    is lower trapezoidal once its rows are taken in pivot order (_factor_block stores them so)."""
+    remaining diagonal as pivot p and sets the residual's row and column p to exactly 0 (they are 0 up to float64
+    rounding, far below RANK_EPS): G[p, t'] = 0 for every later step t', so G is lower trapezoidal once its rows are
+    taken in pivot order (_factor_block stores them so)."""
     live = diag0 > 0
     isd = tl.where(live, 1.0 / tl.sqrt(tl.where(live, diag0, 1.0)), 0.0)
     g = tl.zeros([16, 16], tl.float64)
@@ -372,8 +373,8 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     key = tl.where(pos < 16, pos, 16 + i)
     row = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
     tl.store(f_ptr + pid * 256 + row[:, None] * 16 + i[None, :], f_out.to(tl.float32))
-    # the rank record [rank, row order packed 4 bits per position: positions 0-7, 8-15, eps's fp32 bits]; channel c at position
-    # row[c] (the nibbles are disjoint, so the sums are ors; int32 wraps the top nibble into the sign bit)
+    # the rank record [rank, row order packed 4 bits per position: positions 0-7, 8-15, eps's fp32 bits]; channel c
+    # at position row[c] (the nibbles are disjoint, so the sums are ors; int32 wraps the top nibble into the sign bit)
     lo = tl.sum(tl.where(row < 8, i << (4 * (row % 8)), 0))
     hi = tl.sum(tl.where(row >= 8, i << (4 * (row % 8)), 0))
     tl.store(rank_ptr + pid * RANK_RECORD, rank)
@@ -736,8 +737,8 @@ def _act_on_flags(flags: list[int], w, g, hessian, method, hc, f, mu, nu, rd, ra
 
 def prepare_factor(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The factor of h [..., nb, 16, 16] for search_triton(factor=...): (fp32 h with the fallback applied, F, mu,
-    nu, rd, the rank record int32 [..., nb, 4] (rank, F's row order: factor_order, eps: the module docstring), status), one launch; values
-    checked (raises like search_scales). For weights sharing one Hessian."""
+    nu, rd, the rank record int32 [..., nb, 4] (rank, F's row order: factor_order, eps: the module docstring),
+    status), one launch; values checked (raises like search_scales). For weights sharing one Hessian."""
     hin, hc, f, mu, nu, rd, rank, status = _factor_buffers(h)
     fast_launch(_factor_kernel, (status.numel(),), (hin, hc, f, mu, nu, rd, rank, status))
     _check_factor_status(int(status.max()), h, hc, f, mu, nu, rd, rank, status)
