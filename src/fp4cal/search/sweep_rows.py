@@ -40,22 +40,26 @@ ill-conditioned Hessians (issue 13):
   the regularisation's 32, r uniform per program; |dw^T E dw| <= RANK_EPS S_H^2, S_H with sqrt(H_kk); the row norms
   sd of G are at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the box bound's error term uses tau = 2 TAU, which covers
   TAU + RANK_EPS (1 + RANK_EPS) with room.
-  The margin of a low-rank block's loss is first order in the loss's norm and takes the block's own residual: a
-  rank-1 block's best losses are far below ||dw||^2 ||H|| (that is why fp32 cannot order them), where TAU S^2 is
-  loose, and its residual is about 3 u, not RANK_EPS = 32 u (an fp32 x x^T; the rank record's eps, kernels.py).
-  With y = G*^T dw (G* the float64 factor, G = fl32(G*)), the computed product ŷ errs by ||ŷ - y|| <= (gamma_16 +
-  u (1 + u)) sum_i |dw_i| ||G_i,:|| <= 17.1 u (1 + 17 u) S <= e = 2^-19 S (FMA chains of at most 16 terms per
-  column; S is computed from sd >= ||G_i,:||). So with L̂ = fl(||ŷ||^2), within gamma_16 ||ŷ||^2 of ||ŷ||^2:
-  |L̂ - ||y||^2| <= e (2 ||ŷ|| + e) + 16 u L̂ (1 + 17 u), ||ŷ|| <= sqrt(L̂) (1 + 9 u); ||y||^2 = dw^T (H - E) dw,
-  |dw^T E dw| <= rel S_H^2 <= rel (1 + 2^-16) S^2 (sqrt(H_kk) <= ||G*_k,:|| / sqrt(1 - rel)), rel the residual's
-  largest |E_ik| / sqrt(H_ii H_kk) (at most RANK_EPS); the float64 loss the reference computes is within 2^-46 S^2
-  of dw^T H dw. So m = e (2.001 sqrt(L̂) + e) + 2^-19 L̂ + (eps + 2^-40) S^2 bounds the error, eps >= rel (1 + 2^-16)
-  from the rank record (fp32 roundings of m itself: a few u of it, inside the room left in e and 2.001). The
-  full-rank margin TAU S^2 is kept: there the recorded blocks are close in fp32 whatever the margin (CPU count over
-  all 126 candidates, bench weight 256 x 1024: 0.78 % of the blocks close to their best with TAU S^2 on a
-  well-conditioned H, 0.73 % with a first-order margin), while on rank-1 blocks this margin leaves 1.4 % with one
-  close candidate and 0.65 % with two or more, instead of 8.3 % and 4.0 % (rank-2: 0.44 % and 0.02 %, instead of
-  0.71 % and 0.12 %).
+  The margin of a low-rank block's loss takes the block's own residual and is first order in the loss: a rank-1
+  block's best losses are far below ||dw||^2 ||H|| (that is why fp32 cannot order them), where TAU S^2 is loose, and
+  its residual is about 3 u, not RANK_EPS = 32 u (an fp32 x x^T; the rank record's eps, kernels.py). With y = G*^T
+  dw (G* the float64 factor, G = fl32(G*)), the computed product ŷ errs by ||ŷ - y|| <= (gamma_16 + u (1 + u))
+  sum_i |dw_i| ||G_i,:|| <= 17.1 u (1 + 17 u) S <= e = 2^-19 S (FMA chains of at most 16 terms per column; S is
+  computed from sd >= ||G_i,:||). With L̂ = fl(||ŷ||^2), within gamma_16 ||ŷ||^2 of ||ŷ||^2, and 2 e ||ŷ|| <= e^2 / k
+  + k ||ŷ||^2 for any k > 0 (k = 2^-14): |L̂ - ||y||^2| <= e (2 ||ŷ|| + e) + 16 u L̂ (1 + 17 u) <= (2^-24 + 2^-38)
+  S^2 + (2^-14 + 2^-20) L̂ (1 + 17 u). ||y||^2 = dw^T (H - E) dw, |dw^T E dw| <= rel S_H^2 <= rel (1 + 2^-16) S^2
+  (sqrt(H_kk) <= ||G*_k,:|| / sqrt(1 - rel)), rel the residual's largest |E_ik| / sqrt(H_ii H_kk) (at most
+  RANK_EPS); the float64 loss the reference computes is within 2^-46 S^2 of dw^T H dw. So the margin m = (eps +
+  LOW_ABS) S^2 + LOW_REL L̂, LOW_ABS = 2^-23, LOW_REL = 2^-13, eps >= rel (1 + 2^-16) from the rank record, bounds
+  the error with room for m's own fp32 roundings (one FMA more per candidate, in every block's code: the same
+  term with LOW_REL = 0 on a full-rank block). A sqrt(L̂) form (m = e (2.001 sqrt(L̂) + e) + ..), tighter by a
+  little, made the full-rank walk 4-6 % slower through the code it added (H200, 3 device calls); this form costs
+  it 1-3 % (and shortens rank-1 walks by 4 %: the bounds compare with a tighter best + margin). The full-rank
+  margin TAU S^2 is kept: there the recorded blocks are close in fp32 whatever the margin
+  (CPU count over all 126 candidates, bench weight 256 x 1024: 0.78 % of the blocks close to their best with TAU
+  S^2 on a well-conditioned H, 0.73 % with a first-order margin), while on rank-1 blocks this margin leaves 1.7 %
+  with one close candidate and 0.8 % with two or more, instead of 8.3 % and 4.0 % (rank-2: 0.46 % and 0.04 %,
+  instead of 0.71 % and 0.12 %).
 """
 
 from __future__ import annotations
@@ -78,10 +82,10 @@ from fp4cal.search.kernel_common import (
 )
 
 TAU: tl.constexpr = tl.constexpr(2.0**-18)  # fp32 loss error bound, in units of S^2 (module docstring)
-# Low-rank blocks' margin (module docstring, 'Low-rank blocks'): the product's error e = PROD_ERR S, and the absolute
-# term added to the block's eps (the float64 reference's own rounding)
-PROD_ERR: tl.constexpr = tl.constexpr(2.0**-19)
-LOW_ABS: tl.constexpr = tl.constexpr(2.0**-40)
+# Low-rank blocks' margin (module docstring, 'Low-rank blocks'): (eps + LOW_ABS) S^2 + LOW_REL L, eps the block's
+# residual bound from its rank record
+LOW_REL: tl.constexpr = tl.constexpr(2.0**-13)
+LOW_ABS: tl.constexpr = tl.constexpr(2.0**-23)
 # A bound must exceed the best by this factor (fp32 bound arithmetic), and exceed 0: on a singular block the loss
 # ||F^T dw||^2 - sum rd dw^2 can be slightly negative (H's fp32 rounding noise), while a trivial bound is 0.
 SLACK: tl.constexpr = tl.constexpr(1.0001)
@@ -205,7 +209,7 @@ def _weighted_l1(d, sd):
 
 
 @triton.jit
-def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, fv, sd, rd, reg, lr, tau,
+def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, fv, sd, rd, reg, lr, tau, lrel,
               HESSIAN: tl.constexpr):
     """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
@@ -217,18 +221,16 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, f
     it."""
     d = _errors(w, s, r)
     if HESSIAN:
-        sw = _weighted_l1(d, sd)
         if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
             loss = _quad_trap(d, fv, lr)
-            # first order in the loss's norm, with the block's own residual (module docstring, 'Low-rank blocks';
-            # tau = eps + LOW_ABS here)
-            e = sw * PROD_ERR
-            mar = e * (2.001 * tl.sqrt(loss) + e) + loss * PROD_ERR + sw * sw * tau
         else:
             loss = _quad(d, fv)
             if reg:  # uniform: the block column's factor is regularised (singular H)
                 loss = loss - _reg_term(d, rd)
-            mar = sw * sw * tau
+        sw = _weighted_l1(d, sd)
+        # tau S^2 + lrel loss: lrel = 0 on a full-rank block; on a low-rank one the first-order margin (module
+        # docstring, 'Low-rank blocks'), tau = eps + LOW_ABS
+        mar = tl.fma(loss, lrel, sw * sw * tau)
     else:
         loss = tl.zeros(s.shape, tl.float32)
         for k in tl.static_range(16):
@@ -461,7 +463,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
     plo = 0
     phi = 0
     tau = TAU
-    box_tau = TAU
+    lrel = 0.0
     fv = ()
     if HESSIAN:
         fv = _load_tri(fb)
@@ -470,9 +472,9 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         lr = tl.load(rp)
         plo = tl.load(rp + 1)
         phi = tl.load(rp + 2)
-        box_tau = tl.where(lr > 0, 2.0 * TAU, TAU)
         # the margin's S^2 coefficient: TAU, or on a low-rank block its residual bound eps (kernels._factor_block)
         tau = tl.where(lr > 0, tl.load(rp + 3).to(tl.float32, bitcast=True) + LOW_ABS, TAU)
+        lrel = tl.where(lr > 0, LOW_REL, 0.0)
         # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding, channel F's row k), shared by the program's blocks; F is
         # lower triangular (trapezoidal for a low-rank G)
         for k in tl.static_range(16):
@@ -585,7 +587,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                 c_hi = tl.where(live & ~down, cc, c_hi)
             s, r = _candidate(s_ptr, r_ptr, cc, sg, FUSED)
             best, bmar, best_idx, low1, low2, r1 = _consider(w, cc, s, r, live, down, best, bmar, best_idx, low1,
-                                                             low2, r1, fv, sd, rd, reg, lr, tau, HESSIAN)
+                                                             low2, r1, fv, sd, rd, reg, lr, tau, lrel,
+                                                             HESSIAN)
             c = tl.where(down, c - 1, c + 1)
             if u == UNROLL - 1:
                 # the bounds, tested at the next candidate each lane would try (covering it and all beyond)
@@ -599,7 +602,8 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                     # the box bound costs a product: tested at every BOX_EVERY-th check (kernels._BOX_EVERY, measured:
                     # 4, every 4 UNROLL candidates); a few candidates more per block, a quarter of the products
                     if weak & ((steps // UNROLL) % BOX_EVERY == 0):
-                        bound = tl.maximum(bound, _box_bound(w, s_next, fv, sd, rd, lr, box_tau))
+                        bound = tl.maximum(bound, _box_bound(w, s_next, fv, sd, rd, lr,
+                                                             tl.where(lr > 0, 2.0 * TAU, TAU)))
                 stop = down & (bound > thr)
                 if HESSIAN:
                     if clip:
