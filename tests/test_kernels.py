@@ -136,6 +136,29 @@ def test_near_ties_decided_in_float64_by_default(lanes, device_for_kernels, monk
         assert mode1 + mode2 > 0
 
 
+def test_low_rank_margin_records_few_blocks(device_for_kernels):
+    """A low-rank block's fp32 margin takes its own residual and is first order in the loss (sweep_rows.py,
+    'Low-rank blocks'), so on rank-1 block Hessians the sweep records few blocks for the float64 pass: 18 of these
+    1024 (12 pairs, 6 full), where the margin (2 TAU) S^2 recorded 83 (46 and 37; the eleventh session's sources).
+    The count must stay under 6 %, and the picks exact."""
+    from fp4cal.search.kernels import search_triton, sweep_programs
+
+    gen = torch.Generator().manual_seed(21)
+    w = (torch.randn(256, 64, generator=gen) * 0.02).to(torch.bfloat16).to(device_for_kernels)
+    g = check_global_amax(None, w)
+    h = make_ill_hessian("rank1", 64, device_for_kernels, seed=22)
+    stats = torch.zeros(sweep_programs(w), 4, dtype=torch.int32, device=device_for_kernels)
+    got = search_triton(w, "local_hessian", g, h, stats=stats)
+    rec = stats[:, 3].long()
+    mode1, mode2 = int((rec & 0xFFFF).sum()), int((rec >> 16).sum())
+    blocks = w.numel() // 16
+    print(f"rank-1 blocks recorded for the float64 pass: {mode1} pairs, {mode2} full, of {blocks}")
+    assert mode1 + mode2 > 0  # rank-1 blocks do have close candidates: the pass is exercised
+    assert mode1 + mode2 < 0.06 * blocks, (mode1, mode2)
+    rep = compare_picks(w, g, got, search_reference(w, "local_hessian", g, h), h)
+    assert rep.bad == 0, f"{rep.bad} picks differ beyond a 1e-6 tie (worst gap {rep.worst_rel_gap:.3e})"
+
+
 def test_float64_pass_on_a_hessian_that_is_not_symmetric(device_for_kernels):
     """The float64 pass holds a symmetric block's H as its upper triangle (2 H_ik for both); a block whose H_ik !=
     H_ki is read from memory instead. Near-tie rank-1 blocks with an antisymmetric part added: reading H's upper

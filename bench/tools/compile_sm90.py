@@ -84,7 +84,7 @@ def main():
         from fp4cal.search import kernels
 
         # search_triton's launch on one 2-D weight: n_e = 1 (the JIT makes it the constant 1, as stride_wc)
-        const = dict(n_e=1, FACTOR=True, SCAN=False, SR=16, SC=128)
+        const = dict(n_e=1, FACTOR=True, SCAN=False, SR=16, SC=128, SL=4)
         compile_one(kernels._prep_kernel, const, dict(num_warps=4, enable_fp_fusion=True), args.out, "prep_factor")
     if not args.no_sweep:
         for exact in ([args.exact] if args.exact is not None else [0, 1]):

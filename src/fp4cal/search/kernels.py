@@ -112,7 +112,6 @@ from fp4cal.validation import BLOCK, check_finite, check_global_amax_values
 _SCAN_ROWS = 16  # weight rows per value-scan program of _prep_kernel
 _SCAN_COLS = 128  # columns per load of a value-scan program
 _SCAN_LOADS = 4  # loads per value-scan program (independent: issued together)
-SCAN_LOADS: tl.constexpr = tl.constexpr(_SCAN_LOADS)
 PSD_TOL: tl.constexpr = tl.constexpr(PSD_RTOL)
 # Regularisation of singular blocks, relative to each channel's diagonal (module docstring, 'Singular blocks'):
 # above the fp32 rounding noise of a computed X^T X / n (a few 1e-7 of sqrt(H_ii H_kk) per entry), so that
@@ -182,19 +181,19 @@ def _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, e):
 
 
 @triton.jit
-def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stride_wc, SR: tl.constexpr,
-               SC: tl.constexpr):
+def _scan_tile(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stride_wc, SR: tl.constexpr,
+               SC: tl.constexpr, SL: tl.constexpr):
     """Flag 0 if any weight of tile p of w (viewed as [E * cout, cin]) is not finite: rows [r * SR, (r + 1) * SR),
-    columns [c * SCAN_LOADS * SC, (c + 1) * SCAN_LOADS * SC), p = r * ceil(cin / (SCAN_LOADS * SC)) + c. A program
+    columns [c * SL * SC, (c + 1) * SL * SC) in SL loads of SC, p = r * ceil(cin / (SL * SC)) + c. A program
     scanning whole rows ran 32 dependent loads on 4096-column weights, longer than the Hessian factor it runs
     beside (H200: 31 instead of 21 us for the prep kernel of a 1024 x 4096 weight)."""
-    n_ct = (cin + SCAN_LOADS * SC - 1) // (SCAN_LOADS * SC)
+    n_ct = (cin + SL * SC - 1) // (SL * SC)
     rr = (p // n_ct) * SR + tl.arange(0, SR).to(tl.int64)
-    c0 = (p % n_ct) * (SCAN_LOADS * SC)
+    c0 = (p % n_ct) * (SL * SC)
     e = rr // cout
     base = e * stride_we + (rr - e * cout) * stride_wr
     n_bad = tl.zeros([SR, SC], tl.int32)
-    for k in tl.static_range(SCAN_LOADS):
+    for k in tl.static_range(SL):
         cols = c0 + k * SC + tl.arange(0, SC)
         m = (rr < n_rows)[:, None] & (cols < cin)[None, :]
         x = tl.load(w_ptr + base[:, None] + cols[None, :].to(tl.int64) * stride_wc, mask=m, other=0.0)
@@ -206,11 +205,11 @@ def _scan_rows(w_ptr, flag_ptr, p, n_rows, cout, cin, stride_we, stride_wr, stri
 def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr,
                  status_ptr, w_ptr, n_e, n_hb,
                  n_rows, cout, cin, stride_we, stride_wr, stride_wc, FACTOR: tl.constexpr, SCAN: tl.constexpr,
-                 SR: tl.constexpr, SC: tl.constexpr):
+                 SR: tl.constexpr, SC: tl.constexpr, SL: tl.constexpr):
     """Everything the sweep needs, in one launch (host launches are the cost of small calls). Programs
     [0, n_e): candidate tables and global-amax flags; then n_hb programs (FACTOR): one Hessian block each
-    (_factor_block, worst status to flag 3); then (SCAN) programs of SR weight rows each: flag 0 on a
-    non-finite weight. Flags must be zero on entry."""
+    (_factor_block, worst status to flag 3); then (SCAN) programs of SR weight rows and SL x SC columns each
+    (_scan_tile): flag 0 on a non-finite weight. Flags must be zero on entry."""
     pid = tl.program_id(0)
     if pid < n_e:
         _table_row(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, pid.to(tl.int64))
@@ -220,8 +219,8 @@ def _prep_kernel(g_ptr, v_ptr, s_ptr, r_ptr, flag_ptr, hin_ptr, h_ptr, f_ptr, mu
                           (pid - n_e).to(tl.int64), True)
     else:
         if SCAN:
-            _scan_rows(w_ptr, flag_ptr, (pid - n_e - n_hb).to(tl.int64), n_rows, cout, cin, stride_we, stride_wr,
-                       stride_wc, SR, SC)
+            _scan_tile(w_ptr, flag_ptr, (pid - n_e - n_hb).to(tl.int64), n_rows, cout, cin, stride_we, stride_wr,
+                       stride_wc, SR, SC, SL)
 
 
 @triton.jit
@@ -679,7 +678,7 @@ def search_triton(
         fast_launch(_prep_kernel, (n_e + n_hb + n_scan,), (
             g1, v_tab, s_tab, r_tab, flags, *factor_bufs, w3, n_e, n_hb, n_e * cout, cout, cin,
             w3.stride(0), w3.stride(1), w3.stride(2)),
-            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=_SCAN_COLS,
+            FACTOR=n_hb > 0, SCAN=n_scan > 0, SR=_SCAN_ROWS, SC=_SCAN_COLS, SL=_SCAN_LOADS,
         )  # fmt: skip
     if sync and dev.type == "cuda" and not fused:
         # the flags' copy on a side stream, after the prep kernel: in the call's own stream it held the sweep back

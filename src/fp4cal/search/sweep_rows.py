@@ -402,9 +402,10 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                        stats_ptr, loss_ptr, cnt_ptr, list_ptr, cap, cout, nb, chunk, stride_we, stride_wr, stride_wc,
                        stride_fe, stride_oe,
                        HESSIAN: tl.constexpr, STATS: tl.constexpr, BR: tl.constexpr, FUSED: tl.constexpr,
-                       LOSSES: tl.constexpr = False, EXACT: tl.constexpr = False, UNROLL: tl.constexpr = 2,
-                       REFILL: tl.constexpr = 8, BOX_EVERY: tl.constexpr = 2):
-    """Grid (row chunks of `chunk` rows, block columns, tensors); one block per lane, BR lanes.
+                       LOSSES: tl.constexpr, EXACT: tl.constexpr, UNROLL: tl.constexpr, REFILL: tl.constexpr,
+                       BOX_EVERY: tl.constexpr):
+    """Grid (row chunks of `chunk` rows, block columns, tensors); one block per lane, BR lanes. No defaults for the
+    settings: search_triton passes kernels.py's measured ones (_UNROLL, _REFILL_LANES, _BOX_EVERY).
 
     Lane refill: blocks walk different numbers of candidates (CPU simulation, 512 x 1024: 17 on average but 31 for
     the slowest of 32 on well-conditioned Hessians, 52 and 100 on rank-1 ones), and a warp runs as long as its
