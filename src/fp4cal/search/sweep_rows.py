@@ -53,9 +53,10 @@ ill-conditioned Hessians (issue 13):
   LOW_ABS) S^2 + LOW_REL L̂, LOW_ABS = 2^-23, LOW_REL = 2^-13, eps >= rel (1 + 2^-16) from the rank record, bounds
   the error with room for m's own fp32 roundings (one FMA more per candidate, in every block's code: the same
   term with LOW_REL = 0 on a full-rank block). A sqrt(L̂) form (m = e (2.001 sqrt(L̂) + e) + ..), tighter by a
-  little, made the full-rank walk 4-6 % slower through the code it added (H200, 3 device calls); this form costs
-  it 1-3 % (and shortens rank-1 walks by 4 %: the bounds compare with a tighter best + margin). The full-rank
-  margin TAU S^2 is kept: there the recorded blocks are close in fp32 whatever the margin
+  little, made the sweep 2-4 % slower on well-conditioned Hessians and 4-6 % on the collinear family (a third of
+  whose walk steps are in low-rank programs of rank 8-15) through the code it added (H200, 3 device calls); this
+  form costs 0-1 % and 1-2.6 % there (and shortens rank-1 walks by 4 %: the bounds compare with a tighter best +
+  margin). The full-rank margin TAU S^2 is kept: there the recorded blocks are close in fp32 whatever the margin
   (CPU count over all 126 candidates, bench weight 256 x 1024: 0.78 % of the blocks close to their best with TAU
   S^2 on a well-conditioned H, 0.73 % with a first-order margin), while on rank-1 blocks this margin leaves 1.7 %
   with one close candidate and 0.8 % with two or more, instead of 8.3 % and 4.0 % (rank-2: 0.46 % and 0.04 %,
