@@ -95,7 +95,7 @@ def main():
             maxnreg = getattr(kernels, "_MAXNREG_HESSIAN", 168)
             const = dict(HESSIAN=True, STATS=False, BR=32, FUSED=False, LOSSES=False, EXACT=bool(exact),
                          UNROLL=getattr(kernels, "_UNROLL", 2), REFILL=refill)
-            if hasattr(kernels, "_BOX_EVERY"):  # since the tenth session; the kernel's default is not the launch's
+            if hasattr(kernels, "_BOX_EVERY"):  # since the tenth session (older sweeps take their default)
                 const["BOX_EVERY"] = kernels._BOX_EVERY
             compile_one(sweep_rows._sweep_rows_kernel, const,
                         dict(num_warps=1, maxnreg=maxnreg, enable_fp_fusion=False), args.out, f"sweep_exact{exact}")

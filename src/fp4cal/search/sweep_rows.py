@@ -214,12 +214,11 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, f
               HESSIAN: tl.constexpr):
     """Try candidate cc (per block) at scale s, r; returns the updated (best, bmar, best_idx, low1, low2, r1).
 
-    best: fp32 loss of the best so far; bmar: its error margin (TAU S^2; first order on a low-rank block: module
-    docstring). down [BR]: the lane's walk goes down,
-    so '<=' keeps the smaller candidate on ties; up: strict '<'. HESSIAN: the runner-up record (module docstring, 'Exact
-    picks'): low1 <= low2 the two smallest lower ends loss - margin of the candidates tried that are not the
-    best, r1 the index of the first; the candidate that loses this comparison (the old best when cc wins) enters
-    it."""
+    best: fp32 loss of the best so far; bmar: its error margin (tau S^2 + lrel loss: TAU S^2 on a full-rank block,
+    first order on a low-rank one, module docstring). down [BR]: the lane's walk goes down, so '<=' keeps the
+    smaller candidate on ties; up: strict '<'. HESSIAN: the runner-up record (module docstring, 'Exact picks'):
+    low1 <= low2 the two smallest lower ends loss - margin of the candidates tried that are not the best, r1 the
+    index of the first; the candidate that loses this comparison (the old best when cc wins) enters it."""
     d = _errors(w, s, r)
     if HESSIAN:
         if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
