@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, "src")
+sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else "src")  # another checkout
 sys.path.insert(0, "tests")
 sys.path.insert(0, "bench")
 from bench_search import family_hessian, family_weight  # noqa: E402
@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--shape", default="1024x4096")
     ap.add_argument("--family", default="collinear")
     ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--src", default="src", help="the fp4cal sources to run (another commit's src/, extracted)")
     args = ap.parse_args()
     cout, cin = map(int, args.shape.split("x"))
     w, g = family_weight(cout, cin)

@@ -107,6 +107,20 @@ def _load_tri(fb):
 
 
 @triton.jit
+def _row_norms(fv):
+    """sd_k = ||F_k,:|| (1 + 1e-6), an upper bound on F's row norms (= sqrt(H_kk) up to rounding), shared by the
+    program's blocks; fv: _load_tri's entries of the lower-triangular F (trapezoidal for a low-rank G)."""
+    sd = ()
+    for k in tl.static_range(16):
+        acc = 0.0
+        for i in tl.static_range(k + 1):
+            fki = fv[16 * i - (i * (i - 1)) // 2 + k - i]
+            acc = acc + fki * fki
+        sd = sd + (tl.sqrt(acc) * (1.0 + 1e-6),)
+    return sd
+
+
+@triton.jit
 def _quad(d, fv):
     """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fv: _load_tri's 136 entries of the lower-triangular F. Column k's
     sum has 16 - k terms, so the squares are added from the last column (ready first) to the first (ready last):
@@ -476,14 +490,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
         # the margin's S^2 coefficient: TAU, or on a low-rank block its residual bound eps (kernels._factor_block)
         tau = tl.where(lr > 0, tl.load(rp + 3).to(tl.float32, bitcast=True) + LOW_ABS, TAU)
         lrel = tl.where(lr > 0, LOW_REL, 0.0)
-        # sd_k = ||F_k,:|| (= sqrt(H_kk) up to rounding, channel F's row k), shared by the program's blocks; F is
-        # lower triangular (trapezoidal for a low-rank G)
-        for k in tl.static_range(16):
-            acc = 0.0
-            for i in tl.static_range(k + 1):
-                fki = fv[16 * i - (i * (i - 1)) // 2 + k - i]
-                acc = acc + fki * fki
-            sd = sd + (tl.sqrt(acc) * (1.0 + 1e-6),)
+        sd = _row_norms(fv)
         # the box bound costs a product per test: only where the diagonal bound nu is 0 (Gershgorin fails:
         # singular blocks, strongly correlated channels), where the clipping bound is weak
         nsum = 0.0
