@@ -97,7 +97,9 @@ def simulate(w, g, h, rank_eps=None):
         e = torch.where(a >= six, a - six, 0.0).double() ** 2
         return torch.maximum((e * mu).amax(-1), (e * nu).sum(-1))
 
-    def boxb(sn, tight=False):
+    def boxb(sn, tight=False, col=False):
+        """The box bound at sn; col: also its column-wise form sum_t max(|F[:, t] . m| - |F[:, t]| . rho, 0)^2
+        (thirteenth session, BENCHMARKS.md: shorter walks on near-collinear and low-rank blocks), the larger."""
         six = sn * 6.0
         sc = sn.unsqueeze(-1).double()
         ad = a.double()
@@ -112,6 +114,9 @@ def simulate(w, g, h, rank_eps=None):
         rad_ = (rho * sd).sum(-1)
         big = (ad * sd).sum(-1)
         nrm = ((z * z).sum(-1).sqrt() * (1 - 1e-5) - rad_ - 1e-5 * big).clamp_min(0)
+        if col:
+            r_col = torch.einsum("rnk,nkl->rnl", rho, F.abs())
+            nrm = torch.maximum(nrm, (z.abs() - r_col).clamp_min(0).norm(dim=-1) * (1 - 1e-5) - 2.0**-16 * big)
         return nrm * nrm - big * big * TAU - (w.reshape(cout, nb, 16).double() ** 2 * rd).sum(-1)
 
     def upb(sh):
@@ -170,7 +175,7 @@ def simulate(w, g, h, rank_eps=None):
     torch.arange(cout)[:, None].expand(cout, nb)
     torch.arange(nb)[None, :].expand(cout, nb)
 
-    def run(upbox_on=False, box_every=2, two=False, mu_rule=False, tight=False, per_block=False):
+    def run(upbox_on=False, box_every=2, two=False, mu_rule=False, tight=False, per_block=False, col=False):
         best = torch.full((cout, nb), math.inf, dtype=torch.float64)
         bmar = torch.zeros_like(best)
         bidx = torch.zeros(cout, nb, dtype=torch.long)
@@ -212,7 +217,7 @@ def simulate(w, g, h, rank_eps=None):
                     if mu_rule:
                         bd = torch.where(no_mu[None, :], 0.0, bd)
                     if (it // 2) % box_every == 0:
-                        bx = boxb(sn, tight)
+                        bx = boxb(sn, tight, col)
                         if two:
                             bx = torch.maximum(bx, boxb2(sn))
                         bd = torch.where(weak[None, :], torch.maximum(bd, bx), bd)
@@ -268,6 +273,22 @@ def simulate(w, g, h, rank_eps=None):
     return run, (L, top, zero_at, sing)
 
 
+def oracle(L, top, zero_at):
+    """The walk an oracle would take (BENCHMARKS.md, thirteenth session): per block, the candidates from the top down
+    until every candidate below is worse than the block's best, and from top + 1 up until every one above is;
+    returns (mean down, mean up). L [126, rows, nb] float64 losses; top, zero_at [rows, nb]."""
+    n = L.shape[0]
+    best = L.min(0).values
+    idx = torch.arange(n)[:, None, None]
+    worse_below = torch.cummin(L, 0).values > best  # every candidate at or below c is worse than the best
+    stop_below = torch.cat([torch.ones_like(worse_below[:1]), worse_below[:-1]])  # ... every one below c
+    c_down = torch.where((idx <= top) & stop_below, idx, torch.full_like(idx.expand_as(L), -1)).amax(0)
+    worse_above = torch.flip(torch.cummin(torch.flip(L, [0]), 0).values, [0]) > best
+    stop_above = torch.cat([worse_above[1:], torch.ones_like(worse_above[:1])])
+    c_up = torch.where((idx > top) & stop_above, idx, torch.full_like(idx.expand_as(L), n)).amin(0)
+    return float((top - c_down + 1).double().mean()), float((torch.minimum(c_up, zero_at) - top).double().mean())
+
+
 def weights(cout, cin, seed=3):
     torch.manual_seed(seed)
     w = torch.randn(cout, cin) * 0.02
@@ -283,9 +304,11 @@ if __name__ == "__main__":
     for fam in fams:
         print(fam, flush=True)
         h = make_case_h(cin) if fam == "well" else make_ill_hessian(fam, cin, seed=0)
-        run, _ = simulate(w, g, h)
+        run, (L, top, zero_at, _) = simulate(w, g, h)
+        print(fam, "oracle (down, up)", oracle(L, top, zero_at), flush=True)
         variants = [("base", {}), ("tight", dict(tight=True)), ("box3", dict(box_every=3)),
-                    ("tight_box3", dict(tight=True, box_every=3)), ("tight_box1", dict(tight=True, box_every=1))]
+                    ("tight_box3", dict(tight=True, box_every=3)), ("tight_box1", dict(tight=True, box_every=1)),
+                    ("col_box4", dict(col=True, box_every=4))]
         for name, kw in variants:
             r = run(**kw)
             print(fam, name, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
