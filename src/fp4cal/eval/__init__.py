@@ -6,7 +6,8 @@
 
 from fp4cal.eval.metrics import OutputError, Perplexity, block_quadratic, cosine, hessian_weighted_error, mean_pool
 from fp4cal.eval.report import format_summary, summarize, to_json, to_markdown, write_report
-from fp4cal.eval.runner import EvalResult, LayerEval, check_methods, evaluate, model_kind
+from fp4cal.eval.result import EvalResult, LayerEval, model_kind
+from fp4cal.eval.runner import check_methods, evaluate
 
 __all__ = [
     "EvalResult",

@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from fp4cal.eval.runner import EvalResult
+from fp4cal.eval.result import EvalResult
 from fp4cal.export.io import write_bytes_atomic
 
 STYLE = {

@@ -11,7 +11,7 @@ import statistics
 import warnings
 from pathlib import Path
 
-from fp4cal.eval.runner import CAUSAL_LM, FULL_PRECISION, EvalResult
+from fp4cal.eval.result import CAUSAL_LM, FULL_PRECISION, EvalResult
 from fp4cal.export.io import write_bytes_atomic
 
 METRIC_LABEL = {"perplexity": "perplexity (held-out)", "mean_cosine": "embedding cosine vs full precision (mean)"}
