@@ -222,6 +222,17 @@ def nv() -> types.SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
+def device_for_kernels():
+    """Where the Triton kernels run: 'cpu' under the interpreter (TRITON_INTERPRET=1, set above without a GPU),
+    'cuda' on a GPU; the test is skipped otherwise."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(scope="module")
 def torch_single_thread():
     """Run a module's tiny-tensor tests on one torch thread, then restore the thread count.
 

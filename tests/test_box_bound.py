@@ -4,8 +4,6 @@ bound'). Triton interpreter on CPU, the compiled kernel on a GPU."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import triton
@@ -19,15 +17,6 @@ from fp4cal.search.reference import block_error, candidate_block_scales
 from fp4cal.search.sweep_rows import TAU, _box_bound, _load_block, _load_tri, _row_norms
 from fp4cal.validation import check_global_amax
 from kernel_cases import make_hessian, make_ill_hessian, make_weight
-
-
-@pytest.fixture(scope="module")
-def device_for_kernels():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")
 
 
 @triton.jit

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -43,17 +42,6 @@ def _assert_parity(w, g_arg, method, h, label):
     print(f"{label}: {rep.differing} differing of {rep.blocks} blocks, {rep.ties} float64 ties")
     assert rep.bad == 0, f"{label}: {rep.bad} blocks differ beyond a 1e-6 tie (worst gap {rep.worst_rel_gap:.3e})"
     return rep
-
-
-
-
-@pytest.fixture(scope="module")
-def device_for_kernels():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
