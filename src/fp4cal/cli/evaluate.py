@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fp4cal.calib.data import read_text_file
 from fp4cal.cli.common import CliError, check_min, check_report_dir, parse_device
-from fp4cal.cli.quantize import DTYPES, load_model_for_run
+from fp4cal.cli.model import DTYPES, load_model_for_run
 
 DEFAULT_METHODS = "max,mse,local_hessian"
 

