@@ -14,7 +14,7 @@ from fp4cal.search import kernels
 from fp4cal.search.hessian_blocks import with_fallback
 from fp4cal.search.kernel_common import RANK_RECORD
 from fp4cal.search.reference import block_error, candidate_block_scales
-from fp4cal.search.sweep_rows import TAU, _box_bound, _load_block, _load_tri, _row_norms
+from fp4cal.search.sweep_rows import _box_bound, _load_block, _load_tri, _row_norms
 from fp4cal.validation import check_global_amax
 from kernel_cases import make_hessian, make_ill_hessian, make_weight
 
@@ -22,7 +22,7 @@ from kernel_cases import make_hessian, make_ill_hessian, make_weight
 @triton.jit
 def _box_probe(w_ptr, f_ptr, rank_ptr, rd_ptr, s_ptr, out_ptr, cout, cin, n_cand, c_step, BR: tl.constexpr):
     """out[c, row, j] = _box_bound of row's block j at s_c, set up as the sweep sets it up (F, its row order, sd,
-    rd, tau), for c = 0, c_step, 2 c_step, .. < n_cand; one block column per program, rows 0..BR-1."""
+    rd), for c = 0, c_step, 2 c_step, .. < n_cand; one block column per program, rows 0..BR-1."""
     j = tl.program_id(0).to(tl.int64)
     nb = cin // 16
     rows = tl.arange(0, BR).to(tl.int64)
@@ -35,10 +35,9 @@ def _box_probe(w_ptr, f_ptr, rank_ptr, rd_ptr, s_ptr, out_ptr, cout, cin, n_cand
     rd = ()
     for k in tl.static_range(16):
         rd = rd + (tl.load(rd_ptr + j * 16 + k),)
-    tau = tl.where(lr > 0, 2.0 * TAU, TAU)
     for c in range(0, n_cand, c_step):
         s = tl.zeros([BR], tl.float32) + tl.load(s_ptr + c)
-        b = _box_bound(w, s, fv, sd, rd, lr, tau)
+        b = _box_bound(w, s, fv, sd, rd, lr)
         tl.store(out_ptr + (c * cout + rows) * nb + j, b, mask=ok)
 
 

@@ -319,7 +319,7 @@ def _factor_block(hin_ptr, h_ptr, f_ptr, mu_ptr, nu_ptr, rd_ptr, rank_ptr, statu
     failed = indefinite
     rd = tl.zeros([16], tl.float64)
     rank = tl.where(singular, 0, 0)
-    eps = tl.where(singular, 0.0, 0.0).to(tl.float32)  # 0: not a low-rank block
+    eps = tl.where(singular, 0.0, 0.0)  # fp32 0: not a low-rank block
     f_out = lower
     pos = tl.full([16], 16, tl.int32)  # pivot steps (16: none): the identity row order
     mu = tl.zeros([16], tl.float64)  # no bound from a singular H

@@ -288,10 +288,12 @@ def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
 
 
 @triton.jit
-def _box_bound(w, s, fv, sd, rd, lr, tau):
+def _box_bound(w, s, fv, sd, rd, lr):
     """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the
-    fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, TAU * (sum sd |w|)^2), and
-    the regularisation of a singular block's factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
+    fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, tau * (sum sd |w|)^2, tau = TAU,
+    2 TAU on a low-rank block: module docstring, 'Low-rank blocks'), and the regularisation of a singular block's
+    factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
+    tau = tl.where(lr > 0, 2.0 * TAU, TAU)
     six = s * E2M1_TOP
     m = ()
     rad = tl.zeros(s.shape, tl.float32)
@@ -610,8 +612,7 @@ def _sweep_rows_kernel(w_ptr, g_ptr, v_ptr, s_tab_ptr, r_tab_ptr, f_ptr, mu_ptr,
                     # the box bound costs a product: tested at every BOX_EVERY-th check (kernels._BOX_EVERY, measured:
                     # 4, every 4 UNROLL candidates); a few candidates more per block, a quarter of the products
                     if weak & ((steps // UNROLL) % BOX_EVERY == 0):
-                        bound = tl.maximum(bound, _box_bound(w, s_next, fv, sd, rd, lr,
-                                                             tl.where(lr > 0, 2.0 * TAU, TAU)))
+                        bound = tl.maximum(bound, _box_bound(w, s_next, fv, sd, rd, lr))
                 stop = down & (bound > thr)
                 if HESSIAN:
                     if clip:
