@@ -64,9 +64,9 @@ stopped when the residual's entries are within RANK_EPS_REL (2^-19) of sqrt(H_ii
 the other channels in channel order): F stores G's rows in that order, and the rank record [rank, order, eps] tells
 the sweep in which order to load a block's weights, and eps how far G G^T is from H (fp32 bits of an upper bound on
 the residual's max |E_ik| / sqrt(H_ii H_kk), at most RANK_EPS_REL; about 3 u on a rank-1 fl(x x^T): the sweep's
-error margin takes that, not RANK_EPS_REL: sweep_rows.py, 'Low-rank blocks'). Its product is then 16 r - r (r - 1)
-/ 2 FMAs (16 for rank 1, 100 for rank 8) and no regularisation term, instead of 136 + 32 (sweep_rows.py, 'Low-rank
-blocks'); rd = 0 there. Every other block's order is the identity.
+error margin takes that, not RANK_EPS_REL: sweep_rows.py, 'Low-rank blocks'). Its product then costs the FMAs of
+G's columns (by groups: 16 for rank 1, 100 for rank 8) and no regularisation term, instead of 136 + 32
+(sweep_rows.py, 'Low-rank blocks'); rd = 0 there. Every other block's order is the identity.
 
 Blocks whose fp32 order may be wrong are decided in float64 by a second launch over those blocks only
 (search_triton(exact=True), the default), and a box bound prunes singular blocks (sweep_rows.py's docstring).
@@ -145,7 +145,9 @@ _UNROLL = 2  # candidates per lane between two tests of the bounds
 # alone (bench/tools/kernel_times.py --fp32-only, tenth session), every 2nd / 3rd / 4th test: q/o collinear 1675 /
 # 1595 / 1556 us, rank-8 1506 / 1443 / 1419, rank-1 1213 / 1165 / 1146; k/v collinear 456 / 438 / 431 (the walks
 # grow by a candidate or two; a test costs a 16 x 16 product and the box's 16 intervals); every 6th / 8th (eleventh
-# session): q/o collinear 1541 / 1548 us against 1556, rank-8 1429 / 1435 against 1419: no gain left
+# session): q/o collinear 1541 / 1548 us against 1556, rank-8 1429 / 1435 against 1419: no gain left. With the
+# column-wise bound (fourteenth session, exact picks), every 2nd / 3rd / 4th: q/o collinear 1332 / 1274 / 1260 us,
+# rank-8 1372 / 1317 / 1294, k/v collinear 359 / 342 / 338
 _BOX_EVERY = 4
 _FILL_WAVES = True
 _PROGRAMS_PER_SM = 8

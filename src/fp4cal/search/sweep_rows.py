@@ -27,7 +27,19 @@ ill-conditioned Hessians (issue 13):
 - The box bound for the downward walk, which needs no definite H (mu = 0 on singular blocks, where the
   clipping bound is 0): at every candidate at or below scale s each signed error lies in an interval (a weight
   with |w| >= 6 s clips, its error grows from |w| - 6 s towards |w|; any other error lies in [-min(s, |w|), |w|]),
-  so with m the interval centres and rho their half widths, sqrt(dw^T H dw) >= ||F^T m|| - sum_i rho_i sd_i.
+  so with m the interval centres and rho their half widths, column by column of F (dw^T F F^T dw = sum_t (F[:, t]
+  . dw)^2, |F[:, t] . dw| >= |F[:, t] . m| - |F[:, t]| . rho): ||F^T dw||^2 >= sum_t max(|F[:, t] . m| - |F[:, t]| .
+  rho, 0)^2. The column form is the strong one on near-collinear channel pairs: a column of F is then nearly one
+  pair, and its radius holds two channels' half widths, where the norm form, ||F^T m|| - sum_i rho_i ||F_i,:||,
+  holds all sixteen (H200, k/v collinear: 52.6 -> 41.4 candidates per block). fp32: rho is padded by 1e-5 (|w| +
+  s) >= 10 gamma_16 (|m| + rho), which covers the rounding of both column sums, and the sum of squares is scaled by
+  1 - 1e-5.
+- One product: a full-rank block's F is a low-rank G of 16 columns, so the walk's products (the candidate's loss
+  and the box bound) run one code path, _columns, for every kind of block. With a separate triangular product
+  for full-rank blocks the walk loop's code did not stay in the instruction cache: the column-form box bound
+  then cost what its shorter walks saved (thirteenth session: 1.1 of 3.66 cycles per issued instruction were
+  instruction-fetch stalls); with one path it pays (fourteenth session, H200 sweep: collinear -24 %, rank-8 -9
+  to -13 %, rank-1 and well-conditioned +1.5 to +3 %; BENCHMARKS.md).
 - Singular blocks: F F^T = H + diag(rd) (kernels.py's docstring), so the loss is ||F^T dw||^2 - sum rd_k dw_k^2;
   the subtracted term is at most REG_DELTA S^2 and computed to fp32 rounding, so TAU still bounds the error. sd
   (row norms of F) grows by a factor sqrt(1 + REG_DELTA), which keeps it an upper bound. The box bound bounds
@@ -36,10 +48,10 @@ ill-conditioned Hessians (issue 13):
   |E_ik| <= RANK_EPS sqrt(H_ii H_kk) (RANK_EPS = 2^-19), G lower trapezoidal (columns r.. zero) in the order P of
   the factor's pivots, which the rank record carries (kernels.py, 'Singular blocks'). The walk loads each block's
   weights in that order (dw in that order too: every per-channel quantity of the walk, sd included, comes from F's
-  rows), so the loss is ||G^T dw||^2: 16 r - r (r - 1) / 2 FMAs (16 for rank 1, 100 for rank 8) instead of 136 and
-  the regularisation's 32, r uniform per program; |dw^T E dw| <= RANK_EPS S_H^2, S_H with sqrt(H_kk); the row norms
-  sd of G are at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the box bound's error term uses tau = 2 TAU, which covers
-  TAU + RANK_EPS (1 + RANK_EPS) with room.
+  rows), so the loss is ||G^T dw||^2: the FMAs of G's columns up to the end of r's group in _columns (16 for rank
+  1, 100 for rank 8) instead of 136 and the regularisation's 32, r uniform per program; |dw^T E dw| <= RANK_EPS
+  S_H^2, S_H with sqrt(H_kk); the row norms sd of G are at least sqrt(1 - RANK_EPS) sqrt(H_kk), so the box bound's
+  error term uses tau = 2 TAU, which covers TAU + RANK_EPS (1 + RANK_EPS) with room.
   The margin of a low-rank block's loss takes the block's own residual and is first order in the loss: a rank-1
   block's best losses are far below ||dw||^2 ||H|| (that is why fp32 cannot order them), where TAU S^2 is loose, and
   its residual is about 3 u, not RANK_EPS = 32 u (an fp32 x x^T; the rank record's eps, kernels.py). With y = G*^T
@@ -121,70 +133,68 @@ def _row_norms(fv):
 
 
 @triton.jit
-def _quad(d, fv):
-    """||F^T d||^2 in fp32; d: 16-tuple of [BR]; fv: _load_tri's 136 entries of the lower-triangular F. Column k's
-    sum has 16 - k terms, so the squares are added from the last column (ready first) to the first (ready last):
-    the chain of additions then ends about when column 0's sum does (the first session summed from column 0, a
-    chain of 16 dependent FMAs after the longest sum). Summation order does not change the error bound (sweep_rows'
-    docstring, 'Exact picks')."""
-    loss = tl.zeros(d[0].shape, tl.float32)
-    for k in tl.static_range(15, -1, -1):
-        # F[i, k] is fv[16 k - k (k - 1) / 2 + i - k]: the columns before k hold 16 - k' entries each (inline, so
-        # the index stays a compile-time constant)
-        z = d[k] * fv[16 * k - (k * (k - 1)) // 2]
-        for i in tl.static_range(k + 1, 16):
-            z = tl.fma(d[i], fv[16 * k - (k * (k - 1)) // 2 + i - k], z)
-        loss = tl.fma(z, z, loss)
-    return loss
-
-
-@triton.jit
-def _trap_col(d, fv, t: tl.constexpr, loss):
-    """loss + (G[:, t] . d)^2 for column t of a lower-trapezoidal G (fv: _load_tri's lower triangle, entries
-    G[k, t], k >= t), the sum as up to four chains of four terms (the loss of one candidate is on the walk's
-    critical path; empty chains are left out at compile time)."""
-    zs = ()
-    for q in tl.static_range(4):
-        z = tl.zeros(d[0].shape, tl.float32)
-        for k in tl.static_range(4 * q, 4 * q + 4):
-            if k >= t:
-                z = tl.fma(d[k], fv[16 * t - (t * (t - 1)) // 2 + k - t], z)
-        zs = zs + (z,)
-    if t < 4:
-        z = (zs[0] + zs[1]) + (zs[2] + zs[3])
-    elif t < 8:
-        z = zs[1] + (zs[2] + zs[3])
-    elif t < 12:
-        z = zs[2] + zs[3]
+def _col(d, rho, fv, t: tl.constexpr, acc, BOX: tl.constexpr, SPLIT: tl.constexpr = False):
+    """acc + c^2 for column t of F (fv: _load_tri's lower triangle, F[k, t] for k >= t): c = F[:, t] . d, or (BOX)
+    c = max(|F[:, t] . d| - |F[:, t]| . rho, 0), the column's share of the box bound (d the box's centres, rho its
+    half widths). One chain of 16 - t FMAs per sum (the other columns' chains run beside it); SPLIT: four chains
+    of four, for a column that runs alone (a rank-1 block's: the candidate's loss is on the walk's critical path)."""
+    if SPLIT:
+        zs = ()
+        for q in tl.static_range(4):
+            z = tl.zeros(d[0].shape, tl.float32)
+            for k in tl.static_range(4 * q, 4 * q + 4):
+                if k >= t:
+                    z = tl.fma(d[k], fv[16 * t - (t * (t - 1)) // 2 + k - t], z)
+            zs = zs + (z,)
+        c = (zs[0] + zs[1]) + (zs[2] + zs[3])
     else:
-        z = zs[3]
-    return tl.fma(z, z, loss)
+        # F[k, t] is fv[16 t - t (t - 1) / 2 + k - t]: the columns before t hold 16 - t' entries each (inline, so
+        # the index stays a compile-time constant)
+        f = fv[16 * t - (t * (t - 1)) // 2]
+        c = d[t] * f
+        if BOX:
+            r = rho[t] * tl.abs(f)
+        for k in tl.static_range(t + 1, 16):
+            f = fv[16 * t - (t * (t - 1)) // 2 + k - t]
+            c = tl.fma(d[k], f, c)
+            if BOX:
+                r = tl.fma(rho[k], tl.abs(f), r)
+        if BOX:
+            c = tl.maximum(tl.abs(c) - r, 0.0)
+    return tl.fma(c, c, acc)
 
 
 @triton.jit
-def _trap_cols(d, fv, n, t0: tl.constexpr, t1: tl.constexpr, loss):
-    """loss + the squares of columns t0 <= t < min(t1, n) of a lower-trapezoidal G (_trap_col each); n runtime,
-    uniform per program."""
-    for t in tl.static_range(t0, t1):
-        if t < n:
-            loss = _trap_col(d, fv, t, loss)
-    return loss
+def _columns(d, rho, fv, n, BOX: tl.constexpr):
+    """The sum of _col's terms over the first n columns of F (n uniform per program: 16 on a full-rank block, the
+    rank of a low-rank one, whose G is stored with columns n.. zero), in groups: column 0, 1, 2-3, 4-7, 8-11,
+    12-15, each group computed whole (a zero column adds an exact 0), so a test per group and no divergence. A
+    rank-r product costs the FMAs of the columns up to its group's end (16 for rank 1, 100 for rank 8, 136 for a
+    full-rank block)."""
+    acc = _col(d, rho, fv, 0, tl.zeros(d[0].shape, tl.float32), BOX, not BOX)
+    if n > 1:
+        acc = _col(d, rho, fv, 1, acc, BOX)
+        if n > 2:
+            acc = _col(d, rho, fv, 2, acc, BOX)
+            acc = _col(d, rho, fv, 3, acc, BOX)
+            if n > 4:
+                for t in tl.static_range(4, 8):
+                    acc = _col(d, rho, fv, t, acc, BOX)
+                if n > 8:
+                    for t in tl.static_range(8, 12):
+                        acc = _col(d, rho, fv, t, acc, BOX)
+                    if n > 12:
+                        for t in tl.static_range(12, 16):
+                            acc = _col(d, rho, fv, t, acc, BOX)
+    return acc
 
 
 @triton.jit
-def _quad_trap(d, fv, n):
-    """||G^T d||^2 in fp32 for a low-rank block: G's n <= 15 columns, lower trapezoidal (F's storage, columns n..
-    zero; fv: _load_tri's lower triangle), d in G's row order; n is uniform per program, so the product costs
-    16 n - n (n - 1) / 2 FMAs and no divergence; the column tests are nested by fours (a rank-1 block makes 5)."""
-    loss = _trap_col(d, fv, 0, tl.zeros(d[0].shape, tl.float32))
-    loss = _trap_cols(d, fv, n, 1, 4, loss)
-    if n > 4:
-        loss = _trap_cols(d, fv, n, 4, 8, loss)
-        if n > 8:
-            loss = _trap_cols(d, fv, n, 8, 12, loss)
-            if n > 12:
-                loss = _trap_cols(d, fv, n, 12, 15, loss)
-    return loss
+def _quad(d, fv, lr):
+    """||F^T d||^2 in fp32 ([BR]); d: 16-tuple of [BR] in F's row order; fv: _load_tri's entries; lr: the block
+    column's rank record (0: F is a full triangular factor; r > 0: a low-rank G of r columns). One code path for
+    both kinds: the walk loop's code then stays in the instruction cache (module docstring, 'One product')."""
+    return _columns(d, (), fv, tl.where(lr > 0, lr, 16), False)
 
 
 @triton.jit
@@ -235,12 +245,9 @@ def _consider(w, cc, s, r, active, down, best, bmar, best_idx, low1, low2, r1, f
     index of the first; the candidate that loses this comparison (the old best when cc wins) enters it."""
     d = _errors(w, s, r)
     if HESSIAN:
-        if lr > 0:  # uniform: a low-rank block column, F holds G's lr columns
-            loss = _quad_trap(d, fv, lr)
-        else:
-            loss = _quad(d, fv)
-            if reg:  # uniform: the block column's factor is regularised (singular H)
-                loss = loss - _reg_term(d, rd)
+        loss = _quad(d, fv, lr)
+        if reg:  # uniform: the block column's factor is regularised (singular H; rd = 0 on a low-rank block)
+            loss = loss - _reg_term(d, rd)
         sw = _weighted_l1(d, sd)
         # tau S^2 + lrel loss: lrel = 0 on a full-rank block; on a low-rank one the first-order margin (module
         # docstring, 'Low-rank blocks'), tau = eps + LOW_ABS
@@ -289,30 +296,25 @@ def _clip_bound(w, mb, nbp, six_s, HESSIAN: tl.constexpr):
 
 @triton.jit
 def _box_bound(w, s, fv, sd, rd, lr):
-    """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the
-    fp32 evaluation error of ||F^T m|| and of F itself is subtracted (1e-5 relative, tau * (sum sd |w|)^2, tau = TAU,
-    2 TAU on a low-rank block: module docstring, 'Low-rank blocks'), and the regularisation of a singular block's
-    factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
+    """The box bound (module docstring) of every candidate at or below scale s [BR], for the true loss: the sum
+    over F's columns of max(|F[:, t] . m| - |F[:, t]| . rho, 0)^2, rho padded by 1e-5 (|w| + s) for the fp32 error
+    of both sums and the result by 1e-5 for that of the squares; less the fp32 error of F itself (tau * (sum sd
+    |w|)^2, tau = TAU, 2 TAU on a low-rank block: module docstring, 'Low-rank blocks') and the regularisation of
+    a singular block's factor, sum rd_k w_k^2 >= sum rd_k dw_k^2 (|dw_k| <= |w_k| there)."""
     tau = tl.where(lr > 0, 2.0 * TAU, TAU)
     six = s * E2M1_TOP
     m = ()
-    rad = tl.zeros(s.shape, tl.float32)
+    rho = ()
     big = tl.zeros(s.shape, tl.float32)
     for k in tl.static_range(16):
         a = tl.abs(w[k])
         lo = tl.where(a >= six, a - six, -tl.minimum(s, a))
         centre = (lo + a) * 0.5
-        rho = (a - lo) * 0.5 + 1e-5 * (a + s)
         m = m + (tl.where(w[k] < 0, -centre, centre),)
-        rad = tl.fma(rho, sd[k], rad)
+        rho = rho + ((a - lo) * 0.5 + 1e-5 * (a + s),)
         big = tl.fma(a, sd[k], big)
-    if lr > 0:
-        q = _quad_trap(m, fv, lr)
-    else:
-        q = _quad(m, fv)
-    norm = tl.sqrt(q) * (1.0 - 1e-5) - rad - 1e-5 * big
-    norm = tl.maximum(norm, 0.0)
-    return norm * norm - big * big * tau - _reg_term(w, rd)
+    q = _columns(m, rho, fv, tl.where(lr > 0, lr, 16), True)
+    return q * (1.0 - 1e-5) - big * big * tau - _reg_term(w, rd)
 
 
 @triton.jit
