@@ -38,8 +38,9 @@ ill-conditioned Hessians (issue 13):
   and the box bound) run one code path, _columns, for every kind of block. With a separate triangular product
   for full-rank blocks the walk loop's code did not stay in the instruction cache: the column-form box bound
   then cost what its shorter walks saved (thirteenth session: 1.1 of 3.66 cycles per issued instruction were
-  instruction-fetch stalls); with one path it pays (fourteenth session, H200 sweep: collinear -24 %, rank-8 -9
-  to -13 %, rank-1 and well-conditioned +1.5 to +3 %; BENCHMARKS.md).
+  instruction-fetch stalls); with one path it pays (fourteenth session, H200 sweep: collinear -25 %, rank-8 -10
+  to -14 %, rank-1 +2 to +3 %, well-conditioned +1 to +2 %; Nsight Compute, k/v collinear: instruction-fetch
+  stalls 0.33 -> 0.14 per issued instruction; BENCHMARKS.md).
 - Singular blocks: F F^T = H + diag(rd) (kernels.py's docstring), so the loss is ||F^T dw||^2 - sum rd_k dw_k^2;
   the subtracted term is at most REG_DELTA S^2 and computed to fp32 rounding, so TAU still bounds the error. sd
   (row norms of F) grows by a factor sqrt(1 + REG_DELTA), which keeps it an upper bound. The box bound bounds
@@ -136,8 +137,10 @@ def _row_norms(fv):
 def _col(d, rho, fv, t: tl.constexpr, acc, BOX: tl.constexpr, SPLIT: tl.constexpr = False):
     """acc + c^2 for column t of F (fv: _load_tri's lower triangle, F[k, t] for k >= t): c = F[:, t] . d, or (BOX)
     c = max(|F[:, t] . d| - |F[:, t]| . rho, 0), the column's share of the box bound (d the box's centres, rho its
-    half widths). One chain of 16 - t FMAs per sum (the other columns' chains run beside it); SPLIT: four chains
-    of four, for a column that runs alone (a rank-1 block's: the candidate's loss is on the walk's critical path)."""
+    half widths). One chain of 16 - t FMAs per sum (the other columns' chains of its group run beside it); SPLIT:
+    four chains of four, for the product's columns 0-3, whose groups in _columns hold one or two columns: too few
+    chains to cover the FMA latency (the candidate's loss is on the walk's critical path; H200: 1-2 % on every
+    family against one chain there, 3 more additions a column)."""
     if SPLIT:
         zs = ()
         for q in tl.static_range(4):
@@ -168,15 +171,16 @@ def _col(d, rho, fv, t: tl.constexpr, acc, BOX: tl.constexpr, SPLIT: tl.constexp
 def _columns(d, rho, fv, n, BOX: tl.constexpr):
     """The sum of _col's terms over the first n columns of F (n uniform per program: 16 on a full-rank block, the
     rank of a low-rank one, whose G is stored with columns n.. zero), in groups: column 0, 1, 2-3, 4-7, 8-11,
-    12-15, each group computed whole (a zero column adds an exact 0), so a test per group and no divergence. A
+    12-15, each group computed whole (a zero column adds an exact 0), so a test per group and no divergence (each
+    group is a basic block of its own: its chains are what hides the FMA latency, hence SPLIT on 0-3). A
     rank-r product costs the FMAs of the columns up to its group's end (16 for rank 1, 100 for rank 8, 136 for a
     full-rank block)."""
     acc = _col(d, rho, fv, 0, tl.zeros(d[0].shape, tl.float32), BOX, not BOX)
     if n > 1:
-        acc = _col(d, rho, fv, 1, acc, BOX)
+        acc = _col(d, rho, fv, 1, acc, BOX, not BOX)
         if n > 2:
-            acc = _col(d, rho, fv, 2, acc, BOX)
-            acc = _col(d, rho, fv, 3, acc, BOX)
+            acc = _col(d, rho, fv, 2, acc, BOX, not BOX)
+            acc = _col(d, rho, fv, 3, acc, BOX, not BOX)
             if n > 4:
                 for t in tl.static_range(4, 8):
                     acc = _col(d, rho, fv, t, acc, BOX)
