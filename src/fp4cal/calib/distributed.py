@@ -53,6 +53,7 @@ from fp4cal.calib.capture import CaptureStats, ExpertStats, InputStats, model_de
 from fp4cal.calib.hessian import HessianAccumulator
 from fp4cal.calib.result import CalibrationResult, WeightResult
 from fp4cal.calib.targets import DEFAULT_EXCLUDE, Target
+from fp4cal.numerics import N_SCALE_CANDIDATES
 from fp4cal.search import METHODS
 
 T = TypeVar("T")
@@ -60,7 +61,7 @@ T = TypeVar("T")
 # Relative search cost per weight element: the sweep tries the 126 FP8 candidates; the local-Hessian kernel
 # evaluates a 16x16 quadratic form per block and candidate, about 2x the squared error's work; 'max' only
 # takes a block max (plus the two objective evaluations every method pays, ~2 candidate-equivalents).
-CANDIDATES = 126
+CANDIDATES = N_SCALE_CANDIDATES
 METHOD_COST = {"max": 2.0, "mse": CANDIDATES + 2.0, "local_hessian": 2.0 * CANDIDATES + 2.0}
 
 # Elements per coalesced all_reduce (256 MiB of float64): big enough that many small Hessians go in one call,

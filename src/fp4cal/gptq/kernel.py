@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4cal.search.kernel_common import N_CAND
+
 BS = 128  # block width the kernel is compiled for (the caller's block_size must be 128 to use it)
 ROWS = 16
 
@@ -89,7 +91,7 @@ def _gptq_block_kernel(w_ptr, u_ptr, s_ptr, e_ptr, q_ptr, c_ptr, m_ptr, sc_ptr, 
     gsel = tl.arange(0, BS_ // 16)[None, :, None]
     if DYNAMIC:
         cand = tl.arange(0, 128)
-        cvalid = cand < 126
+        cvalid = cand < N_CAND
         s_c = tl.load(sc_ptr + cand, mask=cvalid, other=1.0)
         r_c = _reciprocal(s_c)
     for gl in range(g0, g1):
