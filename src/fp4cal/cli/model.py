@@ -19,6 +19,12 @@ def resolve_model_dir(model_dir: str | None) -> tuple[Path, str | None]:
     return Path(model_dir), None
 
 
+def check_model_dir(path: Path) -> None:
+    """Raise FileNotFoundError unless path holds a Hugging Face model's config.json."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"MODEL_DIR {str(path)!r} has no config.json; expected a Hugging Face model directory")
+
+
 def load_model(model_dir: str | None, device, dtype: str = "auto", tokenizer: bool = True):
     """(model, tokenizer, description) for a Hugging Face directory; causal LMs load with
     AutoModelForCausalLM, anything else (encoders such as the bundled MiniLM) with AutoModel.
@@ -27,8 +33,7 @@ def load_model(model_dir: str | None, device, dtype: str = "auto", tokenizer: bo
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path, label = resolve_model_dir(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"MODEL_DIR {str(path)!r} has no config.json; expected a Hugging Face model directory")
+    check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fp4cal.cli.clock import process_age, trace, tracing
 from fp4cal.cli.common import CliError, check_min, check_output_dir, parse_device
-from fp4cal.cli.model import DTYPES, load_model_for_run, resolve_model_dir
+from fp4cal.cli.model import DTYPES, check_model_dir, load_model_for_run, resolve_model_dir
 from fp4cal.export import FORMATS as EXPORT_FORMATS
 from fp4cal.gptq import DEFAULT_SCALES as GPTQ_DEFAULT_SCALES
 from fp4cal.gptq import SCALES as GPTQ_SCALES
@@ -311,8 +311,10 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_per_process_memory_fraction(args.gpu_memory_fraction, device)
             _MEMORY_FRACTION[str(device)] = args.gpu_memory_fraction
         model_path, label = resolve_model_dir(args.model_dir)
-        if not (model_path / "config.json").is_file():
-            return _fail(f"MODEL_DIR {str(model_path)!r} has no config.json; expected a Hugging Face model directory")
+        try:
+            check_model_dir(model_path)
+        except FileNotFoundError as e:
+            return _fail(str(e))
         stream, why = choose_path(args, model_path, device)
         args.warmup = start_kernel_warmup(args, model_path, device)  # compiles while the model loads
         trace("kernel warm-up started" if args.warmup is not None else "no kernel warm-up")
