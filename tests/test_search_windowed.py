@@ -114,3 +114,40 @@ def test_losses_equal_the_reference_objective(method):
     want = reference_losses(w, g, amax, h).sum(0)
     assert torch.allclose(losses, want, rtol=1e-12, atol=0), (losses, want)
     assert torch.equal(amax, search_reference(w, method, g, h))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_worker_threads_pick_and_sum_what_the_reference_does(monkeypatch, threads):
+    """With torch's thread count above 1 the CPU path searches whole chunks of rows in that many worker threads
+    (each with one intra-op thread): the picks are the reference's, the losses its objective, and the caller's
+    thread count comes back."""
+    import threading
+
+    import fp4cal.search.windowed as wd
+    from fp4cal.search.reference import reference_losses
+
+    monkeypatch.setattr(wd, "_CHUNK_ELEMS", 16 * 128)  # 16 rows per chunk: 5 chunks, rounded up per worker
+    seen = set()
+    inner = wd._search_rows
+
+    def spy(*args):
+        seen.add((threading.get_ident(), torch.get_num_threads()))
+        return inner(*args)
+
+    monkeypatch.setattr(wd, "_search_rows", spy)
+    w, g_arg = make_weight("outliers", 72, 128, torch.float32, seed=11)
+    g = check_global_amax(g_arg, w)
+    h = make_ill_hessian("collinear", 128, seed=12)
+    want = search_reference(w, "local_hessian", g, h)
+    torch.set_num_threads(threads)
+    try:
+        losses = torch.zeros(1, 2, dtype=torch.float64)
+        got = search_windowed(w, "local_hessian", g, h, losses)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(got, want)
+    assert torch.allclose(losses, reference_losses(w, g, got, h), rtol=1e-12, atol=0)
+    threads_seen = {t for t, _ in seen}
+    assert len(threads_seen) > 1 and threading.get_ident() not in threads_seen, seen
+    assert {n for _, n in seen} == {1}, seen  # one intra-op thread in every worker

@@ -56,14 +56,24 @@ def block_error(wb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.where(wb < 0, -d, d)
 
 
+def block_loss_cols(d: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """float64 [nb, R] loss of float64 signed errors d [nb, R, 16], block-column major: sum d^2, or d^T H_j d
+    with hessian float64 [nb, 16, 16] (one bmm: block column j's R rows against H_j)."""
+    if hessian is None:
+        return (d * d).sum(-1)
+    return (torch.bmm(d, hessian) * d).sum(-1)
+
+
 def block_loss(dw: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
     """float64 loss of signed errors dw [R, nb, 16]: sum dw^2, or dw^T H_j dw with hessian [nb, 16, 16].
 
-    The CPU path (windowed.py) calls this same function on subsets of rows, so both sum in the same order."""
+    block_loss_cols on the block-column-major copy. The CPU path (windowed.py) calls that same function on its own
+    batches of block columns and rows; the bmm's blocking can round the last bit differently for another batch
+    size, which could turn only an exact float64 tie between two candidates (its tests: equal picks everywhere)."""
     d = dw.double()
     if hessian is None:
         return (d * d).sum(-1)
-    return (torch.einsum("rnk,nkl->rnl", d, hessian.double()) * d).sum(-1)
+    return block_loss_cols(d.transpose(0, 1).contiguous(), hessian.double()).T
 
 
 def _search_2d(w: torch.Tensor, g: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:

@@ -15,11 +15,17 @@ fp4cal.search.kernels' docstring; here the bounds are evaluated in float64:
   singular and ill-conditioned blocks, whose mu is 0.
 - up (local_hessian): max(max_i mu_i l_i^2, sum_i nu_i l_i^2) with l_i the per-weight error floor.
 
-Blocks are processed as one flat batch; each step evaluates one candidate for every block still active, and
-finished blocks leave the batch, so the cost is the number of candidates the windows actually visit.
+Blocks are held block-column major, [nb, R, 16], since a block column shares its Hessian: each step evaluates one
+candidate for every block the walk still holds, and the loss is one bmm against H [nb, 16, 16]
+(reference.block_loss_cols, the reference's own loss function). Finished blocks leave: every few steps each
+block column keeps only the rows of its active blocks (_Batch), so the cost is close to the number of candidates
+the windows actually visit (MiniLM: 16.5 per block visited, 20.3 evaluated; 26.4 with whole rows and columns).
+With torch's thread count above 1, worker threads search whole chunks of rows at once (search_windowed).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -32,7 +38,7 @@ from fp4cal.numerics import (
     scale_candidates,
 )
 from fp4cal.search.hessian_blocks import with_fallback
-from fp4cal.search.reference import block_error, block_loss, reference_losses, search_reference
+from fp4cal.search.reference import block_error, block_loss, block_loss_cols, reference_losses, search_reference
 from fp4cal.validation import BLOCK
 
 N_CAND = N_SCALE_CANDIDATES  # the constant lives once, in numerics
@@ -121,9 +127,12 @@ def search_windowed(
     zeros: filled with each tensor's objective at its 'max' scales and at the chosen ones (reference_losses;
     the chosen one is the search's own best, no second pass)."""
     threads = torch.get_num_threads()
+    # torch's thread count is the budget: on the CPU, that many workers (at most _MAX_WORKERS) each search their
+    # own chunks of rows with one intra-op thread. The ops here are a few MB each: splitting each op over 2 threads
+    # on a loaded 2-core machine cost 10x the work in barriers (MiniLM's search 221 s against 20 s with 1); whole
+    # chunks per thread share nothing but the GIL, which torch releases inside each op.
+    workers = min(threads, _MAX_WORKERS) if w.device.type == "cpu" else 1
     if w.device.type == "cpu" and threads > 1:
-        # The ops here are a few MB each: with 2 threads on a loaded 2-core machine their barriers cost 10x the
-        # work (measured: MiniLM's search 221 s with 2 threads, 20 s with 1).
         torch.set_num_threads(1)
     try:
         if w.dim() == 3:
@@ -131,16 +140,17 @@ def search_windowed(
             for e in range(w.shape[0]):
                 h = None if method != "local_hessian" else (hessian[e] if hessian.dim() == 4 else hessian)
                 le = None if losses is None else losses[e : e + 1]
-                outs.append(_search(w[e], method, g.reshape(-1)[e if g.numel() > 1 else 0], h, le))
+                outs.append(_search(w[e], method, g.reshape(-1)[e if g.numel() > 1 else 0], h, le, workers))
             return torch.stack(outs)
-        return _search(w, method, g, hessian, losses)
+        return _search(w, method, g, hessian, losses, workers)
     finally:
         torch.set_num_threads(threads)
 
 
 def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None,
-            losses: torch.Tensor | None) -> torch.Tensor:
-    """One 2-D weight [cout, cin]; g []; losses None or float64 [1, 2] to add to."""
+            losses: torch.Tensor | None, workers: int = 1) -> torch.Tensor:
+    """One 2-D weight [cout, cin]; g []; losses None or float64 [1, 2] to add to; workers: threads, each taking
+    whole chunks of rows (the picks do not depend on it)."""
     hess = method == "local_hessian"
     cout, cin = w.shape
     nb = cin // BLOCK
@@ -158,82 +168,156 @@ def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor
         mu, nu, sd = block_bounds(hd)
         # the box bound costs a quadratic form per test: only where the clipping bound is weak (mu = 0 somewhere)
         singular = True if bool((mu == 0).any()) else None
-        bounds = (hd, mu, nu, sd, singular)
-    rows = max(1, _CHUNK_ELEMS // cin)
+        # [nb, 1, 16]: broadcast over the rows of the block-column-major blocks
+        bounds = (hd, mu.unsqueeze(1), nu.unsqueeze(1), sd.unsqueeze(1), singular)
+    chunks = -(-cout // max(1, _CHUNK_ELEMS // cin))
+    chunks = -(-chunks // workers) * workers  # a multiple of the workers, all of about one size
+    rows = -(-cout // chunks)
     idx = torch.empty(cout, nb, dtype=torch.int64, device=w.device)
-    for r0 in range(0, cout, rows):
+
+    def one_chunk(r0):
+        if workers > 1:  # a new thread: its intra-op thread count is not the caller's
+            torch.set_num_threads(1)
         wb = w[r0 : r0 + rows].float().reshape(-1, nb, BLOCK)
-        idx[r0 : r0 + rows], best = _search_rows(wb, s_tab, bounds)
-        if losses is not None:  # the chosen loss is the search's own best; the max scales' loss is one more step
-            s_max = block_scale_code(wb.abs().amax(-1), s_g) * s_g
-            losses[0, 0] += block_loss(block_error(wb, s_max), hd).sum()
-            losses[0, 1] += best.sum()
+        # block-column major [nb, R, 16]: the loss is then one bmm against H [nb, 16, 16], no permuted copies
+        chosen, best = _search_rows(wb.transpose(0, 1).contiguous(), s_tab, bounds)
+        idx[r0 : r0 + rows] = chosen.T
+        if losses is None:
+            return None
+        # the chosen loss is the search's own best; the max scales' loss is one more step
+        s_max = block_scale_code(wb.abs().amax(-1), s_g) * s_g
+        return block_loss(block_error(wb, s_max), hd).sum(), best.sum()
+
+    starts = range(0, cout, rows)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one_chunk, starts))
+    else:
+        parts = [one_chunk(r0) for r0 in starts]
+    if losses is not None:
+        for lmax, lbest in parts:  # summed in chunk order, whatever the workers' timing
+            losses[0, 0] += lmax
+            losses[0, 1] += lbest
     return scale_candidates(g)[idx]
 
 
 _CHUNK_ELEMS = 1 << 18  # weights per chunk of rows: float64 temporaries of a few MB
+# A walk gathers its blocks anew when the longest column's active list falls to _KEEP_ROWS of the batch's K, or the
+# live columns to _KEEP_COLS of its columns: a gather costs about one step, a step pays for every padded entry.
+_KEEP_ROWS = 0.6
+_KEEP_COLS = 0.5
+# Threads searching chunks of rows at once (bounded by torch.get_num_threads()): beyond a few, the chunks of a
+# small weight get too thin to pay for each op's Python overhead.
+_MAX_WORKERS = 4
+
+
+class _Batch:
+    """The blocks a walk still evaluates, gathered per block column into contiguous tensors [n_c, K(, 16)].
+
+    Block column j keeps the rows of its active blocks (its Hessian is shared along the column, so the loss stays
+    one bmm over the kept columns); each column's list is padded to the longest, K, with inactive entries. When K or
+    the number of live columns falls below a fraction of the batch's (_KEEP_ROWS, _KEEP_COLS), the batch is gathered
+    anew (a few times per walk), so the steps in between index nothing."""
+
+    def __init__(self, wt, at, c, active, best, best_idx, zero_at, bounds):
+        self.src = (wt, at, zero_at, bounds)
+        self.best, self.best_idx = best, best_idx  # the chunk's [nb, R] results, written back at each gather
+        nb, r = c.shape
+        self.cols = torch.arange(nb, device=c.device)[:, None]
+        self.rows = torch.arange(r, device=c.device).expand(nb, r)
+        self.c, self.active = c, active
+        self.w, self.a, self.zero_at, self.bounds = wt, at, zero_at, bounds
+        self.b, self.bi = best.clone(), best_idx.clone()
+        self.pad = None  # bool [n_c, K]: entries that stand for no block
+
+    def flush(self) -> None:
+        """Write the batch's best losses and picks back into the chunk's."""
+        if self.pad is None:
+            ix, b, bi = (self.cols, self.rows), self.b, self.bi
+        else:
+            keep = ~self.pad
+            ix, b, bi = (self.cols.expand_as(self.rows)[keep], self.rows[keep]), self.b[keep], self.bi[keep]
+        self.best.index_put_(ix, b)
+        self.best_idx.index_put_(ix, bi)
+
+    def shrink(self, count: torch.Tensor, k: int) -> None:
+        """Keep, per live column (count > 0), its active entries, count [n_c] of them, padded to k."""
+        self.flush()
+        live = (count > 0).nonzero().squeeze(1)
+        # per column, the active entries first, in row order (a stable sort of the inactive flags)
+        order = torch.sort((~self.active[live]).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        self.pad = torch.arange(k, device=count.device)[None, :] >= count[live][:, None]
+
+        def take(t):
+            return t[live].gather(1, order)
+
+        self.rows, self.c, self.active, self.b, self.bi = (take(t) for t in (self.rows, self.c, self.active,
+                                                                             self.b, self.bi))
+        self.active &= ~self.pad
+        self.cols = self.cols[live]
+        wt, at, zero_at, bounds = self.src
+        ix = (self.cols, self.rows)
+        self.w, self.a = wt[ix], at[ix]
+        self.zero_at = None if zero_at is None else zero_at[ix]
+        cols = self.cols.squeeze(1)
+        self.bounds = None if bounds is None else tuple(
+            b if b is None or isinstance(b, bool) else b.index_select(0, cols) for b in bounds)
 
 
 def _search_rows(
-    wb: torch.Tensor, s_tab: torch.Tensor, bounds: tuple | None
+    wt: torch.Tensor, s_tab: torch.Tensor, bounds: tuple | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(best candidate index int64 [R, nb], its float64 loss [R, nb]) of blocks wb [R, nb, 16] fp32 with
-    candidate scales s_tab [126];
-    bounds: None (mse) or (H float64 [nb, 16, 16] with the fallback applied, mu, nu, sd [nb, 16]).
+    """(best candidate index int64 [nb, R], its float64 loss [nb, R]) of blocks wt [nb, R, 16] fp32 (block-column
+    major) with candidate scales s_tab [126];
+    bounds: None (mse) or (H float64 [nb, 16, 16] with the fallback applied; mu, nu, sd float64 [nb, 1, 16]; True
+    where the box bound is needed, else None).
 
-    Every step evaluates one candidate for every block of the rows that still have an active block (the
-    Hessian is shared along a block column, so the loss is one batched product, no per-block gather)."""
-    a = wb.abs()
+    Every step evaluates one candidate for every block the walk still holds (_Batch: per block column, the rows
+    of its active blocks), so the loss is one bmm per step."""
+    a = wt.abs()
     m = a.amax(-1)
     first = _first_at_or_below(m, s_tab, 3.0)
-    nohalf = nohalf_table().to(wb.device)
+    nohalf = nohalf_table().to(wt.device)
     top = torch.where(first >= N_CAND, N_CAND - 1, torch.maximum(first - 1, nohalf[first.clamp_max(N_CAND - 1)]))
-    best = torch.full(m.shape, float("inf"), dtype=torch.float64, device=wb.device)
-    best_idx = torch.zeros(m.shape, dtype=torch.int64, device=wb.device)
-    hd = None if bounds is None else bounds[0]
-    zero_at = None if hd is None else _first_at_or_below(m, s_tab, 0.25).clamp_max(N_CAND - 1)
-
-    def sub_bounds(ci):
-        return None if bounds is None else tuple(b if b is None or b is True else b[ci] for b in bounds)
+    best = torch.full(m.shape, float("inf"), dtype=torch.float64, device=wt.device)
+    best_idx = torch.zeros(m.shape, dtype=torch.int64, device=wt.device)
+    zero_at = None if bounds is None else _first_at_or_below(m, s_tab, 0.25).clamp_max(N_CAND - 1)
 
     def walk(c, active, down):
+        rect = _Batch(wt, a, c, active, best, best_idx, zero_at, bounds)
         step = 0
         while True:
-            live_r, live_c = active.any(1), active.any(0)
-            n_r, n_c = int(live_r.sum()), int(live_c.sum())
-            if n_r == 0:
+            count = rect.active.sum(1)
+            k = int(count.max())
+            if k == 0:
+                rect.flush()
                 return
-            # the rectangle of rows and block columns that still hold an active block (the Hessian is per block
-            # column, so the loss stays one batched product); whole axes, no gather, while most are live
-            r = slice(None) if 2 * n_r > live_r.numel() else live_r.nonzero().squeeze(1)
-            ci = slice(None) if 4 * n_c > 3 * live_c.numel() else live_c.nonzero().squeeze(1)
-            ix = (r, ci) if isinstance(r, slice) or isinstance(ci, slice) else (r[:, None], ci[None, :])
-            bd = sub_bounds(ci)
-            cr, ar = c[ix], active[ix]
-            cc = cr.clamp(0, N_CAND - 1)
-            wr, ar_abs = wb[ix], a[ix]
-            q = _e2m1_times_scale(ar_abs, s_tab[cc].unsqueeze(-1))
-            loss = block_loss(wr - torch.copysign(q, wr), None if bd is None else bd[0])  # RNE is symmetric
-            b = best[ix]
-            better = ar & ((loss <= b) if down else (loss < b))  # ties: the smaller candidate
-            best[ix] = torch.where(better, loss, b)
-            best_idx[ix] = torch.where(better, cc, best_idx[ix])
-            cr = cr - 1 if down else cr + 1
-            ar = ar & ((cr >= 0) if down else (cr <= zero_at[ix]))
+            n_c = int((count > 0).sum())
+            if k <= _KEEP_ROWS * rect.c.shape[1] or n_c <= _KEEP_COLS * count.numel():
+                rect.shrink(count, k)
+            bd = rect.bounds
+            cc = rect.c.clamp(0, N_CAND - 1)
+            q = _e2m1_times_scale(rect.a, s_tab[cc].unsqueeze(-1))
+            loss = block_loss_cols((rect.w - torch.copysign(q, rect.w)).double(), None if bd is None else bd[0])
+            b = rect.b
+            better = rect.active & ((loss <= b) if down else (loss < b))  # ties: the smaller candidate
+            rect.b = torch.where(better, loss, b)
+            rect.bi = torch.where(better, cc, rect.bi)
+            cr = rect.c - 1 if down else rect.c + 1
+            ar = rect.active & ((cr >= 0) if down else (cr <= rect.zero_at))
             if step % 2 == 1:  # the bounds hold for every candidate beyond, so testing every other step is safe
-                cn = cr.clamp(0, N_CAND - 1)
+                s_next = s_tab[cr.clamp(0, N_CAND - 1)]
                 if down:
-                    bound = _down_bound(wr, ar_abs, s_tab[cn], bd)
+                    bound = _down_bound(rect.w, rect.a, s_next, bd)
                 else:
-                    bound = _up_bound(ar_abs, s_tab[cn], bd)
+                    bound = _up_bound(rect.a, s_next, bd)
                 # above max(best, 0): with H's fp32 rounding noise a loss can be slightly negative, a trivial bound is 0
-                ar = ar & ~(bound > best[ix].clamp_min(0.0) * (1 + _SLACK))
-            c[ix] = cr
-            active[ix] = ar
+                ar = ar & ~(bound > rect.b.clamp_min(0.0) * (1 + _SLACK))
+            rect.c, rect.active = cr, ar
             step += 1
 
     walk(top.clone(), top >= 0, True)
-    if hd is not None:
+    if bounds is not None:
         c = top + 1
         walk(c, c <= zero_at, False)
     return best_idx, best
@@ -249,7 +333,7 @@ def _e2m1_times_scale(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def _down_bound(wb, a, s, bounds):
-    """float64 [r, nb]: a lower bound of the loss of every candidate at or below scales s [r, nb] (module
+    """float64 [n, K]: a lower bound of the loss of every candidate at or below scales s [n, K] (module
     docstring): the clipping bound, and for local_hessian blocks whose mu is 0 (singular) the box bound."""
     six = (s * 6.0).unsqueeze(-1)
     err = torch.where(a >= six, a - six, 0.0).double()
@@ -264,8 +348,8 @@ def _down_bound(wb, a, s, bounds):
 
 
 def _up_bound(a, s, bounds):
-    """float64 [r, nb]: max(max_i mu_i l_i^2, sum_i nu_i l_i^2), l_i the error floor at every candidate at or
-    above scales s [r, nb]."""
+    """float64 [n, K]: max(max_i mu_i l_i^2, sum_i nu_i l_i^2), l_i the error floor at every candidate at or
+    above scales s [n, K] (a [n, K, 16]; mu, nu [n, 1, 16])."""
     half = (s * 0.5).unsqueeze(-1).double()
     ad = a.double()
     low = torch.minimum(ad, (half - ad).clamp_min(0.0))
@@ -275,15 +359,16 @@ def _up_bound(a, s, bounds):
 
 
 def _box_bound(wb, a, s, six, hd, sd):
-    """float64 [r, nb]: the box bound (module docstring) for every candidate at or below scales s [r, nb]; wb, a:
-    the blocks' fp32 weights and |weights| [r, nb, 16]; six = fp32(6 s) [r, nb, 1]; hd [nb, 16, 16]; sd [nb, 16]."""
+    """float64 [n, K]: the box bound (module docstring) for every candidate at or below scales s [n, K]; wb, a:
+    the blocks' fp32 weights and |weights| [n, K, 16] (n block columns, K blocks each); six = fp32(6 s) [n, K, 1];
+    hd [n, 16, 16]; sd [n, 1, 16]."""
     ad = a.double()
     sc = s.double().unsqueeze(-1)
     lo = torch.where(a >= six, (a - six).double(), -torch.minimum(sc, ad))
     centre = (lo + ad) * 0.5
     rho = (ad - lo) * 0.5 + _SLACK * (ad + sc)  # + the fp32 rounding of the errors
     m = torch.where(wb < 0, -centre, centre)
-    norm = (torch.einsum("rnk,nkl->rnl", m, hd) * m).sum(-1).clamp_min(0).sqrt() * (1 - _SLACK)
+    norm = (torch.bmm(m, hd) * m).sum(-1).clamp_min(0).sqrt() * (1 - _SLACK)
     return (norm - (rho * sd).sum(-1)).clamp_min(0.0).square()
 
 
