@@ -28,7 +28,7 @@ block's fp32 H (symmetric). L = d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d
 H_ik d_k whose absolute values sum to B = |d|^T |H| |d|. _quad32_up evaluates it so that every elementary term passes
 through at most 13 roundings (its docstring counts them), each a factor (1 + delta), |delta| <= u = 2^-24 (doubling is
 exact): |fl(L) - L| <= gamma_13 B, gamma_13 = 13 u / (1 - 13 u) (the standard bound for sums of products, Higham ch.
-3, applied term by term). The float64 losses F (this kernel's and the reference's einsum) are within gamma_32 of
+3, applied term by term). The float64 losses F (this kernel's and the reference's bmm) are within gamma_32 of
 float64, below 2^-47 B, of L. So F lies within (13 u + 2^-23 u) B of fl(L), and with the rounding of fl(L) -+ m (at
 most u (|fl(L)| + m), |fl(L)| <= (1 + gamma_13) B) a margin m >= 14.01 u B makes the computed lower end fl(fl(L) - m)
 at most F and the upper end fl(fl(L) + m) at least F. B needs no semi-definite H: for any a_i > 0, |H_ik| <= rho a_i
@@ -158,7 +158,7 @@ def _fold_h(hb, ok):
 @triton.jit
 def _quad64_up(d, diag, up, one):
     """float64 d^T H d = sum_i d_i (H_ii d_i + 2 sum_k>i H_ik d_k) from _fold_h's diag and up (H symmetric); d:
-    16-tuple of [BR] float64. fp32 x fp32 products are exact in float64; the sums round (the reference's einsum
+    16-tuple of [BR] float64. fp32 x fp32 products are exact in float64; the sums round (the reference's bmm
     rounds too, in another order). one: fp32 1.0 that the compiler cannot see is loop-invariant, multiplied into
     each H value before its conversion (exact) so that the conversion stays in the candidate loop: hoisted out
     (LLVM does that to loop-invariant code), 136 float64 values would not fit in registers and spill."""
