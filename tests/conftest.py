@@ -70,6 +70,15 @@ def _interpreter_patches_language_once_per_launch() -> None:
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_patches_language_once_per_launch()
 
+
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """Workers for pyproject's ``-n auto``: one per core without CUDA (the interpreter's kernel tests are CPU-bound;
+    xdist's own count), one with CUDA, where the GPU tests would otherwise share one device's memory.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return 1 if torch.cuda.is_available() else None
+
 F32 = np.float32
 E2M1_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 FP8_MAX = 448.0
