@@ -119,19 +119,22 @@ def test_losses_equal_the_reference_objective(method):
 @pytest.mark.parametrize("threads", [2, 3])
 def test_worker_threads_pick_and_sum_what_the_reference_does(monkeypatch, threads):
     """With torch's thread count above 1 the CPU path searches whole chunks of rows in that many worker threads
-    (each with one intra-op thread): the picks are the reference's, the losses its objective, and the caller's
-    thread count comes back."""
+    (each with one intra-op thread, at most _MAX_WORKERS of them): the picks are the reference's, the losses its
+    objective, and the caller's thread count comes back."""
     import threading
+    import time
 
     import fp4cal.search.windowed as wd
     from fp4cal.search.reference import reference_losses
 
     monkeypatch.setattr(wd, "_CHUNK_ELEMS", 16 * 128)  # 16 rows per chunk: 5 chunks, rounded up per worker
+    monkeypatch.setattr(wd, "_MIN_CHUNK_ELEMS", 16 * 128)  # a worker's chunk may be this small here
     seen = set()
     inner = wd._search_rows
 
     def spy(*args):
         seen.add((threading.get_ident(), torch.get_num_threads()))
+        time.sleep(0.02)  # the GIL free for a while: one worker cannot take every chunk before the other starts
         return inner(*args)
 
     monkeypatch.setattr(wd, "_search_rows", spy)
@@ -149,5 +152,5 @@ def test_worker_threads_pick_and_sum_what_the_reference_does(monkeypatch, thread
     assert torch.equal(got, want)
     assert torch.allclose(losses, reference_losses(w, g, got, h), rtol=1e-12, atol=0)
     threads_seen = {t for t, _ in seen}
-    assert len(threads_seen) > 1 and threading.get_ident() not in threads_seen, seen
+    assert 1 < len(threads_seen) <= min(threads, wd._MAX_WORKERS) and threading.get_ident() not in threads_seen, seen
     assert {n for _, n in seen} == {1}, seen  # one intra-op thread in every worker

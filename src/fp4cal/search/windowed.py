@@ -127,10 +127,10 @@ def search_windowed(
     zeros: filled with each tensor's objective at its 'max' scales and at the chosen ones (reference_losses;
     the chosen one is the search's own best, no second pass)."""
     threads = torch.get_num_threads()
-    # torch's thread count is the budget: on the CPU, that many workers (at most _MAX_WORKERS) each search their
-    # own chunks of rows with one intra-op thread. The ops here are a few MB each: splitting each op over 2 threads
-    # on a loaded 2-core machine cost 10x the work in barriers (MiniLM's search 221 s against 20 s with 1); whole
-    # chunks per thread share nothing but the GIL, which torch releases inside each op.
+    # torch's thread count is the budget: on the CPU, up to that many workers (at most _MAX_WORKERS) each search
+    # their own chunks of rows with one intra-op thread. The ops here are a few MB each: splitting each op over 2
+    # threads on a loaded 2-core machine cost 10x the work in barriers (MiniLM's search 221 s against 20 s with 1);
+    # whole chunks per thread share nothing but the GIL, which torch releases inside each op.
     workers = min(threads, _MAX_WORKERS) if w.device.type == "cpu" else 1
     if w.device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)
@@ -170,7 +170,8 @@ def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor
         singular = True if bool((mu == 0).any()) else None
         # [nb, 1, 16]: broadcast over the rows of the block-column-major blocks
         bounds = (hd, mu.unsqueeze(1), nu.unsqueeze(1), sd.unsqueeze(1), singular)
-    chunks = -(-cout // max(1, _CHUNK_ELEMS // cin))
+    chunks = -(-cout // max(1, _CHUNK_ELEMS // cin))  # at most _CHUNK_ELEMS weights each
+    workers = max(1, min(workers, cout * cin // _MIN_CHUNK_ELEMS, cout))  # none with too thin a chunk
     chunks = -(-chunks // workers) * workers  # a multiple of the workers, all of about one size
     rows = -(-cout // chunks)
     idx = torch.empty(cout, nb, dtype=torch.int64, device=w.device)
@@ -206,9 +207,11 @@ _CHUNK_ELEMS = 1 << 18  # weights per chunk of rows: float64 temporaries of a fe
 # live columns to _KEEP_COLS of its columns: a gather costs about one step, a step pays for every padded entry.
 _KEEP_ROWS = 0.6
 _KEEP_COLS = 0.5
-# Threads searching chunks of rows at once (bounded by torch.get_num_threads()): beyond a few, the chunks of a
-# small weight get too thin to pay for each op's Python overhead.
-_MAX_WORKERS = 4
+# Threads searching chunks of rows at once: torch.get_num_threads() of them, at most _MAX_WORKERS, and no more
+# than give each a chunk of _MIN_CHUNK_ELEMS weights. Each op's dispatch holds the GIL, so the threads contend for
+# it: MiniLM's search on a 16-core Xeon took 3.84 s with 1 thread, 2.69 s with 2, 3.97 s with 4, 9.46 s with 16.
+_MAX_WORKERS = 2
+_MIN_CHUNK_ELEMS = 1 << 15
 
 
 class _Batch:
