@@ -11,6 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
+from fp4cal.search.reference import block_loss_cols
 from fp4cal.validation import BLOCK
 
 # Rows of a weight per chunk in the block quadratic form: ~4 M float64 temporaries.
@@ -61,7 +62,7 @@ def block_quadratic(m: torch.Tensor, hessian: torch.Tensor) -> float:
     total = torch.zeros((), dtype=torch.float64, device=m.device)
     for r0 in range(0, m.shape[0], rows):
         b = m[r0 : r0 + rows].double().reshape(-1, nb, BLOCK).transpose(0, 1)  # [nb, rows, 16]
-        total += (torch.bmm(b, h) * b).sum()
+        total += block_loss_cols(b, h).sum()  # the search's own float64 objective
     return float(total)
 
 
