@@ -581,7 +581,8 @@ def search_triton(
         the host waiting for it (None: for weights of at most 2^23 elements, where the host cost of a second
         launch exceeds the overlap it buys; see BENCHMARKS.md).
     losses: optional float64 [E or 1, 2], zero on entry: the sweep adds each tensor's objective at its 'max' scales
-        and at the chosen scales (as calib.objective computes them; a zero-trace block counts with the mse loss).
+        and at the chosen scales (as reference.reference_losses computes them; a zero-trace block counts with the
+        mse loss).
         Not filled when the reference runs instead (s_g out of range): the caller checks search_losses' result.
     exact: local_hessian: decide the blocks whose fp32 order may be wrong in float64 (sweep_rows.py, 'Exact
         picks'): a second small launch over the blocks the sweep recorded, no host wait. False: the fp32 picks
