@@ -105,6 +105,12 @@ def block_scale_code(block_amax: torch.Tensor, s_g: torch.Tensor) -> torch.Tenso
     return fp8_e4m3_round(ratio)
 
 
+def block_scale(block_amax: torch.Tensor, s_g: torch.Tensor) -> torch.Tensor:
+    """fp32 block scale s_b = fp32(v * s_g), v = block_scale_code(block_amax, s_g): what a block is divided by
+    before E2M1 rounding and what its codes are multiplied by after. Shapes as block_scale_code."""
+    return block_scale_code(block_amax, s_g) * s_g
+
+
 def scale_candidates(global_amax: torch.Tensor | float) -> torch.Tensor:
     """The 126 block-amax candidates g * v / 448, one per finite positive FP8-E4M3 value v, ascending.
 

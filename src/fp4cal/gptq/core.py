@@ -44,7 +44,7 @@ from fp4cal.gptq.hessian import (
     check_full_hessian,
     inverse_factor,
 )
-from fp4cal.numerics import block_scale_code, global_scale, quantize_blocks, scale_candidates
+from fp4cal.numerics import block_scale, global_scale, quantize_blocks, scale_candidates
 from fp4cal.search import search_scales, triton_available
 from fp4cal.search.hessian_blocks import is_psd
 from fp4cal.search.reference import block_error, candidate_block_scales
@@ -97,7 +97,7 @@ class GPTQOutput:
 def block_scale_values(block_amax: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     """fp32 block scale s_b = fp32(v * s_g), v = e4m3(fp32(a / 6) / s_g); block_amax [cout, nb], g []."""
     s_g = global_scale(global_amax)
-    return block_scale_code(block_amax, s_g) * s_g
+    return block_scale(block_amax, s_g)
 
 
 def round_column(x: torch.Tensor, s_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fp4cal.numerics import block_scale_code, global_scale, weight_blocks
+from fp4cal.numerics import block_scale, block_scale_code, global_scale, weight_blocks
 from fp4cal.search.reference import block_error, block_loss
 
 
@@ -29,7 +29,7 @@ class ParityReport:
 def pick_losses(w: torch.Tensor, g: torch.Tensor, amax: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
     """float64 objective of each block of w [cout, cin] quantized with block amax [cout, nb]: [cout, nb]."""
     s_g = global_scale(g)
-    s_b = block_scale_code(amax, s_g) * s_g
+    s_b = block_scale(amax, s_g)
     return block_loss(block_error(weight_blocks(w), s_b), hessian)
 
 

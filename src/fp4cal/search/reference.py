@@ -19,7 +19,7 @@ import torch
 
 from fp4cal.numerics import (
     block_max,
-    block_scale_code,
+    block_scale,
     fp8_e4m3_values,
     global_scale,
     scale_candidates,
@@ -134,7 +134,7 @@ def reference_losses(
         h = None if hessian is None else with_fallback(hessian[e] if hessian.dim() == 4 else hessian)
         s_g = global_scale(g1[e])
         for k, amax in enumerate((block_max(w3[e]), a3[e])):
-            s_b = block_scale_code(amax, s_g) * s_g
+            s_b = block_scale(amax, s_g)
             for r0 in range(0, w3.shape[1], rows):
                 wb = weight_blocks(w3[e, r0 : r0 + rows])
                 out[e, k] += block_loss(block_error(wb, s_b[r0 : r0 + rows]), h).sum()

@@ -32,7 +32,7 @@ import torch
 from fp4cal.numerics import (
     FP8_MAX,
     N_SCALE_CANDIDATES,
-    block_scale_code,
+    block_scale,
     fp8_e4m3_values,
     global_scale,
     scale_candidates,
@@ -186,7 +186,7 @@ def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor
         if losses is None:
             return None
         # the chosen loss is the search's own best; the max scales' loss is one more step
-        s_max = block_scale_code(wb.abs().amax(-1), s_g) * s_g
+        s_max = block_scale(wb.abs().amax(-1), s_g)
         return block_loss(block_error(wb, s_max), hd).sum(), best.sum()
 
     starts = range(0, cout, rows)
