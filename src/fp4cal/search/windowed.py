@@ -150,7 +150,7 @@ def search_windowed(
 def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor | None,
             losses: torch.Tensor | None, workers: int = 1) -> torch.Tensor:
     """One 2-D weight [cout, cin]; g []; losses None or float64 [1, 2] to add to; workers: threads, each taking
-    whole chunks of rows (the picks do not depend on it)."""
+    whole chunks of rows (the picks do not depend on it, but for exact float64 ties: reference.block_loss)."""
     hess = method == "local_hessian"
     cout, cin = w.shape
     nb = cin // BLOCK
