@@ -22,6 +22,18 @@ def test_warmup_runs_and_returns_seconds(monkeypatch):
     assert h.done() and 0.0 <= secs < 1.0
 
 
+def _triton_version() -> tuple[int, int]:
+    try:
+        import triton
+    except ImportError:
+        return (0, 0)
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+# Triton 3.6's interpreter (the GPU image's) fails on this test with NumPy 2 ("only 0-dimensional arrays can be
+# converted to Python scalars", inside the interpreter, with or without the tests' interpreter hook); 3.8 and 3.9
+# run it.
+@pytest.mark.skipif(_triton_version() < (3, 8), reason="Triton < 3.8's interpreter fails on NumPy 2")
 def test_warmup_in_the_interpreter_runs_the_kernels(monkeypatch):
     """Under TRITON_INTERPRET=1 (CI) the warm-up runs the real entry point on tiny inputs and returns."""
     import fp4cal.search.precompile as wu
