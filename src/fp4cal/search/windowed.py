@@ -38,7 +38,7 @@ from fp4cal.numerics import (
     scale_candidates,
 )
 from fp4cal.search.hessian_blocks import with_fallback
-from fp4cal.search.reference import block_error, block_loss, block_loss_cols, reference_losses, search_reference
+from fp4cal.search.reference import block_error, block_loss_cols, reference_losses, search_reference
 from fp4cal.validation import BLOCK
 
 N_CAND = N_SCALE_CANDIDATES  # the constant lives once, in numerics
@@ -179,15 +179,15 @@ def _search(w: torch.Tensor, method: str, g: torch.Tensor, hessian: torch.Tensor
     def one_chunk(r0):
         if workers > 1:  # a new thread: its intra-op thread count is not the caller's
             torch.set_num_threads(1)
-        wb = w[r0 : r0 + rows].float().reshape(-1, nb, BLOCK)
         # block-column major [nb, R, 16]: the loss is then one bmm against H [nb, 16, 16], no permuted copies
-        chosen, best = _search_rows(wb.transpose(0, 1).contiguous(), s_tab, bounds)
+        wt = w[r0 : r0 + rows].float().reshape(-1, nb, BLOCK).transpose(0, 1).contiguous()
+        chosen, best = _search_rows(wt, s_tab, bounds)
         idx[r0 : r0 + rows] = chosen.T
         if losses is None:
             return None
-        # the chosen loss is the search's own best; the max scales' loss is one more step
-        s_max = block_scale(wb.abs().amax(-1), s_g)
-        return block_loss(block_error(wb, s_max), hd).sum(), best.sum()
+        # the chosen loss is the search's own best; the max scales' loss is one more step, on the same layout
+        s_max = block_scale(wt.abs().amax(-1), s_g)
+        return block_loss_cols(block_error(wt, s_max).double(), hd).sum(), best.sum()
 
     starts = range(0, cout, rows)
     if workers > 1 and len(starts) > 1:
@@ -287,36 +287,36 @@ def _search_rows(
     zero_at = None if bounds is None else _first_at_or_below(m, s_tab, 0.25).clamp_max(N_CAND - 1)
 
     def walk(c, active, down):
-        rect = _Batch(wt, a, c, active, best, best_idx, zero_at, bounds)
+        batch = _Batch(wt, a, c, active, best, best_idx, zero_at, bounds)
         step = 0
         while True:
-            count = rect.active.sum(1)
+            count = batch.active.sum(1)
             k = int(count.max())
             if k == 0:
-                rect.flush()
+                batch.flush()
                 return
             n_c = int((count > 0).sum())
-            if k <= _KEEP_ROWS * rect.c.shape[1] or n_c <= _KEEP_COLS * count.numel():
-                rect.shrink(count, k)
-            bd = rect.bounds
-            cc = rect.c.clamp(0, N_CAND - 1)
-            q = _e2m1_times_scale(rect.a, s_tab[cc].unsqueeze(-1))
-            loss = block_loss_cols((rect.w - torch.copysign(q, rect.w)).double(), None if bd is None else bd[0])
-            b = rect.b
-            better = rect.active & ((loss <= b) if down else (loss < b))  # ties: the smaller candidate
-            rect.b = torch.where(better, loss, b)
-            rect.bi = torch.where(better, cc, rect.bi)
-            cr = rect.c - 1 if down else rect.c + 1
-            ar = rect.active & ((cr >= 0) if down else (cr <= rect.zero_at))
+            if k <= _KEEP_ROWS * batch.c.shape[1] or n_c <= _KEEP_COLS * count.numel():
+                batch.shrink(count, k)
+            bd = batch.bounds
+            cc = batch.c.clamp(0, N_CAND - 1)
+            q = _e2m1_times_scale(batch.a, s_tab[cc].unsqueeze(-1))
+            loss = block_loss_cols((batch.w - torch.copysign(q, batch.w)).double(), None if bd is None else bd[0])
+            b = batch.b
+            better = batch.active & ((loss <= b) if down else (loss < b))  # ties: the smaller candidate
+            batch.b = torch.where(better, loss, b)
+            batch.bi = torch.where(better, cc, batch.bi)
+            cr = batch.c - 1 if down else batch.c + 1
+            ar = batch.active & ((cr >= 0) if down else (cr <= batch.zero_at))
             if step % 2 == 1:  # the bounds hold for every candidate beyond, so testing every other step is safe
                 s_next = s_tab[cr.clamp(0, N_CAND - 1)]
                 if down:
-                    bound = _down_bound(rect.w, rect.a, s_next, bd)
+                    bound = _down_bound(batch.w, batch.a, s_next, bd)
                 else:
-                    bound = _up_bound(rect.a, s_next, bd)
+                    bound = _up_bound(batch.a, s_next, bd)
                 # above max(best, 0): with H's fp32 rounding noise a loss can be slightly negative, a trivial bound is 0
-                ar = ar & ~(bound > rect.b.clamp_min(0.0) * (1 + _SLACK))
-            rect.c, rect.active = cr, ar
+                ar = ar & ~(bound > batch.b.clamp_min(0.0) * (1 + _SLACK))
+            batch.c, batch.active = cr, ar
             step += 1
 
     walk(top.clone(), top >= 0, True)
